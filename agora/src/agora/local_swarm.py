@@ -1,0 +1,259 @@
+"""A whole swarm on this machine: seed DHT, one or more workers per stage, one trainer, on 127.0.0.1.
+
+Every child runs in its own process group (its DHT process and p2pd daemons included), so
+stopping a child stops all of it, and nothing is left bound to a port afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+import psutil
+
+from agora.config import RunConfig
+
+
+class SwarmError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class SwarmProcess:
+    name: str
+    popen: subprocess.Popen
+    pump: threading.Thread
+
+    @property
+    def pgid(self) -> int:
+        return self.popen.pid  # start_new_session makes the child its group's leader
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes of a process group."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+class LocalSwarm:
+    def __init__(
+        self,
+        config_ref: str,
+        config: RunConfig,
+        *,
+        workers_per_stage: int = 1,
+        workers: dict[str, int] | None = None,
+        steps: int = 0,
+        log_dir: Path = Path("logs/local"),
+        output: TextIO | None = None,
+        grace_seconds: float = 15.0,
+    ):
+        self.config_ref, self.config, self.steps = config_ref, config, steps
+        self.workers = {spec.name: workers_per_stage for spec in config.stages} | (workers or {})
+        self.log_dir, self.output, self.grace_seconds = Path(log_dir), output or sys.stdout, grace_seconds
+        self.keys_dir = Path(tempfile.mkdtemp(prefix="agora-local-keys-"))
+        self.summary_path = self.log_dir / "trainer-summary.json"
+        self.processes: list[SwarmProcess] = []
+        self.seed_maddrs: list[str] = []
+        self._seed_ready = threading.Event()
+        self._output_lock = threading.Lock()
+        self._seen = threading.Condition()
+        self.lines: dict[str, list[str]] = {}
+
+    # --- children -----------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str], on_line=None) -> SwarmProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        popen = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # own process group: signals reach its DHT process and p2pd too
+        )
+        pump = threading.Thread(target=self._pump, args=(name, popen, on_line), daemon=True, name=f"pump-{name}")
+        process = SwarmProcess(name, popen, pump)
+        self.processes.append(process)
+        pump.start()
+        return process
+
+    def _pump(self, name: str, popen: subprocess.Popen, on_line) -> None:
+        for line in popen.stdout:
+            if on_line is not None and on_line(line):
+                continue
+            with self._seen:
+                self.lines.setdefault(name, []).append(line.rstrip())
+                self._seen.notify_all()
+            self._print(f"{name:<10}| {line.rstrip()}")
+
+    def wait_for_output(self, name: str, text: str, timeout: float) -> bool:
+        """Wait until a child has printed a line containing ``text``."""
+        with self._seen:
+            return self._seen.wait_for(lambda: any(text in line for line in self.lines.get(name, ())), timeout)
+
+    def _print(self, line: str) -> None:
+        with self._output_lock:
+            self.output.write(line + "\n")
+            self.output.flush()
+
+    def _on_seed_line(self, line: str) -> bool:
+        if line.startswith("{") and "seed_maddrs" in line:
+            self.seed_maddrs = json.loads(line)["seed_maddrs"]
+            self._seed_ready.set()
+            return True
+        return False
+
+    def start(self, timeout: float = 120.0, *, trainer: bool = True) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.summary_path.unlink(missing_ok=True)
+        seed = self._spawn(
+            "seed",
+            ["-m", "agora.run_seed", "--identity_path", str(self.keys_dir / "seed.key"), "--log_file", str(self.log_dir / "seed.log")],
+            on_line=self._on_seed_line,
+        )
+        deadline = time.monotonic() + timeout
+        while not self._seed_ready.wait(0.2):
+            if seed.popen.poll() is not None or time.monotonic() > deadline:
+                raise SwarmError(f"the seed DHT did not start; see {self.log_dir / 'seed.log'}")
+        for spec in self.config.stages:
+            for index in range(self.workers.get(spec.name, 0)):
+                self.start_worker(spec.name, index)
+        if trainer:
+            self._spawn("trainer", self._trainer_args())
+
+    def worker_name(self, stage: str, index: int) -> str:
+        return f"{stage}#{index}"
+
+    def start_worker(self, stage: str, index: int) -> SwarmProcess:
+        tag = f"{stage}_{index}"
+        return self._spawn(
+            self.worker_name(stage, index),
+            [
+                "-m", "agora.run_server",
+                "--config", self.config_ref,
+                "--stage", stage,
+                "--gpu_id", str(index),
+                "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
+                "--initial_peers", *self.seed_maddrs,
+                "--identity_path", str(self.keys_dir / f"private_{tag}.key"),
+                "--log_file", str(self.log_dir / f"server_{tag}.log"),
+            ],
+        )
+
+    def _trainer_args(self) -> list[str]:
+        return [
+            "-m", "agora.trainer",
+            "--config", self.config_ref,
+            "--initial_peers", *self.seed_maddrs,
+            "--steps", str(self.steps),
+            "--summary_path", str(self.summary_path),
+            "--log_file", str(self.log_dir / "trainer.log"),
+        ]
+
+    def process(self, name: str) -> SwarmProcess:
+        return next(p for p in self.processes if p.name == name)
+
+    # --- running and stopping ------------------------------------------------------------
+
+    def wait_for_trainer(self, stop: threading.Event, timeout: float | None = None) -> int | None:
+        """Block until the trainer exits (its code), or ``stop`` is set or ``timeout`` passes (None)."""
+        trainer = self.process("trainer")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not stop.wait(0.5):
+            code = trainer.popen.poll()
+            if code is not None:
+                trainer.pump.join(5)
+                return code
+            if deadline is not None and time.monotonic() > deadline:
+                return None
+        return None
+
+    def listening_ports(self) -> set[int]:
+        """TCP ports the swarm's processes listen on right now."""
+        pids = {proc.pid for p in self.processes for proc in group_members(p.pgid)}
+        return {
+            c.laddr.port
+            for c in psutil.net_connections(kind="tcp")
+            if c.pid in pids and c.status == psutil.CONN_LISTEN
+        }
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one child's whole process group (tests use this to make a worker vanish)."""
+        os.killpg(self.process(name).pgid, sig)
+
+    def stop(self) -> list[str]:
+        """Stop the trainer first (it finishes in-flight work), then the workers, then the seed.
+
+        Returns descriptions of anything still alive afterwards (empty when clean)."""
+        tiers = [
+            [p for p in self.processes if p.name == "trainer"],
+            [p for p in self.processes if p.name not in ("trainer", "seed")],
+            [p for p in self.processes if p.name == "seed"],
+        ]
+        for tier in tiers:
+            self._stop_tier(tier)
+        shutil.rmtree(self.keys_dir, ignore_errors=True)
+        return [f"{proc.pid} {proc.name()}" for p in self.processes for proc in group_members(p.pgid)]
+
+    def _stop_tier(self, tier: list[SwarmProcess]) -> None:
+        # SIGTERM to the leader only: it shuts its own DHT process and p2pd down in order
+        for process in tier:
+            if process.popen.poll() is None:
+                _signal(process.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_seconds
+        for process in tier:
+            try:
+                process.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(process.pgid, signal.SIGKILL)
+                process.popen.wait()
+        # whatever the leader left behind (a DHT process, p2pd) goes with its group
+        for process in tier:
+            if group_members(process.pgid):
+                _signal_group(process.pgid, signal.SIGTERM)
+        sweep_deadline = time.monotonic() + 3.0
+        for process in tier:
+            while group_members(process.pgid) and time.monotonic() < sweep_deadline:
+                time.sleep(0.1)
+            if group_members(process.pgid):
+                _signal_group(process.pgid, signal.SIGKILL)
+            process.pump.join(5)
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,42 @@
+"""What every Agora process sets up the same way: where logs go, and how signals stop it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from agora_server.telemetry import ConsolePrinter, EventBus, EventLogger, open_file_log
+
+
+def setup_process(log_file: str | None) -> EventBus:
+    """Console gets the tagged event lines; the file gets everything, hivemind's logs included."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("in_root_logger")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if log_file:
+        open_file_log(log_file)
+    else:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setLevel(logging.WARNING)
+        root.addHandler(stderr)
+    events = EventBus()
+    events.subscribe(ConsolePrinter())
+    events.subscribe(EventLogger())
+    return events
+
+
+def stop_on_signals() -> threading.Event:
+    """An Event set by SIGINT or SIGTERM, so the main loop can leave through its ``finally``."""
+    stop = threading.Event()
+
+    def _handle(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGINT, _handle)
+    signal.signal(signal.SIGTERM, _handle)
+    return stop

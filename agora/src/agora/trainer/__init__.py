@@ -1,0 +1,1 @@
+"""Trainer entry: ``python -m agora.trainer`` streams data and drives it through the pipeline."""

@@ -1,0 +1,26 @@
+"""Model definitions.
+
+- ``config.py``    ModelConfig (decoder shape), StageSpec/StageKind, split_into_stages
+- ``llama.py``     RMSNorm, rotary tables, Attention (GQA), MLP (SwiGLU), DecoderLayer, seeded init
+- ``boundary.py``  BoundaryConfig, BoundaryCodec seam, DenseBoundary, build_boundary_codec
+- ``stages.py``    PipelineStage (head / body / tail), DecoderLM (the unsplit reference)
+"""
+
+from agora_server.models.boundary import BoundaryCodec, BoundaryConfig, DenseBoundary, build_boundary_codec
+from agora_server.models.config import ModelConfig, StageKind, StageSpec, split_into_stages
+from agora_server.models.stages import IGNORE_INDEX, DecoderLM, PipelineStage, per_token_cross_entropy
+
+__all__ = [
+    "IGNORE_INDEX",
+    "BoundaryCodec",
+    "BoundaryConfig",
+    "DecoderLM",
+    "DenseBoundary",
+    "ModelConfig",
+    "PipelineStage",
+    "StageKind",
+    "StageSpec",
+    "build_boundary_codec",
+    "per_token_cross_entropy",
+    "split_into_stages",
+]

@@ -1,0 +1,67 @@
+"""The stage-boundary seam: what a stage sends to the next one, and how it is rebuilt.
+
+A stage never ships its residual stream directly: it calls ``encode`` before sending and the
+receiver calls ``decode``. Both run inside the stage's autograd graph, so the gradient that
+crosses the wire backwards is the gradient of the encoded tensor. The dense codec sends the
+stream as it is; the subspace codec (Protocol Models) plugs in here with a narrower ``width``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from agora_server.models.config import ModelConfig
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class BoundaryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    codec: Literal["dense"] = "dense"
+    """How activations cross a stage boundary. "dense" sends the whole residual stream."""
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Precision of activations and their gradients on the wire. bfloat16 halves the traffic;
+    float32 keeps the swarm bit-comparable with a single process (tests, small runs)."""
+
+    @property
+    def torch_wire_dtype(self) -> torch.dtype:
+        return WIRE_DTYPES[self.wire_dtype]
+
+
+class BoundaryCodec(nn.Module):
+    """Maps the residual stream h [B, T, d] to the boundary tensor [B, T, width] and back."""
+
+    width: int
+
+    def encode(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, boundary: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DenseBoundary(BoundaryCodec):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.width = hidden_size
+
+    def encode(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def decode(self, boundary: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return boundary
+
+
+def build_boundary_codec(config: BoundaryConfig, model: ModelConfig, seed: int) -> BoundaryCodec:
+    if config.codec == "dense":
+        return DenseBoundary(model.hidden_size)
+    raise ValueError(f"unknown boundary codec {config.codec!r}")

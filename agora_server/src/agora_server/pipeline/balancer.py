@@ -1,0 +1,89 @@
+"""Per-stage choice of worker: the one expected to finish a new task first (SWARM-style).
+
+Expected finish = (tokens already sent to it and not yet returned + new tokens) / throughput,
+with throughput an EMA of what this trainer measured, seeded from the worker's DHT record.
+Failed workers are banned for a while, longer each time they fail again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+
+from agora_server.wire import ServerPhase, StageServerInfo
+
+
+@dataclasses.dataclass
+class PeerState:
+    throughput: float
+    measured: bool = False
+    inflight_tokens: int = 0
+    banned_until: float = 0.0
+    consecutive_failures: int = 0
+    listed: bool = True
+    """Whether the latest DHT read still lists it as online."""
+
+
+class StageBalancer:
+    def __init__(
+        self,
+        stage: str,
+        *,
+        default_throughput: float,
+        ban_seconds: float,
+        ban_max_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stage, self.default_throughput = stage, default_throughput
+        self.ban_seconds, self.ban_max_seconds, self.clock = ban_seconds, ban_max_seconds, clock
+        self.peers: dict[str, PeerState] = {}
+
+    def update_peers(self, records: dict[str, StageServerInfo]) -> None:
+        for peer_id, info in records.items():
+            state = self.peers.get(peer_id)
+            if state is None:
+                state = self.peers[peer_id] = PeerState(throughput=info.throughput or self.default_throughput)
+            elif not state.measured and info.throughput > 0:
+                state.throughput = info.throughput
+            state.listed = info.phase is ServerPhase.ONLINE
+        for peer_id, state in self.peers.items():
+            if peer_id not in records:
+                state.listed = False
+
+    def usable(self) -> list[str]:
+        now = self.clock()
+        return [p for p, s in self.peers.items() if s.listed and s.banned_until <= now]
+
+    def choose(self, tokens: int, exclude: Iterable[str] = ()) -> str | None:
+        excluded = set(exclude)
+        candidates = [p for p in self.usable() if p not in excluded] or self.usable()
+        if not candidates:
+            return None
+        best = min(candidates, key=lambda p: (self.peers[p].inflight_tokens + tokens) / self.peers[p].throughput)
+        self.peers[best].inflight_tokens += tokens
+        return best
+
+    def succeeded(self, peer_id: str, tokens: int, elapsed: float) -> None:
+        state = self._release(peer_id, tokens)
+        state.consecutive_failures = 0
+        rate = max(tokens / max(elapsed, 1e-6), 1e-3)  # never zero: it divides expected finish times
+        state.throughput = rate if not state.measured else 0.7 * state.throughput + 0.3 * rate
+        state.measured = True
+
+    def failed(self, peer_id: str, tokens: int) -> float:
+        """Release the task and ban the worker; return the ban length in seconds."""
+        state = self._release(peer_id, tokens)
+        state.consecutive_failures += 1
+        seconds = min(self.ban_seconds * 2 ** (state.consecutive_failures - 1), self.ban_max_seconds)
+        state.banned_until = self.clock() + seconds
+        return seconds
+
+    def released(self, peer_id: str, tokens: int) -> None:
+        """The task ended without judging the worker (e.g. the request itself was refused)."""
+        self._release(peer_id, tokens)
+
+    def _release(self, peer_id: str, tokens: int) -> PeerState:
+        state = self.peers[peer_id]
+        state.inflight_tokens = max(0, state.inflight_tokens - tokens)
+        return state

@@ -1,0 +1,29 @@
+"""Settings of a trainer: how micro-batches are fed through the pipeline."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TrainerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    micro_batch_size: int = Field(4, gt=0)
+    """Sequences per micro-batch. Must not exceed the workers' max_batch_size."""
+    max_in_flight: int = Field(6, gt=0)
+    """Micro-batches in the pipeline at once. About 2× the number of stages keeps every stage busy."""
+    request_timeout: float = Field(60.0, gt=0)
+    """Seconds one forward or backward call may take before the worker is considered failed."""
+    max_attempts: int = Field(3, gt=0)
+    """Tries per stage call (on different workers when possible) before the micro-batch is dropped."""
+    ban_seconds: float = Field(15.0, gt=0)
+    """How long a failed worker is avoided; doubles on repeated failures up to ``ban_max_seconds``."""
+    ban_max_seconds: float = Field(300.0, gt=0)
+    stage_wait_timeout: float = Field(120.0, gt=0)
+    """How long a micro-batch waits for a stage that has no usable worker before it is dropped."""
+    refresh_period: float = Field(5.0, gt=0)
+    """Seconds between reads of the stage records in the DHT."""
+    report_every: int = Field(10, gt=0)
+    """Completed micro-batches between trainer reports."""
+    default_throughput: float = Field(1000.0, gt=0)
+    """Tokens/s assumed for a worker that has not measured its throughput yet."""

@@ -1,0 +1,93 @@
+"""Calls to a stage worker over hivemind's p2p layer, with response checks.
+
+Two kinds of failure are kept apart: ``StageRefused`` (the worker judged the request bad: do
+not retry it anywhere) and ``StageCallFailed`` (timeout, lost connection, worker error or an
+implausible answer: ban that worker and retry elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from agora_server.models.config import StageKind
+from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
+from agora_server.wire import RequestMeta, Rpc, handler_name, response_fields, unpack_response_error
+
+
+class StageRefused(Exception):
+    """The worker refused the request as malformed."""
+
+
+class StageCallFailed(Exception):
+    """The call did not produce a usable answer."""
+
+
+class StageCaller:
+    def __init__(self, p2p: P2P, run: str, wire_dtype: torch.dtype, max_response_bytes: int = 1 << 30):
+        self.p2p, self.run, self.wire_dtype, self.max_response_bytes = p2p, run, wire_dtype, max_response_bytes
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def call(
+        self,
+        peer_id: str,
+        stage: str,
+        kind: StageKind,
+        rpc: Rpc,
+        tensors: Sequence[torch.Tensor],
+        *,
+        timeout: float,
+        microbatch: int = -1,
+    ) -> list[torch.Tensor]:
+        meta = RequestMeta(run=self.run, stage=stage, rpc=rpc, microbatch=microbatch)
+        wire = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
+        try:
+            metadata, parts = await asyncio.wait_for(self._exchange(PeerID.from_base58(peer_id), rpc, meta, wire), timeout)
+        except asyncio.TimeoutError:
+            raise StageCallFailed(f"no answer within {timeout:.0f}s") from None
+        except (PayloadError, ConnectionError, OSError) as e:
+            raise StageCallFailed(f"{type(e).__name__}: {e}") from None
+        except Exception as e:  # p2pd reports unreachable peers and broken streams with its own types
+            raise StageCallFailed(f"{type(e).__name__}: {e}") from None
+
+        error = unpack_response_error(metadata)
+        if error is not None:
+            raise (StageRefused if error.startswith("refused") else StageCallFailed)(error)
+        try:
+            outputs = deserialize(parts)
+        except PayloadError as e:
+            raise StageCallFailed(f"undecodable answer: {e}") from None
+        self._check_outputs(kind, rpc, tensors[0].shape, outputs)
+        return outputs
+
+    async def _exchange(self, peer: PeerID, rpc: Rpc, meta: RequestMeta, tensors: Sequence[torch.Tensor]):
+        parts = serialize(tensors)
+        self.bytes_sent += sum(len(p.buffer) for p in parts)
+
+        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            yield runtime_pb2.ExpertRequest(uid=meta.stage, tensors=parts[:1], metadata=meta.pack())
+            for part in parts[1:]:
+                yield runtime_pb2.ExpertRequest(tensors=[part])
+
+        stream = await self.p2p.iterate_protobuf_handler(
+            peer, handler_name(self.run, rpc), requests(), runtime_pb2.ExpertResponse
+        )
+        metadata, response_parts, received = await collect(stream, self.max_response_bytes)
+        self.bytes_received += received
+        return metadata, response_parts
+
+    @staticmethod
+    def _check_outputs(kind: StageKind, rpc: Rpc, batch_shape: torch.Size, outputs: list[torch.Tensor]) -> None:
+        expected = response_fields(kind, rpc)
+        if len(outputs) != len(expected):
+            raise StageCallFailed(f"expected {len(expected)} tensors ({', '.join(expected)}), got {len(outputs)}")
+        for name, tensor in zip(expected, outputs):
+            if tuple(tensor.shape[:2]) != tuple(batch_shape[:2]):
+                raise StageCallFailed(f"{name} has shape {list(tensor.shape)}, batch is {list(batch_shape[:2])}")
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise StageCallFailed(f"{name} is not a finite floating-point tensor")

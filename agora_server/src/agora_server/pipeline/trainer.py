@@ -1,0 +1,278 @@
+"""Feeds micro-batches through the pipeline: head → bodies → tail, then backward in reverse.
+
+Several micro-batches are in flight at once, so every stage has work (an asynchronous
+pipeline: workers step on their own, gradients may be slightly stale). Each stage call goes
+to the worker with the earliest expected finish; a worker that fails or times out is banned
+and the call is retried on another one. Backward re-runs the forward on the worker, so any
+worker of a stage can take it. Every micro-batch ends in the ledger as completed or as
+dropped with a reason: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import torch
+from hivemind import DHT
+
+from agora_server.models.config import StageKind, StageSpec
+from agora_server.pipeline.balancer import StageBalancer
+from agora_server.pipeline.config import TrainerConfig
+from agora_server.pipeline.directory import read_stage_records
+from agora_server.pipeline.remote import StageCaller, StageCallFailed, StageRefused
+from agora_server.telemetry.events import (
+    EventBus,
+    MicroBatchDropped,
+    TrainerFinished,
+    TrainerReport,
+    WaitingForStages,
+    WorkerBanned,
+)
+from agora_server.wire import Rpc
+
+
+class MicroBatchDroppedError(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Ledger:
+    sent: int = 0
+    completed: int = 0
+    retried: int = 0
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.completed - sum(self.dropped.values())
+
+
+@dataclasses.dataclass
+class TrainerSummary:
+    sent: int
+    completed: int
+    dropped: dict[str, int]
+    retried: int
+    losses: list[tuple[int, float]]
+    """(completed micro-batch number, its mean token loss), in completion order."""
+    tokens: int
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class PipelineTrainer:
+    def __init__(self, *, dht: DHT, run: str, stages: list[StageSpec], config: TrainerConfig, wire_dtype: torch.dtype, events: EventBus):
+        self.dht, self.run, self.stages, self.config, self.wire_dtype = dht, run, stages, config, wire_dtype
+        self.events = events
+        self.balancers = {
+            s.name: StageBalancer(
+                s.name,
+                default_throughput=config.default_throughput,
+                ban_seconds=config.ban_seconds,
+                ban_max_seconds=config.ban_max_seconds,
+            )
+            for s in stages
+        }
+        self.ledger = Ledger()
+        self.losses: list[tuple[int, float]] = []
+        self.tokens_done = 0
+        self._caller: StageCaller | None = None
+        self._directory_updated: asyncio.Event | None = None
+
+    # --- discovery ------------------------------------------------------------------
+
+    async def _refresh_directory(self) -> None:
+        for spec in self.stages:
+            try:
+                self.balancers[spec.name].update_peers(await read_stage_records(self.dht, self.run, spec.name))
+            except Exception:
+                continue  # a failed DHT read keeps the last view; the next refresh tries again
+        self._directory_updated.set()
+        self._directory_updated = asyncio.Event()
+
+    async def _directory_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_period)
+            await self._refresh_directory()
+
+    async def _wait_for_directory_update(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._directory_updated.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def wait_for_all_stages(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = tuple(s.name for s in self.stages if not self.balancers[s.name].usable())
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no worker announced stage(s) {', '.join(missing)} within {timeout:.0f}s")
+            self.events.emit(WaitingForStages(stages=missing))
+            await self._refresh_directory()
+            await self._wait_for_directory_update(min(self.config.refresh_period, 2.0))
+
+    # --- one stage call with retries --------------------------------------------------
+
+    async def _call_stage(self, spec: StageSpec, rpc: Rpc, tensors: list[torch.Tensor], microbatch: int) -> list[torch.Tensor]:
+        balancer, tokens = self.balancers[spec.name], tensors[0].numel()
+        tried: list[str] = []
+        waited_since: float | None = None
+        for attempt in range(self.config.max_attempts):
+            peer = balancer.choose(tokens, exclude=tried)
+            while peer is None:  # nobody serves this stage right now: wait for one to (re)appear
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > self.config.stage_wait_timeout:
+                    raise MicroBatchDroppedError(f"no_worker:{spec.name}")
+                await self._wait_for_directory_update(self.config.refresh_period * 2)
+                peer = balancer.choose(tokens, exclude=tried)
+            if attempt:
+                self.ledger.retried += 1
+            started = time.perf_counter()
+            try:
+                outputs = await self._caller.call(
+                    peer, spec.name, spec.kind, rpc, tensors, timeout=self.config.request_timeout, microbatch=microbatch
+                )
+            except StageRefused as e:
+                balancer.released(peer, tokens)
+                raise MicroBatchDroppedError(f"refused:{spec.name}") from e
+            except StageCallFailed as e:
+                seconds = balancer.failed(peer, tokens)
+                self.events.emit(WorkerBanned(stage=spec.name, peer_id=peer, seconds=seconds, reason=str(e)[:200]))
+                tried.append(peer)
+                continue
+            balancer.succeeded(peer, tokens, time.perf_counter() - started)
+            return outputs
+        raise MicroBatchDroppedError(f"failed:{spec.name}")
+
+    # --- one micro-batch ----------------------------------------------------------------
+
+    async def run_microbatch(self, microbatch: int, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+        """Forward and backward through every stage; returns the mean token loss."""
+        *front, tail = self.stages
+        stage_inputs: list[list[torch.Tensor]] = []
+        boundary: torch.Tensor | None = None
+        for spec in front:
+            inputs = [tokens] if spec.kind is StageKind.HEAD else [tokens, boundary]
+            stage_inputs.append(inputs)
+            (boundary,) = await self._call_stage(spec, Rpc.FORWARD, inputs, microbatch)
+
+        valid = (labels != -100).float()
+        loss_weights = valid / valid.sum().clamp(min=1.0)
+        grad, per_token_loss = await self._call_stage(tail, Rpc.BACKWARD, [tokens, boundary, labels, loss_weights], microbatch)
+        for spec, inputs in zip(reversed(front), reversed(stage_inputs)):
+            outputs = await self._call_stage(spec, Rpc.BACKWARD, [*inputs, grad], microbatch)
+            grad = outputs[0] if outputs else None
+        return float((per_token_loss.float() * loss_weights).sum())
+
+    async def _run_and_account(self, microbatch: int, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+        try:
+            loss = await self.run_microbatch(microbatch, tokens, labels)
+        except MicroBatchDroppedError as e:
+            self._drop(microbatch, e.reason)
+        except asyncio.CancelledError:
+            self._drop(microbatch, "cancelled")
+            raise
+        except Exception as e:  # a bug must not make a micro-batch vanish from the ledger
+            self._drop(microbatch, f"error:{type(e).__name__}")
+        else:
+            self.ledger.completed += 1
+            self.tokens_done += tokens.numel()
+            self.losses.append((self.ledger.completed, loss))
+
+    def _drop(self, microbatch: int, reason: str) -> None:
+        self.ledger.dropped[reason] += 1
+        self.events.emit(MicroBatchDropped(microbatch=microbatch, reason=reason))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def train(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, stop: asyncio.Event) -> TrainerSummary:
+        """Run until ``steps`` micro-batches completed or ``stop`` is set; in-flight ones then finish."""
+        self._directory_updated = asyncio.Event()
+        p2p = await self.dht.replicate_p2p()
+        self._caller = StageCaller(p2p, self.run, self.wire_dtype)
+        directory = asyncio.create_task(self._directory_loop())
+        started = time.perf_counter()
+        last_report = (started, 0)
+        tasks: set[asyncio.Task] = set()
+        try:
+            await self.wait_for_all_stages(self.config.stage_wait_timeout)
+            while self.ledger.completed < steps and not stop.is_set():
+                if len(tasks) < self.config.max_in_flight and self.ledger.completed + len(tasks) < steps:
+                    # tokenising can take a while: keep it off the loop that serves the RPCs
+                    tokens, labels = await asyncio.to_thread(next, batches)
+                    self.ledger.sent += 1
+                    task = asyncio.create_task(self._run_and_account(self.ledger.sent, tokens, labels))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    continue
+                before = self.ledger.completed
+                stop_wait = asyncio.create_task(stop.wait())
+                await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                last_report = self._maybe_report(before, last_report)
+            if tasks:  # let in-flight micro-batches finish so their updates and accounting land
+                done, pending = await asyncio.wait(tasks, timeout=self.config.request_timeout * 2)
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            directory.cancel()
+            await asyncio.gather(directory, return_exceptions=True)
+            await p2p.shutdown()
+
+        summary = TrainerSummary(
+            sent=self.ledger.sent,
+            completed=self.ledger.completed,
+            dropped=dict(self.ledger.dropped),
+            retried=self.ledger.retried,
+            losses=self.losses,
+            tokens=self.tokens_done,
+            seconds=time.perf_counter() - started,
+            bytes_sent=self._caller.bytes_sent,
+            bytes_received=self._caller.bytes_received,
+        )
+        self.events.emit(
+            TrainerFinished(
+                completed=summary.completed,
+                sent=summary.sent,
+                dropped=summary.dropped,
+                retried=summary.retried,
+                final_loss=self._recent_loss(),
+            )
+        )
+        return summary
+
+    def _recent_loss(self) -> float | None:
+        recent = [loss for _, loss in self.losses[-self.config.report_every :]]
+        return sum(recent) / len(recent) if recent else None
+
+    def _maybe_report(self, before: int, last_report: tuple[float, int]) -> tuple[float, int]:
+        every = self.config.report_every
+        if self.ledger.completed // every == before // every:
+            return last_report
+        now = time.perf_counter()
+        rate = (self.tokens_done - last_report[1]) / max(now - last_report[0], 1e-6)
+        self.events.emit(
+            TrainerReport(
+                step=self.ledger.completed,
+                loss=self._recent_loss(),
+                tokens_per_second=rate,
+                sent=self.ledger.sent,
+                completed=self.ledger.completed,
+                dropped=sum(self.ledger.dropped.values()),
+                retried=self.ledger.retried,
+            )
+        )
+        return now, self.tokens_done

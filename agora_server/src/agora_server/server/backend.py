@@ -1,0 +1,122 @@
+"""A stage's model, optimizer and counters behind forward/backward calls.
+
+Calls arrive from one compute thread at a time (the server owns a single-thread executor),
+so the module is never run concurrently. Backward re-runs the forward with the current
+weights: no activations are kept between RPCs, and any worker of a stage can serve the
+backward of a micro-batch another one forwarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from agora_server.models.stages import PipelineStage
+from agora_server.models.config import StageKind
+from agora_server.optim import build_optimizer, clip_and_check
+from agora_server.server.config import ServerConfig
+from agora_server.telemetry.events import Event, NonFiniteGradients, OptimizerStepped
+
+
+@dataclasses.dataclass
+class BackendCounters:
+    forward_batches: int = 0
+    backward_batches: int = 0
+    samples: int = 0
+    """Sequences whose backward completed: the unit of contribution."""
+    tokens: int = 0
+    optimizer_steps: int = 0
+    skipped_steps: int = 0
+
+
+class StageBackend:
+    def __init__(
+        self,
+        stage: PipelineStage,
+        config: ServerConfig,
+        device: torch.device,
+        emit: Callable[[Event], None] = lambda event: None,
+    ):
+        self.stage, self.config, self.device, self.emit = stage.to(device), config, device, emit
+        self.optimizer, self.schedule = build_optimizer(stage, config.optimizer)
+        self.counters = BackendCounters()
+        self._accumulated_samples = 0
+        self._lock = threading.Lock()  # guards counters read by reporter threads
+        self._throughput_ema: float | None = None
+
+    @property
+    def kind(self) -> StageKind:
+        return self.stage.kind
+
+    def throughput(self) -> float:
+        """Tokens per second of forward+backward work, measured (0 before the first backward)."""
+        return self._throughput_ema or 0.0
+
+    def snapshot(self) -> BackendCounters:
+        with self._lock:
+            return dataclasses.replace(self.counters)
+
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        moved = {}
+        for name, tensor in inputs.items():
+            tensor = tensor.to(self.device, non_blocking=True)
+            moved[name] = tensor.float() if tensor.is_floating_point() else tensor
+        return moved
+
+    @torch.no_grad()
+    def forward(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        x = self._to_device(inputs)
+        out = self.stage(x["tokens"], x.get("boundary"), x.get("labels"))
+        with self._lock:
+            self.counters.forward_batches += 1
+        return [out.cpu()]
+
+    def backward(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        started = time.perf_counter()
+        x = self._to_device(inputs)
+        boundary = x.get("boundary")
+        if boundary is not None:
+            boundary.requires_grad_(True)
+        with torch.enable_grad():
+            out = self.stage(x["tokens"], boundary, x.get("labels"))
+            grad_out = x["loss_weights"] if self.kind is StageKind.TAIL else x["grad"]
+            out.backward(grad_out)
+        outputs = [] if boundary is None else [boundary.grad.cpu()]
+        if self.kind is StageKind.TAIL:
+            outputs.append(out.detach().cpu())
+
+        batch, seq = x["tokens"].shape
+        self._accumulated_samples += batch
+        if self._accumulated_samples >= self.config.samples_per_step:
+            self._step()
+        self._record_backward(batch, batch * seq, time.perf_counter() - started)
+        return outputs
+
+    def _step(self) -> None:
+        norm = clip_and_check(self.stage, self.config.optimizer.clip_grad_norm)
+        if torch.isfinite(torch.tensor(norm)):
+            self.optimizer.step()
+            self.schedule.step()
+            with self._lock:
+                self.counters.optimizer_steps += 1
+                step = self.counters.optimizer_steps
+            self.emit(OptimizerStepped(stage=self.stage.spec.name, step=step, grad_norm=norm, lr=self.schedule.get_last_lr()[0]))
+        else:
+            # one bad micro-batch must not poison the weights: drop its gradient and carry on
+            with self._lock:
+                self.counters.skipped_steps += 1
+            self.emit(NonFiniteGradients(stage=self.stage.spec.name, grad_norm=norm))
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated_samples = 0
+
+    def _record_backward(self, samples: int, tokens: int, elapsed: float) -> None:
+        with self._lock:
+            self.counters.backward_batches += 1
+            self.counters.samples += samples
+            self.counters.tokens += tokens
+        rate = tokens / max(elapsed, 1e-6)
+        self._throughput_ema = rate if self._throughput_ema is None else 0.8 * self._throughput_ema + 0.2 * rate

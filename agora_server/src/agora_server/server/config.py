@@ -1,0 +1,28 @@
+"""Settings of a stage server (worker)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agora_server.optim.config import OptimizerConfig
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(8, gt=0)
+    """Largest micro-batch (sequences) a request may carry. On GPUs the VRAM tier sets it;
+    ``--batch_size_override`` may only lower it."""
+    max_request_bytes: int = Field(256 * 2**20, gt=0)
+    """Requests larger than this are refused before they are decoded."""
+    samples_per_step: int = Field(8, gt=0)
+    """Sequences whose gradients are accumulated before the local optimizer step."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    announce_period: float = Field(10.0, gt=0)
+    """Seconds between DHT announcements; records expire after twice this."""
+    progress_interval: float = Field(60.0, gt=0)
+    """Seconds between ``[PROGRESS]`` reports."""
+    cpu_threads: int | None = Field(None, gt=0)
+    """torch intra-op threads; set to 1 when several workers share one CPU (local swarm)."""
+    allow_cpu: bool = False
+    """Serve from the CPU when no CUDA device exists. Only small local runs should allow it."""

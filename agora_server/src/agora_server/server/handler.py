@@ -1,0 +1,101 @@
+"""The stage's RPC handlers on hivemind's p2p layer (``rpc_forward``, ``rpc_backward``, ``rpc_info``).
+
+Both training RPCs stream in both directions, so activations of any size fit under p2pd's
+message cap. A refused or failed request is answered with an error in the response metadata
+(never a dropped stream), and the handler goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import AsyncIterator  # hivemind spots streaming handlers by typing.AsyncIterator hints
+from concurrent.futures import Executor
+
+import msgpack
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+
+from agora_server.server.backend import StageBackend
+from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
+from agora_server.server.validation import BadRequest, StageSignature
+from agora_server.telemetry.events import Event, RequestRefused
+from agora_server.wire import RequestMeta, Rpc, pack_error
+
+logger = logging.getLogger(__name__)
+
+
+class StageServicer(ServicerBase):
+    def __init__(
+        self,
+        run: str,
+        stage: str,
+        backend: StageBackend,
+        signature: StageSignature,
+        executor: Executor,
+        wire_dtype,
+        emit: Callable[[Event], None],
+    ):
+        self.run, self.stage, self.backend, self.signature = run, stage, backend, signature
+        self.executor, self.wire_dtype, self.emit = executor, wire_dtype, emit
+        self.bytes_received: collections.Counter[str] = collections.Counter()
+        self.bytes_sent: collections.Counter[str] = collections.Counter()
+        self.refused: collections.Counter[str] = collections.Counter()
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        info = {"run": self.run, "stage": self.stage, "kind": self.signature.kind.value, "throughput": self.backend.throughput()}
+        return runtime_pb2.ExpertInfo(serialized_info=msgpack.packb(info))
+
+    async def rpc_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for response in self._serve(Rpc.FORWARD, requests, context):
+            yield response
+
+    async def rpc_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        async for response in self._serve(Rpc.BACKWARD, requests, context):
+            yield response
+
+    async def _serve(self, rpc: Rpc, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes)
+            self.bytes_received[rpc.value] += received
+            self._check_meta(rpc, metadata)
+            inputs = self.signature.validate(rpc, deserialize(parts))
+        except (BadRequest, PayloadError) as e:
+            self.refused[rpc.value] += 1
+            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=str(context.remote_id), reason=str(e)))
+            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {e}"))
+            return
+
+        compute = self.backend.forward if rpc is Rpc.FORWARD else self.backend.backward
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self.executor, compute, inputs)
+        except Exception as e:
+            logger.exception("stage %s failed to run %s", self.stage, rpc.value)
+            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"failed: {type(e).__name__}: {e}"))
+            return
+
+        wire = [t.to(self.wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in outputs]
+        parts = serialize(wire)
+        self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
+        if not parts:  # the head's backward returns nothing: still answer, so the caller knows it ran
+            yield runtime_pb2.ExpertResponse()
+        for part in parts:
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    def _check_meta(self, rpc: Rpc, metadata: bytes) -> None:
+        try:
+            meta = RequestMeta.unpack(metadata)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        if meta.run != self.run:
+            raise BadRequest(f"this worker serves run {self.run!r}, not {meta.run!r}")
+        if meta.stage != self.stage:
+            raise BadRequest(f"this worker serves stage {self.stage!r}, not {meta.stage!r}")
+        if meta.rpc is not rpc:
+            raise BadRequest(f"metadata says {meta.rpc.value}, but {rpc.value} was called")

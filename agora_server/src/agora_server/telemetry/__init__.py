@@ -1,0 +1,12 @@
+"""Telemetry: typed events and the consumers that turn them into lines.
+
+- ``events.py``   Event dataclasses (worker and trainer) and the EventBus
+- ``console.py``  console_lines (the guide's tags) and ConsolePrinter
+- ``logfile.py``  open_file_log (rotating file log) and EventLogger
+"""
+
+from agora_server.telemetry.console import ConsolePrinter, console_lines
+from agora_server.telemetry.events import Event, EventBus
+from agora_server.telemetry.logfile import EventLogger, open_file_log
+
+__all__ = ["ConsolePrinter", "Event", "EventBus", "EventLogger", "console_lines", "open_file_log"]

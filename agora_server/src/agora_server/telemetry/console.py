@@ -1,0 +1,90 @@
+"""Console lines a participant sees, with the reference guide's tags."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from functools import singledispatch
+from typing import TextIO
+
+from agora_server.telemetry import events as ev
+
+
+@singledispatch
+def console_lines(event: ev.Event) -> list[str]:
+    """Events with no console form are only written to the file log."""
+    return []
+
+
+@console_lines.register
+def _(event: ev.ServerStarted) -> list[str]:
+    return [f"[SERVER] Serving stage {event.stage} as {event.peer_id}", "[SERVER] Training started"]
+
+
+@console_lines.register
+def _(event: ev.OptimizerStepped) -> list[str]:
+    return [f"[TRAINING] Training step {event.step}"]
+
+
+@console_lines.register
+def _(event: ev.NonFiniteGradients) -> list[str]:
+    return [f"[TRAINING] Skipped a step: gradient norm is {event.grad_norm}"]
+
+
+@console_lines.register
+def _(event: ev.ProgressReport) -> list[str]:
+    total = event.forward_batches + event.backward_batches
+    return [
+        f"[PROGRESS] Processed {total} batches in the last {event.window_seconds:.0f}s",
+        f"[PROGRESS] Forward pass: {event.forward_batches} batches",
+        f"[PROGRESS] Backward pass: {event.backward_batches} batches",
+    ]
+
+
+@console_lines.register
+def _(event: ev.ServerStopping) -> list[str]:
+    return [f"[SERVER] Stopping: {event.reason}"]
+
+
+@console_lines.register
+def _(event: ev.WaitingForStages) -> list[str]:
+    return [f"[TRAINER] Waiting for workers of stage(s): {', '.join(event.stages)}"]
+
+
+@console_lines.register
+def _(event: ev.WorkerBanned) -> list[str]:
+    return [f"[TRAINER] Worker {event.peer_id[:12]}… of {event.stage} failed ({event.reason}); avoiding it for {event.seconds:.0f}s"]
+
+
+@console_lines.register
+def _(event: ev.TrainerReport) -> list[str]:
+    return [
+        f"[TRAINER] step {event.step} | loss {event.loss:.4f} | {event.tokens_per_second:,.0f} tokens/s"
+        f" | micro-batches sent {event.sent}, completed {event.completed}, dropped {event.dropped}, retried {event.retried}"
+    ]
+
+
+@console_lines.register
+def _(event: ev.TrainerFinished) -> list[str]:
+    dropped = ", ".join(f"{reason}: {count}" for reason, count in sorted(event.dropped.items())) or "none"
+    loss = "n/a" if event.final_loss is None else f"{event.final_loss:.4f}"
+    return [
+        f"[TRAINER] Finished: {event.completed} micro-batches completed of {event.sent} sent;"
+        f" dropped: {dropped}; retried: {event.retried}; final loss {loss}"
+    ]
+
+
+class ConsolePrinter:
+    """EventBus subscriber that writes each event's console lines, whole, one writer at a time."""
+
+    def __init__(self, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def __call__(self, event: ev.Event) -> None:
+        lines = console_lines(event)
+        if not lines:
+            return
+        with self._lock:
+            self.stream.write("".join(line + "\n" for line in lines))
+            self.stream.flush()

@@ -1,0 +1,127 @@
+"""Typed events emitted by Agora's components.
+
+Components never format log lines themselves: they emit one of these, and the consumers
+(console formatter, file log, later metrics and health rules) subscribe to an EventBus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Event:
+    time: float = dataclasses.field(default_factory=time.time)
+
+
+# --- worker ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerStarted(Event):
+    stage: str
+    peer_id: str
+    maddrs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerStepped(Event):
+    stage: str
+    step: int
+    grad_norm: float
+    lr: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NonFiniteGradients(Event):
+    stage: str
+    grad_norm: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProgressReport(Event):
+    stage: str
+    window_seconds: float
+    forward_batches: int
+    backward_batches: int
+    total_samples: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RequestRefused(Event):
+    stage: str
+    rpc: str
+    caller: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerStopping(Event):
+    stage: str
+    reason: str
+
+
+# --- trainer --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WaitingForStages(Event):
+    stages: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerBanned(Event):
+    stage: str
+    peer_id: str
+    seconds: float
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MicroBatchDropped(Event):
+    microbatch: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerReport(Event):
+    step: int
+    loss: float
+    tokens_per_second: float
+    sent: int
+    completed: int
+    dropped: int
+    retried: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerFinished(Event):
+    completed: int
+    sent: int
+    dropped: dict[str, int]
+    retried: int
+    final_loss: float | None
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Delivers each event to every subscriber, synchronously, from the emitting thread."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber(event)

@@ -1,0 +1,144 @@
+"""Types shared by the stage server and the pipeline client: RPC tensor layouts and DHT records.
+
+Neither side imports the other; both import this module (the way Petals' server and client
+share ``data_structures.py``).
+
+Tensor layouts, in order, of a stage RPC:
+
+    forward  head: tokens                      → boundary
+             body: tokens, boundary            → boundary
+             tail: tokens, boundary, labels    → loss [B, T]      (evaluation only)
+    backward head: tokens, grad                → (nothing)
+             body: tokens, boundary, grad      → grad_boundary
+             tail: tokens, boundary, labels, loss_weights → grad_boundary, loss [B, T]
+
+The tail's backward runs its forward too (there is no separate tail forward in training):
+``loss_weights`` is ∂L/∂loss[b, t], set by the trainer, and the per-token loss comes back
+with the boundary gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+from agora_server.models.config import StageKind
+
+
+class Rpc(str, Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+def request_fields(kind: StageKind, rpc: Rpc) -> tuple[str, ...]:
+    fields = ["tokens"]
+    if kind is not StageKind.HEAD:
+        fields.append("boundary")
+    if kind is StageKind.TAIL:
+        fields.append("labels")
+    if rpc is Rpc.BACKWARD:
+        fields.append("loss_weights" if kind is StageKind.TAIL else "grad")
+    return tuple(fields)
+
+
+def response_fields(kind: StageKind, rpc: Rpc) -> tuple[str, ...]:
+    if rpc is Rpc.FORWARD:
+        return ("loss",) if kind is StageKind.TAIL else ("boundary",)
+    if kind is StageKind.HEAD:
+        return ()
+    return ("grad_boundary", "loss") if kind is StageKind.TAIL else ("grad_boundary",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestMeta:
+    """Sent with every stage RPC next to the tensors (msgpack in ExpertRequest.metadata)."""
+
+    run: str
+    stage: str
+    rpc: Rpc
+    microbatch: int = -1
+
+    def pack(self) -> bytes:
+        return msgpack.packb({"run": self.run, "stage": self.stage, "rpc": self.rpc.value, "mb": self.microbatch})
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "RequestMeta":
+        try:
+            data = msgpack.unpackb(raw)
+            return cls(run=str(data["run"]), stage=str(data["stage"]), rpc=Rpc(data["rpc"]), microbatch=int(data["mb"]))
+        except Exception as e:
+            raise ValueError(f"malformed request metadata ({type(e).__name__})") from None
+
+
+def pack_error(message: str) -> bytes:
+    return msgpack.packb({"error": message})
+
+
+def unpack_response_error(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    try:
+        data = msgpack.unpackb(raw)
+    except Exception:
+        return "malformed response metadata"
+    return data.get("error") if isinstance(data, dict) else "malformed response metadata"
+
+
+class ServerPhase(str, Enum):
+    ONLINE = "online"
+    """Routable: takes forward and backward requests."""
+    CATCHING_UP = "catching_up"
+    """Loading or catching up on state; trainers must not route to it."""
+
+
+def stage_key(run: str, stage: str) -> str:
+    """DHT key under which the workers of one stage announce themselves."""
+    return f"{run}.{stage}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageServerInfo:
+    """A worker's announcement in the DHT (subkey: its peer id). Tolerates extra fields from newer peers."""
+
+    stage: str
+    phase: ServerPhase
+    throughput: float
+    """Measured tokens per second of forward+backward work (0 until measured)."""
+    max_batch_size: int
+    wire_dtype: str
+    announced_at: float = dataclasses.field(default_factory=time.time)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "phase": self.phase.value,
+            "throughput": float(self.throughput),
+            "max_batch_size": int(self.max_batch_size),
+            "wire_dtype": self.wire_dtype,
+            "announced_at": float(self.announced_at),
+        }
+
+    @classmethod
+    def from_record(cls, record: Any) -> "StageServerInfo":
+        if not isinstance(record, dict):
+            raise ValueError("stage server record is not a mapping")
+        return cls(
+            stage=str(record["stage"]),
+            phase=ServerPhase(record["phase"]),
+            throughput=float(record["throughput"]),
+            max_batch_size=int(record["max_batch_size"]),
+            wire_dtype=str(record["wire_dtype"]),
+            announced_at=float(record.get("announced_at", 0.0)),
+        )
+
+
+SERVICE_NAME = "StageServicer"
+"""Class name of the server's servicer: hivemind names handlers ``{namespace}::{class}.{method}``."""
+
+
+def handler_name(run: str, rpc: Rpc) -> str:
+    return f"{run}::{SERVICE_NAME}.rpc_{rpc.value}"

@@ -1,0 +1,76 @@
+from agora_server.pipeline.balancer import StageBalancer
+from agora_server.wire import ServerPhase, StageServerInfo
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def info(throughput, phase=ServerPhase.ONLINE):
+    return StageServerInfo(stage="body1", phase=phase, throughput=throughput, max_batch_size=8, wire_dtype="float32")
+
+
+def balancer(clock=None):
+    return StageBalancer("body1", default_throughput=100.0, ban_seconds=10.0, ban_max_seconds=35.0, clock=clock or Clock())
+
+
+def test_picks_the_earliest_expected_finish():
+    b = balancer()
+    b.update_peers({"fast": info(1000.0), "slow": info(100.0)})
+    # fast: (0+500)/1000 = 0.5 s; slow: 5 s
+    assert b.choose(500) == "fast"
+    # fast now has 500 queued: (500+500)/1000 = 1 s, still ahead of slow
+    assert b.choose(500) == "fast"
+    b.update_peers({"fast": info(1000.0), "slow": info(100.0)})
+    for _ in range(8):
+        b.choose(500)
+    # fast carries 10×500 tokens = 5.5 s for one more, slow 5 s: slow wins now
+    assert b.choose(500) == "slow"
+
+
+def test_measured_throughput_replaces_the_announced_one():
+    b = balancer()
+    b.update_peers({"a": info(1000.0), "b": info(500.0)})
+    peer = b.choose(100)
+    assert peer == "a"
+    b.succeeded("a", 100, elapsed=10.0)  # measured 10 tokens/s: far slower than announced
+    b.update_peers({"a": info(1000.0), "b": info(500.0)})  # a stale announcement must not undo the measurement
+    assert b.choose(100) == "b"
+
+
+def test_failed_worker_is_banned_with_growing_backoff():
+    clock = Clock()
+    b = balancer(clock)
+    b.update_peers({"a": info(100.0), "b": info(10.0)})
+    assert b.choose(10) == "a"
+    assert b.failed("a", 10) == 10.0
+    assert b.choose(10) == "b"
+    b.released("b", 10)
+    clock.now += 10.5
+    assert b.choose(10) == "a"
+    assert b.failed("a", 10) == 20.0
+    assert b.failed("a", 0) == 35.0  # capped
+    clock.now += 36
+    assert b.choose(10, exclude=["b"]) == "a"
+    b.succeeded("a", 10, 0.1)
+    assert b.peers["a"].consecutive_failures == 0
+
+
+def test_catching_up_and_vanished_workers_are_not_routed_to():
+    b = balancer()
+    b.update_peers({"a": info(100.0, ServerPhase.CATCHING_UP), "b": info(100.0)})
+    assert b.usable() == ["b"]
+    b.update_peers({"a": info(100.0)})
+    assert b.usable() == ["a"]
+    b.update_peers({})
+    assert b.choose(10) is None
+
+
+def test_exclude_prefers_a_worker_not_yet_tried():
+    b = balancer()
+    b.update_peers({"a": info(1000.0), "b": info(10.0)})
+    assert b.choose(10, exclude=["a"]) == "b"

@@ -1,0 +1,45 @@
+import pytest
+
+from agora.config import ConfigError, load_run_config, shipped_config_names
+
+
+def test_shipped_configs_load_and_split():
+    assert {"local-tiny", "llama-8b"} <= set(shipped_config_names())
+    tiny = load_run_config("local-tiny")
+    assert [s.name for s in tiny.stages] == ["head", "body1", "tail"]
+    big = load_run_config("llama-8b")
+    assert [s.num_layers for s in big.stages] == [6, 4, 4, 4, 4, 4, 6]
+    assert not big.server.allow_cpu and tiny.server.allow_cpu
+
+
+def test_unknown_name_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="local-tiny"):
+        load_run_config("no-such-run")
+
+
+def test_corrupt_yaml_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_name: x\nmodel: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(path)
+
+
+def test_unknown_field_and_inconsistent_values_are_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_name: x\nmodel: {num_layers: 4, hiden_size: 3}\nstage_layers: [2, 2]\n")
+    with pytest.raises(ConfigError, match=r"model\.hiden_size"):
+        load_run_config(path)
+    path.write_text("run_name: x\nmodel: {num_layers: 4}\nstage_layers: [2, 1]\n")
+    with pytest.raises(ConfigError, match="add up to 3"):
+        load_run_config(path)
+
+
+def test_trainer_batch_must_fit_the_workers():
+    with pytest.raises(ConfigError, match="micro_batch_size 16 exceeds"):
+        load_run_config("local-tiny", {"trainer": {"micro_batch_size": 16}})
+
+
+def test_overrides_merge_into_nested_sections():
+    config = load_run_config("local-tiny", {"server": {"optimizer": {"lr": 0.5}}})
+    assert config.server.optimizer.lr == 0.5
+    assert config.server.max_batch_size == 8  # untouched siblings survive the merge

@@ -1,0 +1,126 @@
+"""Every malformed kind of request is refused before it reaches the model, with a message that says why."""
+
+import pytest
+import torch
+
+from agora_server.models import StageKind
+from agora_server.server.validation import BadRequest, RequestLimits, StageSignature
+from agora_server.tensor_stream import PayloadError, deserialize, serialize
+from agora_server.wire import Rpc
+
+VOCAB, WIDTH = 100, 16
+LIMITS = RequestLimits(max_batch_size=4, max_seq_len=32, max_request_bytes=16 * 1024)
+
+
+def signature(kind):
+    return StageSignature(kind=kind, vocab_size=VOCAB, boundary_width=WIDTH, limits=LIMITS)
+
+
+def good(kind, rpc, batch=2, seq=8):
+    tokens = torch.randint(0, VOCAB, (batch, seq))
+    tensors = [tokens]
+    if kind is not StageKind.HEAD:
+        tensors.append(torch.randn(batch, seq, WIDTH))
+    if kind is StageKind.TAIL:
+        tensors.append(torch.randint(0, VOCAB, (batch, seq)))
+    if rpc is Rpc.BACKWARD:
+        tensors.append(torch.rand(batch, seq) if kind is StageKind.TAIL else torch.randn(batch, seq, WIDTH))
+    return tensors
+
+
+@pytest.mark.parametrize("kind", list(StageKind))
+@pytest.mark.parametrize("rpc", list(Rpc))
+def test_well_formed_requests_pass(kind, rpc):
+    named = signature(kind).validate(rpc, good(kind, rpc))
+    assert named["tokens"].shape == (2, 8)
+
+
+def with_boundary(change):
+    tensors = good(StageKind.BODY, Rpc.BACKWARD)
+    tensors[1] = change(tensors[1])
+    return tensors
+
+
+def nan_at(t, value):
+    t = t.clone()
+    t[0, 0, 0] = value
+    return t
+
+
+MALFORMED = {
+    "tokens of dtype int32": ([torch.randint(0, VOCAB, (2, 8), dtype=torch.int32)], StageKind.HEAD, Rpc.FORWARD, "dtype int32"),
+    "tokens as floats": ([torch.rand(2, 8)], StageKind.HEAD, Rpc.FORWARD, "dtype float32"),
+    "tokens of rank 3": ([torch.randint(0, VOCAB, (2, 8, 1))], StageKind.HEAD, Rpc.FORWARD, "rank 3"),
+    "token id past the vocabulary": ([torch.full((2, 8), VOCAB)], StageKind.HEAD, Rpc.FORWARD, "outside 0..99"),
+    "negative token id": ([torch.full((2, 8), -1)], StageKind.HEAD, Rpc.FORWARD, "outside 0..99"),
+    "batch over the limit": ([torch.randint(0, VOCAB, (5, 8))], StageKind.HEAD, Rpc.FORWARD, "batch size 5"),
+    "sequence over the limit": ([torch.randint(0, VOCAB, (1, 33))], StageKind.HEAD, Rpc.FORWARD, "sequence length 33"),
+    "empty batch": ([torch.randint(0, VOCAB, (0, 8))], StageKind.HEAD, Rpc.FORWARD, "batch size 0"),
+    "missing tensor": (good(StageKind.BODY, Rpc.FORWARD)[:1], StageKind.BODY, Rpc.FORWARD, "takes 2 tensors"),
+    "extra tensor": (good(StageKind.BODY, Rpc.FORWARD) * 2, StageKind.BODY, Rpc.FORWARD, "takes 2 tensors"),
+    "boundary of the wrong width": (with_boundary(lambda t: t[..., :-1]), StageKind.BODY, Rpc.BACKWARD, "expected [2, 8, 16]"),
+    "boundary of rank 2": (with_boundary(lambda t: t[..., 0]), StageKind.BODY, Rpc.BACKWARD, "rank 2"),
+    "boundary as int64": (with_boundary(lambda t: t.long()), StageKind.BODY, Rpc.BACKWARD, "dtype int64"),
+    "boundary as float64": (with_boundary(lambda t: t.double()), StageKind.BODY, Rpc.BACKWARD, "dtype float64"),
+    "NaN in the boundary": (with_boundary(lambda t: nan_at(t, float("nan"))), StageKind.BODY, Rpc.BACKWARD, "NaN or Inf"),
+    "Inf in the boundary": (with_boundary(lambda t: nan_at(t, float("inf"))), StageKind.BODY, Rpc.BACKWARD, "NaN or Inf"),
+    "oversized request": (
+        [torch.randint(0, VOCAB, (4, 32)), torch.randn(4, 32, WIDTH) , torch.randn(4, 32, WIDTH)],
+        StageKind.BODY, Rpc.BACKWARD, "exceeds the limit",
+    ),
+    "labels out of range": (
+        [torch.randint(0, VOCAB, (2, 8)), torch.randn(2, 8, WIDTH), torch.full((2, 8), -5)],
+        StageKind.TAIL, Rpc.FORWARD, "labels holds ids",
+    ),
+    "loss weights of the wrong shape": (
+        [torch.randint(0, VOCAB, (2, 8)), torch.randn(2, 8, WIDTH), torch.randint(0, VOCAB, (2, 8)), torch.rand(2, 9)],
+        StageKind.TAIL, Rpc.BACKWARD, "loss_weights has shape",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_are_refused(case):
+    tensors, kind, rpc, message = MALFORMED[case]
+    with pytest.raises(BadRequest, match=message.replace("[", r"\[").replace("]", r"\]")):
+        signature(kind).validate(rpc, tensors)
+
+
+def test_ignored_labels_are_accepted():
+    tensors = good(StageKind.TAIL, Rpc.FORWARD)
+    tensors[2][:, :3] = -100
+    signature(StageKind.TAIL).validate(Rpc.FORWARD, tensors)
+
+
+def test_payload_round_trip_keeps_values_and_ids_exact():
+    tokens = torch.tensor([[0, 1, 2**17, 2**40]])
+    acts = torch.randn(2, 3, 5).to(torch.bfloat16)
+    out_tokens, out_acts = deserialize(serialize([tokens, acts]))
+    assert torch.equal(out_tokens, tokens) and out_acts.dtype == torch.bfloat16 and torch.equal(out_acts, acts)
+
+
+def test_truncated_payload_is_refused():
+    parts = serialize([torch.randn(600, 1024)])  # several 1 MiB chunks
+    assert len(parts) > 2
+    with pytest.raises(PayloadError, match="truncated"):
+        deserialize(parts[:-1])
+
+
+def test_corrupt_buffer_is_refused():
+    parts = serialize([torch.randn(4, 4)])
+    parts[0].buffer = parts[0].buffer[:-3]
+    with pytest.raises(PayloadError, match="could not be decoded"):
+        deserialize(parts)
+
+
+def test_unsupported_dtype_is_refused():
+    parts = serialize([torch.randn(4, 4)])
+    parts[0].dtype = "object"
+    with pytest.raises(PayloadError, match="unsupported dtype"):
+        deserialize(parts)
+
+
+def test_stream_starting_mid_tensor_is_refused():
+    parts = serialize([torch.randn(600, 1024)])
+    with pytest.raises(PayloadError, match="continuation"):
+        deserialize(parts[1:])

@@ -1,0 +1,22 @@
+from agora_server.server.handler import StageServicer
+from agora_server.wire import SERVICE_NAME, Rpc, ServerPhase, StageServerInfo, handler_name
+
+
+def test_client_handler_names_match_the_servicer():
+    assert StageServicer.__name__ == SERVICE_NAME
+    for rpc in Rpc:
+        assert handler_name("run-a", rpc) == StageServicer._get_handle_name("run-a", f"rpc_{rpc.value}")
+
+
+def test_servicer_registers_streaming_handlers():
+    StageServicer._collect_rpc_handlers()
+    handlers = {h.method_name: h for h in StageServicer._rpc_handlers}
+    for rpc in Rpc:
+        assert handlers[f"rpc_{rpc.value}"].stream_input and handlers[f"rpc_{rpc.value}"].stream_output
+
+
+def test_records_tolerate_fields_from_newer_peers():
+    record = StageServerInfo("tail", ServerPhase.ONLINE, 12.5, 8, "bfloat16").to_record()
+    record["gpu"] = "H100"  # a future field
+    info = StageServerInfo.from_record(record)
+    assert info.stage == "tail" and info.throughput == 12.5 and info.phase is ServerPhase.ONLINE
