@@ -1,5 +1,5 @@
 from agora_server.server.handler import StageServicer
-from agora_server.wire import SERVICE_NAME, Rpc, ServerPhase, StageServerInfo, handler_name
+from agora_server.wire import SERVICE_NAME, Rpc, ServerPhase, StageServerInfo, handler_name, pack_error, pack_ok, unpack_response_error
 
 
 def test_client_handler_names_match_the_servicer():
@@ -20,3 +20,10 @@ def test_records_tolerate_fields_from_newer_peers():
     record["gpu"] = "H100"  # a future field
     info = StageServerInfo.from_record(record)
     assert info.stage == "tail" and info.throughput == 12.5 and info.phase is ServerPhase.ONLINE
+
+
+def test_response_status_distinguishes_success_refusal_and_a_dropped_stream():
+    assert unpack_response_error(pack_ok()) is None
+    assert unpack_response_error(pack_error("refused: bad")) == "refused: bad"
+    assert "closed before the worker answered" in unpack_response_error(b"")
+    assert "malformed" in unpack_response_error(b"\xc1")

@@ -74,18 +74,28 @@ class RequestMeta:
             raise ValueError(f"malformed request metadata ({type(e).__name__})") from None
 
 
+def pack_ok() -> bytes:
+    return msgpack.packb({"ok": True})
+
+
 def pack_error(message: str) -> bytes:
     return msgpack.packb({"error": message})
 
 
 def unpack_response_error(raw: bytes) -> str | None:
+    """None for a successful answer, else why it failed. Every answer starts with a status:
+    an empty one means the stream closed before the worker replied (e.g. it died)."""
     if not raw:
-        return None
+        return "failed: the connection closed before the worker answered"
     try:
         data = msgpack.unpackb(raw)
     except Exception:
-        return "malformed response metadata"
-    return data.get("error") if isinstance(data, dict) else "malformed response metadata"
+        return "failed: malformed response metadata"
+    if not isinstance(data, dict):
+        return "failed: malformed response metadata"
+    if data.get("ok") is True:
+        return None
+    return str(data.get("error", "failed: answer without a status"))
 
 
 class ServerPhase(str, Enum):

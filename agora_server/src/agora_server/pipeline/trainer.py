@@ -63,6 +63,7 @@ class TrainerSummary:
     """(completed micro-batch number, its mean token loss), in completion order."""
     tokens: int
     seconds: float
+    """Wall-clock seconds from the moment every stage had a worker to the end of training."""
     bytes_sent: int
     bytes_received: int
 
@@ -203,11 +204,12 @@ class PipelineTrainer:
         p2p = await self.dht.replicate_p2p()
         self._caller = StageCaller(p2p, self.run, self.wire_dtype)
         directory = asyncio.create_task(self._directory_loop())
-        started = time.perf_counter()
-        last_report = (started, 0)
         tasks: set[asyncio.Task] = set()
+        started = time.perf_counter()
         try:
             await self.wait_for_all_stages(self.config.stage_wait_timeout)
+            started = time.perf_counter()  # training time starts once every stage has a worker
+            last_report = (started, 0)
             while self.ledger.completed < steps and not stop.is_set():
                 if len(tasks) < self.config.max_in_flight and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs

@@ -22,7 +22,7 @@ from agora_server.server.backend import StageBackend
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
 from agora_server.server.validation import BadRequest, StageSignature
 from agora_server.telemetry.events import Event, RequestRefused
-from agora_server.wire import RequestMeta, Rpc, pack_error
+from agora_server.wire import RequestMeta, Rpc, pack_error, pack_ok
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ class StageServicer(ServicerBase):
         wire = [t.to(self.wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in outputs]
         parts = serialize(wire)
         self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
-        if not parts:  # the head's backward returns nothing: still answer, so the caller knows it ran
-            yield runtime_pb2.ExpertResponse()
-        for part in parts:
+        # the status travels first, so even the head's backward (no tensors) gets a definite answer
+        yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=pack_ok())
+        for part in parts[1:]:
             yield runtime_pb2.ExpertResponse(tensors=[part])
 
     def _check_meta(self, rpc: Rpc, metadata: bytes) -> None:

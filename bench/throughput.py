@@ -1,0 +1,484 @@
+#!/usr/bin/env python3
+"""Throughput of the local swarm against one process training the same model on the same data.
+
+Prints one JSON object on stdout:
+
+  single_tokens_per_s  one process, the stages composed in-process, torch's default threads (all cores)
+  swarm_tokens_per_s   seed DHT + one worker per stage + trainer as child processes on 127.0.0.1
+  ratio                swarm_tokens_per_s / single_tokens_per_s (now: >= 0.6; goal: >= 0.9)
+
+Both train the same model (the run config's stages, built from the same seed), on the same
+micro-batches (the same PackedBatches stream the trainer reads), with the workers' optimizer
+schedule (AdamW per stage, clipped per stage, a step every ``server.samples_per_step`` samples).
+Both run ``--warmup`` micro-batches first and are then timed over the next ``--steps``
+micro-batches: the single process from the end of the last warm-up micro-batch to the end of the
+last one; the swarm from the trainer's report of its ``warmup``-th completed micro-batch to its
+report of the last (``TrainerReport`` lines in ``<log dir>/trainer.log``, millisecond timestamps).
+End-to-end rates (warm-up and pipeline fill included) are reported next to them.
+
+Usage:
+  .venv/bin/python bench/throughput.py                # the real benchmark, a few minutes on 2 cores
+  .venv/bin/python bench/throughput.py --quick        # tiny smoke run, well under 90 s
+  .venv/bin/python bench/throughput.py --output bench/throughput.json
+
+The swarm's console output and logs go to ``--log-dir`` (default logs/bench-throughput), never to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The benchmark model: ~25M parameters; one micro-batch of 4 x 256 tokens takes ~2.5 s of
+# forward+backward on one core, while a boundary tensor is 2 MiB: compute dominates messaging.
+BENCH_MODEL = {
+    "vocab_size": 8192,  # fixed by the shipped tokenizer (agora-bpe-8k)
+    "hidden_size": 512,
+    "num_layers": 6,
+    "num_heads": 8,
+    "num_kv_heads": 4,
+    "intermediate_size": 1344,
+    "max_seq_len": 256,
+}
+BENCH_STAGE_LAYERS = [3, 3]
+BENCH_MICRO_BATCH = 4
+BENCH_SEQ_LEN = 256
+BENCH_STEPS = 48
+
+QUICK_MODEL = {
+    "vocab_size": 8192,
+    "hidden_size": 128,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 344,
+    "max_seq_len": 64,
+}
+QUICK_STAGE_LAYERS = [1, 1]
+QUICK_MICRO_BATCH = 2
+QUICK_SEQ_LEN = 64
+QUICK_STEPS = 8
+
+REPORT_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ agora\.events: TrainerReport step=(\d+) ")
+SWARM_FILES = ("run.yaml", "seed.log", "trainer.log", "trainer-summary.json", "swarm-console.log")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help=f"timed micro-batches per side (default {BENCH_STEPS}; --quick: {QUICK_STEPS})")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed micro-batches before the timed ones, on both sides (default 2)")
+    parser.add_argument("--quick", action="store_true", help="a tiny model and few steps: a smoke test, not a measurement")
+    parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
+    parser.add_argument("--log-dir", type=Path, default=REPO / "logs" / "bench-throughput", help="the swarm's logs and config")
+    # knobs for exploring configurations; the defaults are the benchmark's
+    parser.add_argument("--stage-layers", default=None, help="decoder layers per stage, head first, e.g. 3,3 or 2,2,2")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
+    parser.add_argument("--max-in-flight", type=int, default=None, help="trainer.max_in_flight (default: 2 x stages)")
+    parser.add_argument("--worker-threads", type=int, default=None, help="server.cpu_threads (default: cores // workers, at least 1)")
+    parser.add_argument("--single-threads", type=int, default=None, help="torch threads of the single process (default: torch's default)")
+    parser.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--samples-per-step", type=int, default=8, help="server.samples_per_step (default 8)")
+    parser.add_argument("--skip-single", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-swarm", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-stage-profile", action="store_true", help="skip timing each stage's worker compute alone")
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else BENCH_STEPS
+    if args.steps < 2 or args.warmup < 1:
+        parser.error("need --steps >= 2 and --warmup >= 1")
+    return args
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def build_config(args: argparse.Namespace):
+    from agora.config import load_run_config
+
+    model = QUICK_MODEL if args.quick else BENCH_MODEL
+    stage_layers = [int(n) for n in args.stage_layers.split(",")] if args.stage_layers else (
+        QUICK_STAGE_LAYERS if args.quick else BENCH_STAGE_LAYERS
+    )
+    micro_batch = args.micro_batch or (QUICK_MICRO_BATCH if args.quick else BENCH_MICRO_BATCH)
+    seq_len = QUICK_SEQ_LEN if args.quick else BENCH_SEQ_LEN
+    cores = os.cpu_count() or 1
+    worker_threads = args.worker_threads or max(1, cores // len(stage_layers))
+    overrides = {
+        "run_name": "bench-throughput",
+        "model": dict(model),
+        "stage_layers": stage_layers,
+        "boundary": {"codec": "dense", "wire_dtype": args.wire_dtype},
+        "server": {
+            "max_batch_size": max(8, micro_batch),
+            "samples_per_step": args.samples_per_step,
+            "cpu_threads": worker_threads,
+            "allow_cpu": True,
+            "announce_period": 2,
+            "progress_interval": 10,
+            "optimizer": {"lr": 0.001, "warmup_steps": 10, "weight_decay": 0.01, "clip_grad_norm": 1.0},
+        },
+        "trainer": {
+            "micro_batch_size": micro_batch,
+            "max_in_flight": args.max_in_flight or 2 * len(stage_layers),
+            "request_timeout": 300,  # queueing behind other micro-batches must never count as a failure
+            "refresh_period": 1,
+            "stage_wait_timeout": 180,
+            "report_every": 1,  # one TrainerReport line per completion: the swarm's timing source
+        },
+        "data": {"source": "local", "tokenizer": "agora-bpe-8k", "seq_len": seq_len},
+    }
+    return load_run_config("local-tiny", overrides)
+
+
+def count_parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- (a) one process ---------------------------------------------------------------------------------
+
+
+def build_stages(config):
+    from agora_server.models import PipelineStage, build_boundary_codec
+
+    codec_seed = config.seed
+    return [
+        PipelineStage(config.model, spec, build_boundary_codec(config.boundary, config.model, codec_seed), config.seed)
+        for spec in config.stages
+    ]
+
+
+def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
+    """Train the composed stages in this process: forward head → … → tail, one backward, the workers' optimizer schedule."""
+    import torch
+
+    from agora_server.optim import build_optimizer, clip_and_check
+
+    if threads:
+        torch.set_num_threads(threads)
+    stages = build_stages(config)
+    optimizers = [build_optimizer(stage, config.server.optimizer) for stage in stages]
+    clip = config.server.optimizer.clip_grad_norm
+    samples_per_step = config.server.samples_per_step
+    accumulated = 0
+    losses: list[float] = []
+    marks: list[float] = []
+    steps_taken = 0
+
+    started = time.perf_counter()
+    for tokens, labels in batches:
+        boundary = None
+        for stage in stages[:-1]:
+            boundary = stage(tokens, boundary)
+        per_token_loss = stages[-1](tokens, boundary, labels)
+        valid = (labels != -100).float()
+        loss = (per_token_loss * (valid / valid.sum().clamp(min=1.0))).sum()  # the trainer's loss weights
+        loss.backward()
+        accumulated += tokens.shape[0]
+        if accumulated >= samples_per_step:  # every stage steps on its own, as the workers do
+            for stage, (optimizer, schedule) in zip(stages, optimizers):
+                norm = clip_and_check(stage, clip)
+                if torch.isfinite(torch.tensor(norm)):
+                    optimizer.step()
+                    schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            accumulated = 0
+            steps_taken += 1
+        losses.append(float(loss.detach()))
+        marks.append(time.perf_counter())
+
+    timed = len(batches) - warmup
+    tokens_per_mb = batches[0][0].numel()
+    seconds = marks[-1] - marks[warmup - 1]
+    return {
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "tokens_per_s": timed * tokens_per_mb / seconds,
+        "end_to_end_seconds": marks[-1] - started,
+        "end_to_end_tokens_per_s": len(batches) * tokens_per_mb / (marks[-1] - started),
+        "seconds_per_micro_batch": seconds / timed,
+        "optimizer_steps": steps_taken,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+
+
+# --- each stage's worker compute alone ------------------------------------------------------------------
+
+
+def profile_stages(config, batches: list, threads: int, repeats: int) -> dict:
+    """Time each stage's worker code (StageBackend.forward/backward, recompute included) without any messaging.
+
+    One stage at a time on ``threads`` threads, the other cores idle: an optimistic bound on what the
+    pipeline's slowest stage allows."""
+    import torch
+
+    from agora_server.models.config import StageKind
+    from agora_server.server.backend import StageBackend
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = {}
+        stages = build_stages(config)
+        width = config.model.hidden_size
+        for stage in stages:
+            backend = StageBackend(stage, config.server, torch.device("cpu"))
+            fwd_times, bwd_times = [], []
+            for i in range(repeats + 1):
+                tokens, labels = batches[i % len(batches)]
+                boundary = torch.randn(*tokens.shape, width) * 0.5
+                inputs = {"tokens": tokens} if stage.kind is StageKind.HEAD else {"tokens": tokens, "boundary": boundary}
+                if stage.kind is StageKind.TAIL:  # the tail's backward runs its forward too
+                    valid = (labels != -100).float()
+                    t0 = time.perf_counter()
+                    backend.backward({**inputs, "labels": labels, "loss_weights": valid / valid.sum()})
+                    fwd, bwd = 0.0, time.perf_counter() - t0
+                else:
+                    grad = torch.randn(*tokens.shape, width) * 1e-3
+                    t0 = time.perf_counter()
+                    backend.forward(inputs)
+                    t1 = time.perf_counter()
+                    backend.backward({**inputs, "grad": grad})
+                    fwd, bwd = t1 - t0, time.perf_counter() - t1
+                if i:  # the first is a warm-up
+                    fwd_times.append(fwd)
+                    bwd_times.append(bwd)
+            f, b = sum(fwd_times) / repeats, sum(bwd_times) / repeats
+            result[stage.spec.name] = {
+                "layers": stage.spec.num_layers,
+                "forward_s": round(f, 4),
+                "backward_s": round(b, 4),
+                "per_micro_batch_s": round(f + b, 4),
+            }
+            del backend
+        del stages
+        gc.collect()
+        return result
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --- (b) the local swarm ------------------------------------------------------------------------------
+
+
+def clear_swarm_files(log_dir: Path) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for name in SWARM_FILES:
+        (log_dir / name).unlink(missing_ok=True)
+    for path in log_dir.glob("server_*.log*"):
+        path.unlink()
+    for path in log_dir.glob("trainer.log.*"):
+        path.unlink()
+
+
+def trainer_reports(log_path: Path) -> list[tuple[float, int]]:
+    """(timestamp, completed micro-batches) of every TrainerReport line."""
+    reports = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = REPORT_RE.match(line)
+        if match:
+            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            reports.append((stamp, int(match.group(2))))
+    return reports
+
+
+def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: float) -> dict:
+    import yaml
+
+    from agora.local_swarm import LocalSwarm
+
+    clear_swarm_files(log_dir)
+    config_path = log_dir / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    tokens_per_mb = config.trainer.micro_batch_size * config.data.seq_len
+    result: dict = {}
+    with open(log_dir / "swarm-console.log", "w", encoding="utf-8") as console:
+        swarm = LocalSwarm(str(config_path), config, workers_per_stage=1, steps=total_steps, log_dir=log_dir, output=console)
+        leftovers: list[str] = []
+        started = time.perf_counter()
+        try:
+            swarm.start()
+            code = swarm.wait_for_trainer(threading.Event(), timeout=timeout)
+            result["wall_seconds_with_startup"] = time.perf_counter() - started
+            result["trainer_exit_code"] = code
+        finally:
+            leftovers = swarm.stop()
+        result["leftover_processes"] = leftovers
+    if result.get("trainer_exit_code") != 0 or not swarm.summary_path.is_file():
+        raise RuntimeError(f"the swarm's trainer did not finish cleanly ({result}); see {log_dir}")
+
+    summary = json.loads(swarm.summary_path.read_text())
+    result.update(
+        completed=summary["completed"],
+        sent=summary["sent"],
+        dropped=summary["dropped"],
+        retried=summary["retried"],
+        bytes_sent=summary["bytes_sent"],
+        bytes_received=summary["bytes_received"],
+        summary_seconds=summary["seconds"],
+        end_to_end_tokens_per_s=summary["tokens"] / summary["seconds"],
+        loss_first=summary["losses"][0][1] if summary["losses"] else None,
+        loss_last=summary["losses"][-1][1] if summary["losses"] else None,
+    )
+    reports = trainer_reports(log_dir / "trainer.log")
+    start = next(((t, k) for t, k in reports if k >= warmup), None)
+    end = reports[-1] if reports else None
+    if start is None or end is None or end[1] <= start[1] or end[0] <= start[0]:
+        raise RuntimeError(f"could not find the trainer's reports in {log_dir / 'trainer.log'}")
+    result.update(
+        timed_from_completed=start[1],
+        timed_to_completed=end[1],
+        seconds=end[0] - start[0],
+        tokens_per_s=(end[1] - start[1]) * tokens_per_mb / (end[0] - start[0]),
+        seconds_per_micro_batch=(end[0] - start[0]) / (end[1] - start[1]),
+    )
+    return result
+
+
+# --- main -------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries must not mix with the JSON
+        output = run(args)
+    text = json.dumps(output, indent=2)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n", encoding="utf-8")
+    print(text, file=real_stdout, flush=True)
+    failed = "swarm_error" in output or output.get("swarm", {}).get("leftover_processes")
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    wall_started = time.perf_counter()
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        print(f"[bench] load average is {load_before[0]:.2f}: other work on this machine will skew the timings", file=sys.stderr)
+
+    import torch
+
+    from agora_server.data import PackedBatches
+
+    config = build_config(args)
+    total = args.warmup + args.steps
+    tokens_per_mb = config.trainer.micro_batch_size * config.data.seq_len
+    stages = build_stages(config)
+    stage_params = {s.spec.name: count_parameters(s) for s in stages}
+    del stages
+
+    # the same micro-batches the swarm's trainer reads (rank 0 of 1, same seed), tokenised before timing
+    stream = iter(PackedBatches(config.data, config.trainer.micro_batch_size))
+    batches = [next(stream) for _ in range(total)]
+    del stream
+
+    cores = os.cpu_count() or 1
+    output: dict = {
+        "benchmark": "throughput",
+        "quick": args.quick,
+        "single_tokens_per_s": None,
+        "swarm_tokens_per_s": None,
+        "ratio": None,
+        "ratio_end_to_end": None,
+        "model": {
+            **config.model.model_dump(mode="json"),
+            "parameters": sum(stage_params.values()),
+            "parameters_millions": round(sum(stage_params.values()) / 1e6, 2),
+        },
+        "stages": [
+            {"name": s.name, "kind": s.kind.value, "layers": list(s.layer_indices), "parameters": stage_params[s.name]}
+            for s in config.stages
+        ],
+        "stage_layers": list(config.stage_layers),
+        "micro_batch_size": config.trainer.micro_batch_size,
+        "seq_len": config.data.seq_len,
+        "tokens_per_micro_batch": tokens_per_mb,
+        "warmup_micro_batches": args.warmup,
+        "timed_micro_batches": args.steps,
+        "timed_tokens": args.steps * tokens_per_mb,
+        "cores": cores,
+        "single_threads": args.single_threads or torch.get_num_threads(),
+        "worker_threads": config.server.cpu_threads,
+        "workers": len(config.stages),
+        "max_in_flight": config.trainer.max_in_flight,
+        "samples_per_step": config.server.samples_per_step,
+        "wire_dtype": config.boundary.wire_dtype,
+    }
+
+    if not args.skip_single:
+        gc.collect()
+        output["single"] = run_single(config, batches, args.warmup, args.single_threads)
+        output["single_tokens_per_s"] = round(output["single"]["tokens_per_s"], 1)
+        gc.collect()
+
+    if not args.no_stage_profile:
+        profile = profile_stages(config, batches, config.server.cpu_threads, repeats=1 if args.quick else 2)
+        slowest = max(p["per_micro_batch_s"] for p in profile.values())
+        output["stage_profile"] = {
+            "threads": config.server.cpu_threads,
+            "stages": profile,
+            "slowest_stage_s": slowest,
+            "pipeline_bound_tokens_per_s": round(tokens_per_mb / slowest, 1),
+        }
+
+    if not args.skip_swarm:
+        timeout = 120 + total * (60 if not args.quick else 10)
+        try:
+            output["swarm"] = run_swarm(config, total, args.warmup, args.log_dir, timeout)
+            output["swarm_tokens_per_s"] = round(output["swarm"]["tokens_per_s"], 1)
+        except Exception as e:  # still print what was measured, and say why the swarm side is missing
+            output["swarm_error"] = f"{type(e).__name__}: {e}"
+
+    if output["single_tokens_per_s"] and output["swarm_tokens_per_s"]:
+        output["ratio"] = round(output["swarm"]["tokens_per_s"] / output["single"]["tokens_per_s"], 3)
+        output["ratio_end_to_end"] = round(
+            output["swarm"]["end_to_end_tokens_per_s"] / output["single"]["end_to_end_tokens_per_s"], 3
+        )
+        if "stage_profile" in output:
+            output["stage_profile"]["pipeline_bound_ratio"] = round(
+                output["stage_profile"]["pipeline_bound_tokens_per_s"] / output["single"]["tokens_per_s"], 3
+            )
+
+    output["notes"] = [
+        f"Same model (~{output['model']['parameters_millions']}M parameters, built from seed {config.seed}), same "
+        f"{total} micro-batches of {config.trainer.micro_batch_size}x{config.data.seq_len} tokens, same optimizer "
+        "schedule (AdamW per stage, per-stage clipping, a step every samples_per_step samples) on both sides.",
+        f"Threads: the single process uses {output['single_threads']} torch thread(s) on {cores} core(s); the swarm runs "
+        f"{len(config.stages)} worker(s) with server.cpu_threads={config.server.cpu_threads} each, and its trainer, seed "
+        "DHT and p2pd daemons share the same cores.",
+        f"Timing: {args.warmup} warm-up micro-batch(es) untimed on both sides, then {args.steps} timed. The single "
+        "process's batches are tokenised before timing; the swarm's trainer tokenises in its own process, as it "
+        "always does. The swarm is timed between the trainer's reports of completions, which excludes start-up and "
+        "pipeline fill; ratio_end_to_end includes warm-up and fill (the trainer's summary seconds).",
+        "The swarm does more arithmetic by design: non-tail workers re-run their forward in backward (no activation "
+        "stash), so the head costs ~2 forwards + 1 backward per micro-batch; the tail runs forward+backward in one "
+        "call. The single process does 1 forward + 1 backward. The stage split balances the per-worker costs "
+        "(the tail also carries the LM head and loss).",
+        "The swarm pipeline is asynchronous (gradients may be slightly stale); the single process is synchronous. "
+        "Activations and gradients travel trainer<->worker through p2pd at wire_dtype.",
+    ]
+    if args.quick:
+        output["notes"].append("--quick: a tiny model for smoke testing; messaging dominates, the ratio means nothing.")
+    output["config"] = config.model_dump(mode="json")
+    output["load_average_before"] = [round(x, 2) for x in load_before]
+    output["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    output["wall_seconds"] = round(time.perf_counter() - wall_started, 1)
+    output["log_dir"] = str(args.log_dir)
+    return output
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Helpers that run real swarms on 127.0.0.1 and always take them down, even when a test fails."""
+
+import io
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from agora.config import load_run_config
+from agora.local_swarm import LocalSwarm
+
+# faster reports and shorter bans than the shipped config, so tests see events within seconds
+TEST_OVERRIDES = {
+    "server": {"progress_interval": 3, "announce_period": 2},
+    "trainer": {"refresh_period": 1, "ban_seconds": 3, "request_timeout": 20, "stage_wait_timeout": 60},
+}
+
+
+def write_config(directory: Path, overrides: dict | None = None) -> tuple[str, object]:
+    config = load_run_config("local-tiny", _merge(TEST_OVERRIDES, overrides or {}))
+    path = directory / "run.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    return str(path), config
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class SwarmHarness:
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.swarms: list[LocalSwarm] = []
+
+    def create(self, overrides: dict | None = None, **kwargs) -> LocalSwarm:
+        ref, config = write_config(self.tmp_path, overrides)
+        swarm = LocalSwarm(ref, config, log_dir=self.tmp_path / "logs", output=io.StringIO(), **kwargs)
+        self.swarms.append(swarm)
+        return swarm
+
+    def stop_all(self) -> list[str]:
+        leftovers = []
+        for swarm in self.swarms:
+            leftovers += swarm.stop()
+        return leftovers
+
+
+@pytest.fixture
+def swarm_harness(tmp_path):
+    harness = SwarmHarness(tmp_path)
+    try:
+        yield harness
+    finally:
+        leftovers = harness.stop_all()
+        assert not leftovers, f"processes left running: {leftovers}"
+
+
+def run_trainer_to_end(swarm: LocalSwarm, timeout: float) -> int:
+    code = swarm.wait_for_trainer(threading.Event(), timeout=timeout)
+    assert code is not None, f"trainer did not finish within {timeout}s"
+    return code
+
+
+def ports_in_use(ports: set[int]) -> set[int]:
+    return {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port in ports and c.status == psutil.CONN_LISTEN}

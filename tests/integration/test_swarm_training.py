@@ -1,0 +1,48 @@
+"""A real swarm on loopback: seed, workers and trainer as separate processes over hivemind."""
+
+import json
+import signal
+
+from tests.integration.conftest import ports_in_use, run_trainer_to_end
+
+STEPS = 60
+LOSS_DROP = 1.0  # nats between the mean of the first and last 10 micro-batches; we measure ~2.3
+
+
+def test_swarm_trains_and_leaves_nothing_behind(swarm_harness):
+    swarm = swarm_harness.create(steps=STEPS)
+    swarm.start()
+    for stage in ("head", "body1", "tail"):
+        assert swarm.wait_for_output(f"{stage}#0", "[SERVER] Training started", 120)
+    assert swarm.wait_for_output("head#0", "[TRAINING] Training step 1", 120)
+    ports = swarm.listening_ports()
+    assert len(ports) >= 4, "seed and each worker listen on a TCP port"
+    assert swarm.wait_for_output("body1#0", "[PROGRESS] Processed", 120)
+
+    assert run_trainer_to_end(swarm, 300) == 0
+    summary = json.loads(swarm.summary_path.read_text())
+    assert summary["completed"] == STEPS
+    assert summary["sent"] == summary["completed"] + sum(summary["dropped"].values())
+    losses = [loss for _, loss in summary["losses"]]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert first - last > LOSS_DROP, f"loss went from {first:.3f} to {last:.3f}"
+
+    assert swarm.stop() == []
+    assert ports_in_use(ports) == set(), "ports still bound after shutdown"
+
+
+def test_training_survives_a_killed_worker(swarm_harness):
+    swarm = swarm_harness.create(steps=STEPS, workers={"body1": 2})
+    swarm.start()
+    assert swarm.wait_for_output("trainer", "[TRAINER] step 10 ", 180)
+    for name in ("body1#0", "body1#1"):
+        assert swarm.wait_for_output(name, "[TRAINING] Training step", 60), f"{name} never trained: not load-balanced"
+
+    swarm.kill("body1#1", signal.SIGKILL)  # the volunteer's machine vanishes: no goodbye, no cleanup
+
+    assert run_trainer_to_end(swarm, 300) == 0
+    summary = json.loads(swarm.summary_path.read_text())
+    assert summary["completed"] == STEPS, summary
+    assert summary["sent"] == summary["completed"] + sum(summary["dropped"].values())
+    assert summary["retried"] + sum(summary["dropped"].values()) >= 1, "the dead worker's failure went unnoticed"
+    assert swarm.process("body1#1").popen.wait(10) == -signal.SIGKILL

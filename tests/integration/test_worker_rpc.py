@@ -1,0 +1,116 @@
+"""A live worker process answers correct requests exactly like the local model, refuses every
+malformed one with a clear message, and keeps serving afterwards."""
+
+import asyncio
+
+import pytest
+import torch
+from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from agora_server.models import PipelineStage, build_boundary_codec
+from agora_server.pipeline.directory import read_stage_records
+from agora_server.pipeline.remote import StageCaller, StageRefused
+from agora_server.tensor_stream import collect, serialize
+from agora_server.wire import RequestMeta, Rpc, handler_name, unpack_response_error
+
+
+@pytest.fixture
+def body_worker(swarm_harness):
+    swarm = swarm_harness.create(workers={"head": 0, "body1": 1, "tail": 0})
+    swarm.start(trainer=False)
+    assert swarm.wait_for_output("body1#0", "[SERVER] Training started", 120)
+    dht = DHT(initial_peers=swarm.seed_maddrs, client_mode=True, start=True)
+    try:
+        yield swarm.config, dht
+    finally:
+        dht.shutdown()
+
+
+async def find_worker(dht, config):
+    for _ in range(50):
+        records = await read_stage_records(dht, config.run_name, "body1")
+        if records:
+            return next(iter(records))
+        await asyncio.sleep(0.2)
+    raise AssertionError("body1 worker never appeared in the DHT")
+
+
+def valid_inputs(config, batch=2, seq=16):
+    tokens = torch.randint(0, config.model.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(5))
+    boundary = torch.randn(batch, seq, config.model.hidden_size, generator=torch.Generator().manual_seed(6))
+    return tokens, boundary
+
+
+def malformed_requests(config):
+    tokens, boundary = valid_inputs(config)
+    nan = boundary.clone()
+    nan[0, 0, 0] = float("nan")
+    big = config.server.max_batch_size + 1
+    return {
+        "wrong dtype": ([tokens.int(), boundary], "int32"),
+        "wrong rank": ([tokens, boundary[0]], "rank 2"),
+        "wrong shape": ([tokens, boundary[:, :, :-1]], "expected [2, 16, 128]"),
+        "oversize batch": ([torch.zeros(big, 16, dtype=torch.long), torch.zeros(big, 16, config.model.hidden_size)], f"batch size {big}"),
+        "oversize sequence": ([torch.zeros(1, 999, dtype=torch.long), torch.zeros(1, 999, config.model.hidden_size)], "sequence length 999"),
+        "NaN": ([tokens, nan], "NaN or Inf"),
+        "Inf": ([tokens, boundary.masked_fill(boundary > 2, float("inf"))], "NaN or Inf"),
+        "token out of range": ([tokens + config.model.vocab_size, boundary], "outside"),
+        "missing tensor": ([tokens], "takes 2 tensors"),
+    }
+
+
+async def send_raw(p2p, peer, run, meta: RequestMeta, parts):
+    async def requests():
+        yield runtime_pb2.ExpertRequest(uid=meta.stage, tensors=parts[:1], metadata=meta.pack())
+        for part in parts[1:]:
+            yield runtime_pb2.ExpertRequest(tensors=[part])
+
+    stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer), handler_name(run, meta.rpc), requests(), runtime_pb2.ExpertResponse)
+    metadata, _, _ = await collect(stream, 1 << 30)
+    return unpack_response_error(metadata)
+
+
+def test_worker_validates_requests_and_keeps_serving(body_worker):
+    config, dht = body_worker
+    spec = config.stage("body1")
+    local = PipelineStage(config.model, spec, build_boundary_codec(config.boundary, config.model, config.seed), config.seed)
+
+    async def scenario():
+        peer = await find_worker(dht, config)
+        p2p = await dht.replicate_p2p()
+        caller = StageCaller(p2p, config.run_name, torch.float32)
+        tokens, boundary = valid_inputs(config)
+        call = lambda tensors, stage="body1": caller.call(peer, stage, spec.kind, Rpc.FORWARD, tensors, timeout=30)
+
+        (remote,) = await call([tokens, boundary])
+        with torch.no_grad():
+            expected = local(tokens, boundary)
+        assert torch.allclose(remote, expected, atol=1e-5), "remote forward differs from the same stage run locally"
+
+        refusals = {}
+        for name, (tensors, message) in malformed_requests(config).items():
+            with pytest.raises(StageRefused) as err:
+                await call(tensors)
+            refusals[name] = str(err.value)
+            assert message in str(err.value), f"{name}: {err.value}"
+            (again,) = await call([tokens, boundary])  # the worker is still serving
+            assert torch.allclose(again, remote, atol=1e-5)
+
+        with pytest.raises(StageRefused, match="serves stage 'body1', not 'tail'"):
+            await call([tokens, boundary], stage="tail")
+
+        parts = serialize([tokens, torch.randn(600, 1024)])
+        truncated = await send_raw(p2p, peer, config.run_name, RequestMeta(config.run_name, "body1", Rpc.FORWARD), parts[:-1])
+        assert truncated is not None and "truncated" in truncated
+        garbage = await send_raw(p2p, peer, config.run_name, RequestMeta(config.run_name, "body1", Rpc.FORWARD), [runtime_pb2.Tensor(buffer=b"\x00" * 10, dtype="float32", size=[999, 999])])
+        assert garbage is not None and "could not be decoded" in garbage
+
+        (final,) = await call([tokens, boundary])
+        assert torch.allclose(final, remote, atol=1e-5)
+        await p2p.shutdown()
+        return refusals
+
+    refusals = asyncio.run(scenario())
+    assert len(refusals) == len(malformed_requests(config))
