@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Any
 
 import msgpack
+import torch
 
 from agora_server.models.config import StageKind
 
@@ -72,6 +73,12 @@ class RequestMeta:
             return cls(run=str(data["run"]), stage=str(data["stage"]), rpc=Rpc(data["rpc"]), microbatch=int(data["mb"]))
         except Exception as e:
             raise ValueError(f"malformed request metadata ({type(e).__name__})") from None
+
+
+def to_wire(tensors, wire_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Activations and their gradients ([B, T, width]) travel in the wire dtype; token ids,
+    labels, loss weights and per-token losses keep their own exact dtype."""
+    return [t.to(wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in tensors]
 
 
 def pack_ok() -> bytes:

@@ -25,9 +25,15 @@ def run_trainer(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"[TRAINER] {e}", file=sys.stderr)
         return 1
-    batches = iter(
-        PackedBatches(config.data, config.trainer.micro_batch_size, rank=args.rank, world_size=args.world_size)
-    )
+    packed = PackedBatches(config.data, config.trainer.micro_batch_size, rank=args.rank, world_size=args.world_size)
+    if packed.vocab_size > config.model.vocab_size:
+        print(
+            f"[TRAINER] tokenizer {config.data.tokenizer!r} has {packed.vocab_size} tokens but model.vocab_size is"
+            f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}",
+            file=sys.stderr,
+        )
+        return 1
+    batches = iter(packed)
     dht = DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True, start=True)
     trainer = PipelineTrainer(
         dht=dht,

@@ -16,7 +16,7 @@ from hivemind.proto import runtime_pb2
 
 from agora_server.models.config import StageKind
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
-from agora_server.wire import RequestMeta, Rpc, handler_name, response_fields, unpack_response_error
+from agora_server.wire import RequestMeta, Rpc, handler_name, response_fields, to_wire, unpack_response_error
 
 
 class StageRefused(Exception):
@@ -45,14 +45,12 @@ class StageCaller:
         microbatch: int = -1,
     ) -> list[torch.Tensor]:
         meta = RequestMeta(run=self.run, stage=stage, rpc=rpc, microbatch=microbatch)
-        wire = [t.to(self.wire_dtype) if t.is_floating_point() else t for t in tensors]
+        wire = to_wire(tensors, self.wire_dtype)
         try:
             metadata, parts = await asyncio.wait_for(self._exchange(PeerID.from_base58(peer_id), rpc, meta, wire), timeout)
         except asyncio.TimeoutError:
             raise StageCallFailed(f"no answer within {timeout:.0f}s") from None
-        except (PayloadError, ConnectionError, OSError) as e:
-            raise StageCallFailed(f"{type(e).__name__}: {e}") from None
-        except Exception as e:  # p2pd reports unreachable peers and broken streams with its own types
+        except Exception as e:  # unreachable peer, broken stream, oversized answer: p2pd has its own error types
             raise StageCallFailed(f"{type(e).__name__}: {e}") from None
 
         error = unpack_response_error(metadata)

@@ -9,14 +9,15 @@ backward of a micro-batch another one forwarded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
-from agora_server.models.stages import PipelineStage
 from agora_server.models.config import StageKind
+from agora_server.models.stages import PipelineStage
 from agora_server.optim import build_optimizer, clip_and_check
 from agora_server.server.config import ServerConfig
 from agora_server.telemetry.events import Event, NonFiniteGradients, OptimizerStepped
@@ -98,7 +99,7 @@ class StageBackend:
 
     def _step(self) -> None:
         norm = clip_and_check(self.stage, self.config.optimizer.clip_grad_norm)
-        if torch.isfinite(torch.tensor(norm)):
+        if math.isfinite(norm):
             self.optimizer.step()
             self.schedule.step()
             with self._lock:

@@ -15,6 +15,7 @@ from typing import AsyncIterator  # hivemind spots streaming handlers by typing.
 from concurrent.futures import Executor
 
 import msgpack
+import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
@@ -22,7 +23,7 @@ from agora_server.server.backend import StageBackend
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
 from agora_server.server.validation import BadRequest, StageSignature
 from agora_server.telemetry.events import Event, RequestRefused
-from agora_server.wire import RequestMeta, Rpc, pack_error, pack_ok
+from agora_server.wire import RequestMeta, Rpc, pack_error, pack_ok, to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class StageServicer(ServicerBase):
         backend: StageBackend,
         signature: StageSignature,
         executor: Executor,
-        wire_dtype,
+        wire_dtype: torch.dtype,
         emit: Callable[[Event], None],
     ):
         self.run, self.stage, self.backend, self.signature = run, stage, backend, signature
@@ -80,8 +81,7 @@ class StageServicer(ServicerBase):
             yield runtime_pb2.ExpertResponse(metadata=pack_error(f"failed: {type(e).__name__}: {e}"))
             return
 
-        wire = [t.to(self.wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in outputs]
-        parts = serialize(wire)
+        parts = serialize(to_wire(outputs, self.wire_dtype))
         self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
         # the status travels first, so even the head's backward (no tensors) gets a definite answer
         yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=pack_ok())
