@@ -82,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
     parser.add_argument("--log-dir", type=Path, default=REPO / "logs" / "bench-throughput", help="the swarm's logs and config")
     # knobs for exploring configurations; the defaults are the benchmark's
+    parser.add_argument("--num-layers", type=int, default=None, help="decoder layers of the model (give --stage-layers too)")
     parser.add_argument("--stage-layers", default=None, help="decoder layers per stage, head first, e.g. 3,3 or 2,2,2")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch")
     parser.add_argument("--max-in-flight", type=int, default=None, help="trainer.max_in_flight (default: 2 x stages)")
@@ -106,7 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace):
     from agora.config import load_run_config
 
-    model = QUICK_MODEL if args.quick else BENCH_MODEL
+    model = dict(QUICK_MODEL if args.quick else BENCH_MODEL)
+    if args.num_layers:
+        model["num_layers"] = args.num_layers
     stage_layers = [int(n) for n in args.stage_layers.split(",")] if args.stage_layers else (
         QUICK_STAGE_LAYERS if args.quick else BENCH_STAGE_LAYERS
     )

@@ -13,7 +13,7 @@ from agora_server.models import PipelineStage, build_boundary_codec
 from agora_server.pipeline.directory import read_stage_records
 from agora_server.pipeline.remote import StageCaller, StageRefused
 from agora_server.tensor_stream import collect, serialize
-from agora_server.wire import RequestMeta, Rpc, handler_name, unpack_response_error
+from agora_server.wire import RequestMeta, Rpc, handler_name, pack_boundary, unpack_boundary, unpack_response_error
 
 
 @pytest.fixture
@@ -29,35 +29,39 @@ def body_worker(swarm_harness):
 
 
 async def find_worker(dht, config):
-    for _ in range(50):
+    for _ in range(100):  # the record is stored before the worker reports ready; this is only DHT lookup lag
         records = await read_stage_records(dht, config.run_name, "body1")
         if records:
             return next(iter(records))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
     raise AssertionError("body1 worker never appeared in the DHT")
 
 
 def valid_inputs(config, batch=2, seq=16):
     tokens = torch.randint(0, config.model.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(5))
-    boundary = torch.randn(batch, seq, config.model.hidden_size, generator=torch.Generator().manual_seed(6))
-    return tokens, boundary
+    values = torch.randn(batch, seq, config.model.hidden_size, generator=torch.Generator().manual_seed(6))
+    return tokens, values
+
+
+def packed(values, tokens):
+    return pack_boundary(values, tokens, torch.float32)
 
 
 def malformed_requests(config):
-    tokens, boundary = valid_inputs(config)
-    nan = boundary.clone()
+    tokens, values = valid_inputs(config)
+    nan = values.clone()
     nan[0, 0, 0] = float("nan")
-    big = config.server.max_batch_size + 1
+    big, d = config.server.max_batch_size + 1, config.model.hidden_size
     return {
-        "wrong dtype": ([tokens.int(), boundary], "int32"),
-        "wrong rank": ([tokens, boundary[0]], "rank 2"),
-        "wrong shape": ([tokens, boundary[:, :, :-1]], "expected [2, 16, 128]"),
-        "oversize batch": ([torch.zeros(big, 16, dtype=torch.long), torch.zeros(big, 16, config.model.hidden_size)], f"batch size {big}"),
-        "oversize sequence": ([torch.zeros(1, 999, dtype=torch.long), torch.zeros(1, 999, config.model.hidden_size)], "sequence length 999"),
-        "NaN": ([tokens, nan], "NaN or Inf"),
-        "Inf": ([tokens, boundary.masked_fill(boundary > 2, float("inf"))], "NaN or Inf"),
-        "token out of range": ([tokens + config.model.vocab_size, boundary], "outside"),
-        "missing tensor": ([tokens], "takes 2 tensors"),
+        "wrong dtype": ([packed(values, tokens).to(torch.int32)], "int32"),
+        "wrong rank": ([packed(values, tokens)[0]], "rank 2"),
+        "wrong shape": ([packed(values[:, :, :-1], tokens)], "expected [2, 16, 129]"),
+        "oversize batch": ([packed(torch.zeros(big, 16, d), torch.zeros(big, 16, dtype=torch.long))], f"batch size {big}"),
+        "oversize sequence": ([packed(torch.zeros(1, 999, d), torch.zeros(1, 999, dtype=torch.long))], "sequence length 999"),
+        "NaN": ([packed(nan, tokens)], "NaN or Inf"),
+        "Inf": ([packed(values.masked_fill(values > 2, float("inf")), tokens)], "NaN or Inf"),
+        "token out of range": ([packed(values, tokens + config.model.vocab_size)], "outside"),
+        "extra tensor": ([packed(values, tokens), tokens], "takes 1 tensors"),
     }
 
 
@@ -80,14 +84,17 @@ def test_worker_validates_requests_and_keeps_serving(body_worker):
     async def scenario():
         peer = await find_worker(dht, config)
         p2p = await dht.replicate_p2p()
-        caller = StageCaller(p2p, config.run_name, torch.float32)
-        tokens, boundary = valid_inputs(config)
+        caller = StageCaller(p2p, config.run_name, torch.float32, config.boundary_width)
+        tokens, values = valid_inputs(config)
+        boundary = packed(values, tokens)
         call = lambda tensors, stage="body1": caller.call(peer, stage, spec.kind, Rpc.FORWARD, tensors, timeout=30)
 
-        (remote,) = await call([tokens, boundary])
+        (remote,) = await call([boundary])
+        remote_values, remote_ids = unpack_boundary(remote, config.boundary_width)
         with torch.no_grad():
-            expected = local(tokens, boundary)
-        assert torch.allclose(remote, expected, atol=1e-5), "remote forward differs from the same stage run locally"
+            expected = local(tokens, values)
+        assert torch.equal(remote_ids, tokens), "token ids must come back bit-exact"
+        assert torch.allclose(remote_values, expected, atol=1e-5), "remote forward differs from the same stage run locally"
 
         refusals = {}
         for name, (tensors, message) in malformed_requests(config).items():
@@ -95,11 +102,11 @@ def test_worker_validates_requests_and_keeps_serving(body_worker):
                 await call(tensors)
             refusals[name] = str(err.value)
             assert message in str(err.value), f"{name}: {err.value}"
-            (again,) = await call([tokens, boundary])  # the worker is still serving
+            (again,) = await call([boundary])  # the worker is still serving
             assert torch.allclose(again, remote, atol=1e-5)
 
         with pytest.raises(StageRefused, match="serves stage 'body1', not 'tail'"):
-            await call([tokens, boundary], stage="tail")
+            await call([boundary], stage="tail")
 
         parts = serialize([tokens, torch.randn(600, 1024)])
         truncated = await send_raw(p2p, peer, config.run_name, RequestMeta(config.run_name, "body1", Rpc.FORWARD), parts[:-1])
@@ -107,7 +114,7 @@ def test_worker_validates_requests_and_keeps_serving(body_worker):
         garbage = await send_raw(p2p, peer, config.run_name, RequestMeta(config.run_name, "body1", Rpc.FORWARD), [runtime_pb2.Tensor(buffer=b"\x00" * 10, dtype="float32", size=[999, 999])])
         assert garbage is not None and "could not be decoded" in garbage
 
-        (final,) = await call([tokens, boundary])
+        (final,) = await call([boundary])
         assert torch.allclose(final, remote, atol=1e-5)
         await p2p.shutdown()
         return refusals

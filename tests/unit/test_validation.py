@@ -6,7 +6,7 @@ import torch
 from agora_server.models import StageKind
 from agora_server.server.validation import BadRequest, RequestLimits, StageSignature
 from agora_server.tensor_stream import PayloadError, deserialize, serialize
-from agora_server.wire import Rpc
+from agora_server.wire import Rpc, id_slots, pack_boundary, unpack_boundary
 
 VOCAB, WIDTH = 100, 16
 LIMITS = RequestLimits(max_batch_size=4, max_seq_len=32, max_request_bytes=16 * 1024)
@@ -16,11 +16,13 @@ def signature(kind):
     return StageSignature(kind=kind, vocab_size=VOCAB, boundary_width=WIDTH, limits=LIMITS)
 
 
+def packed(batch=2, seq=8, dtype=torch.float32, tokens=None):
+    tokens = torch.randint(0, VOCAB, (batch, seq)) if tokens is None else tokens
+    return pack_boundary(torch.randn(batch, seq, WIDTH), tokens, dtype)
+
+
 def good(kind, rpc, batch=2, seq=8):
-    tokens = torch.randint(0, VOCAB, (batch, seq))
-    tensors = [tokens]
-    if kind is not StageKind.HEAD:
-        tensors.append(torch.randn(batch, seq, WIDTH))
+    tensors = [torch.randint(0, VOCAB, (batch, seq)) if kind is StageKind.HEAD else packed(batch, seq)]
     if kind is StageKind.TAIL:
         tensors.append(torch.randint(0, VOCAB, (batch, seq)))
     if rpc is Rpc.BACKWARD:
@@ -32,10 +34,18 @@ def good(kind, rpc, batch=2, seq=8):
 @pytest.mark.parametrize("rpc", list(Rpc))
 def test_well_formed_requests_pass(kind, rpc):
     named = signature(kind).validate(rpc, good(kind, rpc))
-    assert named["tokens"].shape == (2, 8)
+    assert named["tokens"].shape == (2, 8) and named["tokens"].dtype == torch.int64
+    if kind is not StageKind.HEAD:
+        assert named["boundary"].shape == (2, 8, WIDTH)
 
 
 def with_boundary(change):
+    tensors = good(StageKind.BODY, Rpc.BACKWARD)
+    tensors[0] = change(tensors[0])
+    return tensors
+
+
+def with_grad(change):
     tensors = good(StageKind.BODY, Rpc.BACKWARD)
     tensors[1] = change(tensors[1])
     return tensors
@@ -47,34 +57,36 @@ def nan_at(t, value):
     return t
 
 
+def with_ids(ids):
+    return [packed(tokens=torch.full((2, 8), ids))]
+
+
 MALFORMED = {
     "tokens of dtype int32": ([torch.randint(0, VOCAB, (2, 8), dtype=torch.int32)], StageKind.HEAD, Rpc.FORWARD, "dtype int32"),
     "tokens as floats": ([torch.rand(2, 8)], StageKind.HEAD, Rpc.FORWARD, "dtype float32"),
     "tokens of rank 3": ([torch.randint(0, VOCAB, (2, 8, 1))], StageKind.HEAD, Rpc.FORWARD, "rank 3"),
     "token id past the vocabulary": ([torch.full((2, 8), VOCAB)], StageKind.HEAD, Rpc.FORWARD, "outside 0..99"),
+    "rank-1 tokens": ([torch.randint(0, VOCAB, (8,))], StageKind.HEAD, Rpc.FORWARD, "rank 1"),
     "negative token id": ([torch.full((2, 8), -1)], StageKind.HEAD, Rpc.FORWARD, "outside 0..99"),
     "batch over the limit": ([torch.randint(0, VOCAB, (5, 8))], StageKind.HEAD, Rpc.FORWARD, "batch size 5"),
     "sequence over the limit": ([torch.randint(0, VOCAB, (1, 33))], StageKind.HEAD, Rpc.FORWARD, "sequence length 33"),
     "empty batch": ([torch.randint(0, VOCAB, (0, 8))], StageKind.HEAD, Rpc.FORWARD, "batch size 0"),
-    "missing tensor": (good(StageKind.BODY, Rpc.FORWARD)[:1], StageKind.BODY, Rpc.FORWARD, "takes 2 tensors"),
-    "extra tensor": (good(StageKind.BODY, Rpc.FORWARD) * 2, StageKind.BODY, Rpc.FORWARD, "takes 2 tensors"),
-    "boundary of the wrong width": (with_boundary(lambda t: t[..., :-1]), StageKind.BODY, Rpc.BACKWARD, "expected [2, 8, 16]"),
+    "missing tensor": (good(StageKind.BODY, Rpc.BACKWARD)[:1], StageKind.BODY, Rpc.BACKWARD, "takes 2 tensors"),
+    "extra tensor": (good(StageKind.BODY, Rpc.FORWARD) * 2, StageKind.BODY, Rpc.FORWARD, "takes 1 tensors"),
+    "boundary without ids": (with_boundary(lambda t: t[..., :WIDTH]), StageKind.BODY, Rpc.BACKWARD, "expected [2, 8, 17]"),
     "boundary of rank 2": (with_boundary(lambda t: t[..., 0]), StageKind.BODY, Rpc.BACKWARD, "rank 2"),
     "boundary as int64": (with_boundary(lambda t: t.long()), StageKind.BODY, Rpc.BACKWARD, "dtype int64"),
     "boundary as float64": (with_boundary(lambda t: t.double()), StageKind.BODY, Rpc.BACKWARD, "dtype float64"),
     "NaN in the boundary": (with_boundary(lambda t: nan_at(t, float("nan"))), StageKind.BODY, Rpc.BACKWARD, "NaN or Inf"),
     "Inf in the boundary": (with_boundary(lambda t: nan_at(t, float("inf"))), StageKind.BODY, Rpc.BACKWARD, "NaN or Inf"),
-    "oversized request": (
-        [torch.randint(0, VOCAB, (4, 32)), torch.randn(4, 32, WIDTH) , torch.randn(4, 32, WIDTH)],
-        StageKind.BODY, Rpc.BACKWARD, "exceeds the limit",
-    ),
-    "labels out of range": (
-        [torch.randint(0, VOCAB, (2, 8)), torch.randn(2, 8, WIDTH), torch.full((2, 8), -5)],
-        StageKind.TAIL, Rpc.FORWARD, "labels holds ids",
-    ),
+    "NaN in the gradient": (with_grad(lambda t: nan_at(t, float("nan"))), StageKind.BODY, Rpc.BACKWARD, "grad contains NaN"),
+    "gradient of the wrong width": (with_grad(lambda t: t[..., :-1]), StageKind.BODY, Rpc.BACKWARD, "grad has shape"),
+    "boundary id past the vocabulary": (with_ids(VOCAB), StageKind.BODY, Rpc.FORWARD, "token ids holds ids"),
+    "negative boundary id": (with_ids(-7), StageKind.BODY, Rpc.FORWARD, "token ids holds ids"),
+    "oversized request": ([packed(4, 32), torch.randn(4, 32, WIDTH) * 2], StageKind.BODY, Rpc.BACKWARD, "exceeds the limit"),
+    "labels out of range": ([packed(), torch.full((2, 8), -5)], StageKind.TAIL, Rpc.FORWARD, "labels holds ids"),
     "loss weights of the wrong shape": (
-        [torch.randint(0, VOCAB, (2, 8)), torch.randn(2, 8, WIDTH), torch.randint(0, VOCAB, (2, 8)), torch.rand(2, 9)],
-        StageKind.TAIL, Rpc.BACKWARD, "loss_weights has shape",
+        [packed(), torch.randint(0, VOCAB, (2, 8)), torch.rand(2, 9)], StageKind.TAIL, Rpc.BACKWARD, "loss_weights has shape",
     ),
 }
 
@@ -88,14 +100,16 @@ def test_malformed_requests_are_refused(case):
 
 def test_ignored_labels_are_accepted():
     tensors = good(StageKind.TAIL, Rpc.FORWARD)
-    tensors[2][:, :3] = -100
+    tensors[1][:, :3] = -100
     signature(StageKind.TAIL).validate(Rpc.FORWARD, tensors)
 
 
 def test_payload_round_trip_keeps_values_and_ids_exact():
     tokens = torch.tensor([[0, 1, 2**17, 2**40]])
     acts = torch.randn(2, 3, 5).to(torch.bfloat16)
-    out_tokens, out_acts = deserialize(serialize([tokens, acts]))
+    parts = serialize([tokens, acts])
+    assert len(parts[1].buffer) == acts.numel() * 2, "bfloat16 must cross as 2 bytes per value"
+    out_tokens, out_acts = deserialize(parts)
     assert torch.equal(out_tokens, tokens) and out_acts.dtype == torch.bfloat16 and torch.equal(out_acts, acts)
 
 
@@ -124,3 +138,15 @@ def test_stream_starting_mid_tensor_is_refused():
     parts = serialize([torch.randn(600, 1024)])
     with pytest.raises(PayloadError, match="continuation"):
         deserialize(parts[1:])
+
+
+def test_token_ids_cross_any_wire_dtype_bit_exactly():
+    ids = torch.tensor([[0, 1, 255, 256, 2**17, 2**17 + 1, 128255, 2**31 - 1]])
+    values = torch.randn(1, 8, 3)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        wire = pack_boundary(values, ids, dtype)
+        assert wire.shape == (1, 8, 3 + id_slots(dtype)) and wire.dtype == dtype
+        (received,) = deserialize(serialize([wire]))  # through the real serialisation, NaN-looking patterns included
+        out_values, out_ids = unpack_boundary(received, 3)
+        assert torch.equal(out_ids, ids), dtype
+        assert torch.equal(out_values, values.to(dtype))

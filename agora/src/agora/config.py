@@ -46,6 +46,10 @@ class RunConfig(BaseModel):
         return self
 
     @property
+    def boundary_width(self) -> int:
+        return self.boundary.width(self.model.hidden_size)
+
+    @property
     def stages(self) -> list[StageSpec]:
         return split_into_stages(self.model.num_layers, self.stage_layers)
 

@@ -22,7 +22,21 @@ class PayloadError(ValueError):
 
 
 def serialize(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.Tensor]:
-    return [part for t in tensors for part in split_for_streaming(serialize_torch_tensor(t.contiguous()), CHUNK_BYTES)]
+    return [part for t in tensors for part in split_for_streaming(_serialize_one(t.detach().contiguous()), CHUNK_BYTES)]
+
+
+def _serialize_one(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    if tensor.dtype != torch.bfloat16:
+        return serialize_torch_tensor(tensor)
+    # hivemind widens bfloat16 to float32 unless USE_LEGACY_BFLOAT16=0: twice the bytes, and it
+    # rewrites NaN bit patterns (token ids ride in them). Send the raw 2-byte patterns; hivemind's
+    # reader recognises 2 bytes per element and reinterprets them.
+    return runtime_pb2.Tensor(
+        compression=runtime_pb2.CompressionType.NONE,
+        buffer=tensor.view(torch.int16).numpy().tobytes(),
+        size=tensor.shape,
+        dtype="bfloat16",
+    )
 
 
 def group_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[list[runtime_pb2.Tensor]]:

@@ -6,11 +6,16 @@ share ``data_structures.py``).
 Tensor layouts, in order, of a stage RPC:
 
     forward  head: tokens                      → boundary
-             body: tokens, boundary            → boundary
-             tail: tokens, boundary, labels    → loss [B, T]      (evaluation only)
+             body: boundary                    → boundary
+             tail: boundary, labels            → loss [B, T]      (evaluation only)
     backward head: tokens, grad                → (nothing)
-             body: tokens, boundary, grad      → grad_boundary
-             tail: tokens, boundary, labels, loss_weights → grad_boundary, loss [B, T]
+             body: boundary, grad              → grad_boundary
+             tail: boundary, labels, loss_weights → grad_boundary, loss [B, T]
+
+A ``boundary`` is [B, T, width + s] in the wire dtype: the codec's ``width`` numbers per token
+(d dense, k subspace) followed by the token id, its int32 bit pattern stored in s = 4 / itemsize
+slots (1 for float32, 2 for bfloat16). The id is bit-cast, never converted, so ids of any size
+cross exactly. ``grad`` and ``grad_boundary`` are [B, T, width]: gradients need no ids.
 
 The tail's backward runs its forward too (there is no separate tail forward in training):
 ``loss_weights`` is ∂L/∂loss[b, t], set by the trainer, and the per-token loss comes back
@@ -36,9 +41,7 @@ class Rpc(str, Enum):
 
 
 def request_fields(kind: StageKind, rpc: Rpc) -> tuple[str, ...]:
-    fields = ["tokens"]
-    if kind is not StageKind.HEAD:
-        fields.append("boundary")
+    fields = ["tokens" if kind is StageKind.HEAD else "boundary"]
     if kind is StageKind.TAIL:
         fields.append("labels")
     if rpc is Rpc.BACKWARD:
@@ -75,9 +78,29 @@ class RequestMeta:
             raise ValueError(f"malformed request metadata ({type(e).__name__})") from None
 
 
-def to_wire(tensors, wire_dtype: torch.dtype) -> list[torch.Tensor]:
-    """Activations and their gradients ([B, T, width]) travel in the wire dtype; token ids,
-    labels, loss weights and per-token losses keep their own exact dtype."""
+_ID_BYTES = 4
+
+
+def id_slots(wire_dtype: torch.dtype) -> int:
+    """Wire-dtype slots that hold one token id's int32 bit pattern."""
+    return _ID_BYTES // wire_dtype.itemsize
+
+
+def pack_boundary(values: torch.Tensor, tokens: torch.Tensor, wire_dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, width] values and [B, T] ids → [B, T, width + id_slots] in the wire dtype."""
+    ids = tokens.to(torch.int32).contiguous().view(wire_dtype).view(*tokens.shape, id_slots(wire_dtype))
+    return torch.cat([values.to(wire_dtype), ids], dim=-1)
+
+
+def unpack_boundary(packed: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of pack_boundary: (values [B, T, width], ids int64 [B, T])."""
+    ids = packed[..., width:].contiguous().view(torch.int32).squeeze(-1)
+    return packed[..., :width], ids.to(torch.int64)
+
+
+def gradient_to_wire(tensors, wire_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Boundary gradients ([B, T, width]) travel in the wire dtype; labels, loss weights and
+    per-token losses keep their own exact dtype."""
     return [t.to(wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in tensors]
 
 

@@ -41,6 +41,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         stages=config.stages,
         config=config.trainer,
         wire_dtype=config.boundary.torch_wire_dtype,
+        boundary_width=config.boundary_width,
         events=events,
     )
     steps = args.steps or sys.maxsize

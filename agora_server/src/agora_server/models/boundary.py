@@ -8,13 +8,16 @@ stream as it is; the subspace codec (Protocol Models) plugs in here with a narro
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from agora_server.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from agora_server.models.stages import PipelineStage
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -26,8 +29,12 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 class BoundaryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    codec: Literal["dense"] = "dense"
-    """How activations cross a stage boundary. "dense" sends the whole residual stream."""
+    codec: Literal["dense", "subspace"] = "dense"
+    """How activations cross a stage boundary. "dense" sends the whole residual stream (the baseline);
+    "subspace" sends k = hidden_size / compression_rate coefficients per token (Protocol Models)."""
+    compression_rate: int = Field(16, ge=1)
+    """hidden_size / k for the subspace codec. Larger saves bandwidth and costs some loss per token;
+    production runs use about 100 at hidden_size 4096-5120, small models about 16-50."""
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Precision of activations and their gradients on the wire. bfloat16 halves the traffic;
     float32 keeps the swarm bit-comparable with a single process (tests, small runs)."""
@@ -35,6 +42,16 @@ class BoundaryConfig(BaseModel):
     @property
     def torch_wire_dtype(self) -> torch.dtype:
         return WIRE_DTYPES[self.wire_dtype]
+
+    def width(self, hidden_size: int) -> int:
+        """Numbers per token the boundary carries besides the token id."""
+        return self.subspace_rank(hidden_size) if self.codec == "subspace" else hidden_size
+
+    def subspace_rank(self, hidden_size: int) -> int:
+        rank = hidden_size // self.compression_rate
+        if rank < 1:
+            raise ValueError(f"compression_rate {self.compression_rate} leaves no dimension of hidden_size {hidden_size}")
+        return rank
 
 
 class BoundaryCodec(nn.Module):
@@ -47,6 +64,9 @@ class BoundaryCodec(nn.Module):
 
     def decode(self, boundary: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def adapt_stage(self, stage: "PipelineStage", seed: int) -> None:
+        """Change the stage's modules where the codec needs it (called once, at construction)."""
 
 
 class DenseBoundary(BoundaryCodec):
@@ -64,4 +84,8 @@ class DenseBoundary(BoundaryCodec):
 def build_boundary_codec(config: BoundaryConfig, model: ModelConfig, seed: int) -> BoundaryCodec:
     if config.codec == "dense":
         return DenseBoundary(model.hidden_size)
+    if config.codec == "subspace":
+        from agora_server.models.subspace import SubspaceBoundary
+
+        return SubspaceBoundary(model, config.subspace_rank(model.hidden_size), seed)
     raise ValueError(f"unknown boundary codec {config.codec!r}")

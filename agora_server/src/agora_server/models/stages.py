@@ -57,7 +57,7 @@ class _RotaryMixin(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def _run_layers(self, h: torch.Tensor) -> torch.Tensor:
+    def run_layers(self, h: torch.Tensor) -> torch.Tensor:
         seq = h.shape[1]
         cos, sin = self.rope_cos[:seq].to(h.dtype), self.rope_sin[:seq].to(h.dtype)
         for layer in self.layers.values():
@@ -83,6 +83,7 @@ class PipelineStage(_RotaryMixin):
             self.norm = RMSNorm(config.hidden_size, config.norm_eps)
             self.lm_head = _build_lm_head(config, seed)
         self._register_rotary(config)
+        codec.adapt_stage(self, seed)
 
     @property
     def kind(self) -> StageKind:
@@ -91,11 +92,16 @@ class PipelineStage(_RotaryMixin):
     def forward(
         self, tokens: torch.Tensor, boundary: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self.exit(self.run_layers(self.enter(tokens, boundary)), tokens, labels)
+
+    def enter(self, tokens: torch.Tensor, boundary: torch.Tensor | None) -> torch.Tensor:
+        """The residual stream this stage starts from: embedded tokens, or the decoded boundary."""
         if self.kind is StageKind.HEAD:
-            h = self.embed_tokens(tokens)
-        else:
-            h = self.codec.decode(boundary, tokens)
-        h = self._run_layers(h)
+            return self.embed_tokens(tokens)
+        return self.codec.decode(boundary, tokens)
+
+    def exit(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """What leaves the stage: the encoded boundary, or (tail) the per-token loss."""
         if self.kind is not StageKind.TAIL:
             return self.codec.encode(h, tokens)
         if labels is None:
@@ -116,5 +122,5 @@ class DecoderLM(_RotaryMixin):
         self._register_rotary(config)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self._run_layers(self.embed_tokens(tokens))
+        h = self.run_layers(self.embed_tokens(tokens))
         return per_token_cross_entropy(self.lm_head(self.norm(h)), labels)

@@ -8,6 +8,7 @@ implausible answer: ban that worker and retry elsewhere).
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Sequence
 
 import torch
@@ -16,7 +17,16 @@ from hivemind.proto import runtime_pb2
 
 from agora_server.models.config import StageKind
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
-from agora_server.wire import RequestMeta, Rpc, handler_name, response_fields, to_wire, unpack_response_error
+from agora_server.wire import (
+    RequestMeta,
+    Rpc,
+    gradient_to_wire,
+    handler_name,
+    id_slots,
+    response_fields,
+    unpack_boundary,
+    unpack_response_error,
+)
 
 
 class StageRefused(Exception):
@@ -28,10 +38,12 @@ class StageCallFailed(Exception):
 
 
 class StageCaller:
-    def __init__(self, p2p: P2P, run: str, wire_dtype: torch.dtype, max_response_bytes: int = 1 << 30):
+    def __init__(self, p2p: P2P, run: str, wire_dtype: torch.dtype, boundary_width: int, max_response_bytes: int = 1 << 30):
         self.p2p, self.run, self.wire_dtype, self.max_response_bytes = p2p, run, wire_dtype, max_response_bytes
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self.boundary_width = boundary_width
+        self.bytes_sent: collections.Counter[str] = collections.Counter()
+        """Payload bytes per RPC kind ("forward", "backward"), as serialised: the real traffic."""
+        self.bytes_received: collections.Counter[str] = collections.Counter()
 
     async def call(
         self,
@@ -45,7 +57,7 @@ class StageCaller:
         microbatch: int = -1,
     ) -> list[torch.Tensor]:
         meta = RequestMeta(run=self.run, stage=stage, rpc=rpc, microbatch=microbatch)
-        wire = to_wire(tensors, self.wire_dtype)
+        wire = gradient_to_wire(tensors, self.wire_dtype)
         try:
             metadata, parts = await asyncio.wait_for(self._exchange(PeerID.from_base58(peer_id), rpc, meta, wire), timeout)
         except asyncio.TimeoutError:
@@ -65,7 +77,7 @@ class StageCaller:
 
     async def _exchange(self, peer: PeerID, rpc: Rpc, meta: RequestMeta, tensors: Sequence[torch.Tensor]):
         parts = serialize(tensors)
-        self.bytes_sent += sum(len(p.buffer) for p in parts)
+        self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
 
         async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
             yield runtime_pb2.ExpertRequest(uid=meta.stage, tensors=parts[:1], metadata=meta.pack())
@@ -76,16 +88,20 @@ class StageCaller:
             peer, handler_name(self.run, rpc), requests(), runtime_pb2.ExpertResponse
         )
         metadata, response_parts, received = await collect(stream, self.max_response_bytes)
-        self.bytes_received += received
+        self.bytes_received[rpc.value] += received
         return metadata, response_parts
 
-    @staticmethod
-    def _check_outputs(kind: StageKind, rpc: Rpc, batch_shape: torch.Size, outputs: list[torch.Tensor]) -> None:
+    def _check_outputs(self, kind: StageKind, rpc: Rpc, batch_shape: torch.Size, outputs: list[torch.Tensor]) -> None:
         expected = response_fields(kind, rpc)
         if len(outputs) != len(expected):
             raise StageCallFailed(f"expected {len(expected)} tensors ({', '.join(expected)}), got {len(outputs)}")
         for name, tensor in zip(expected, outputs):
-            if tuple(tensor.shape[:2]) != tuple(batch_shape[:2]):
-                raise StageCallFailed(f"{name} has shape {list(tensor.shape)}, batch is {list(batch_shape[:2])}")
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
-                raise StageCallFailed(f"{name} is not a finite floating-point tensor")
+            if tuple(tensor.shape[:2]) != tuple(batch_shape[:2]) or not tensor.is_floating_point():
+                raise StageCallFailed(f"{name} is {tensor.dtype} {list(tensor.shape)}, batch is {list(batch_shape[:2])}")
+            if name == "boundary":
+                width = self.boundary_width + id_slots(tensor.dtype)
+                if tensor.ndim != 3 or tensor.shape[2] != width:
+                    raise StageCallFailed(f"boundary has shape {list(tensor.shape)}, expected width {width}")
+                tensor = unpack_boundary(tensor, self.boundary_width)[0]  # ids are bit patterns, not numbers
+            if not bool(torch.isfinite(tensor).all()):
+                raise StageCallFailed(f"{name} holds NaN or Inf")

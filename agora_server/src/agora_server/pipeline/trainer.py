@@ -62,18 +62,31 @@ class TrainerSummary:
     losses: list[tuple[int, float]]
     """(completed micro-batch number, its mean token loss), in completion order."""
     tokens: int
+    """Tokens of the completed micro-batches."""
     seconds: float
     """Wall-clock seconds from the moment every stage had a worker to the end of training."""
-    bytes_sent: int
-    bytes_received: int
+    bytes_sent: dict[str, int]
+    """Payload bytes this trainer sent, per RPC kind."""
+    bytes_received: dict[str, int]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
 class PipelineTrainer:
-    def __init__(self, *, dht: DHT, run: str, stages: list[StageSpec], config: TrainerConfig, wire_dtype: torch.dtype, events: EventBus):
+    def __init__(
+        self,
+        *,
+        dht: DHT,
+        run: str,
+        stages: list[StageSpec],
+        config: TrainerConfig,
+        wire_dtype: torch.dtype,
+        boundary_width: int,
+        events: EventBus,
+    ):
         self.dht, self.run, self.stages, self.config, self.wire_dtype = dht, run, stages, config, wire_dtype
+        self.boundary_width = boundary_width
         self.events = events
         self.balancers = {
             s.name: StageBalancer(
@@ -165,13 +178,13 @@ class PipelineTrainer:
         stage_inputs: list[list[torch.Tensor]] = []
         boundary: torch.Tensor | None = None
         for spec in front:
-            inputs = [tokens] if spec.kind is StageKind.HEAD else [tokens, boundary]
+            inputs = [tokens] if spec.kind is StageKind.HEAD else [boundary]
             stage_inputs.append(inputs)
             (boundary,) = await self._call_stage(spec, Rpc.FORWARD, inputs, microbatch)
 
         valid = (labels != -100).float()
         loss_weights = valid / valid.sum().clamp(min=1.0)
-        grad, per_token_loss = await self._call_stage(tail, Rpc.BACKWARD, [tokens, boundary, labels, loss_weights], microbatch)
+        grad, per_token_loss = await self._call_stage(tail, Rpc.BACKWARD, [boundary, labels, loss_weights], microbatch)
         for spec, inputs in zip(reversed(front), reversed(stage_inputs)):
             outputs = await self._call_stage(spec, Rpc.BACKWARD, [*inputs, grad], microbatch)
             grad = outputs[0] if outputs else None
@@ -202,7 +215,7 @@ class PipelineTrainer:
         """Run until ``steps`` micro-batches completed or ``stop`` is set; in-flight ones then finish."""
         self._directory_updated = asyncio.Event()
         p2p = await self.dht.replicate_p2p()
-        self._caller = StageCaller(p2p, self.run, self.wire_dtype)
+        self._caller = StageCaller(p2p, self.run, self.wire_dtype, self.boundary_width)
         directory = asyncio.create_task(self._directory_loop())
         tasks: set[asyncio.Task] = set()
         started = time.perf_counter()
@@ -242,8 +255,8 @@ class PipelineTrainer:
             losses=self.losses,
             tokens=self.tokens_done,
             seconds=time.perf_counter() - started,
-            bytes_sent=self._caller.bytes_sent,
-            bytes_received=self._caller.bytes_received,
+            bytes_sent=dict(self._caller.bytes_sent),
+            bytes_received=dict(self._caller.bytes_received),
         )
         self.events.emit(
             TrainerFinished(

@@ -23,7 +23,8 @@ from agora_server.server.backend import StageBackend
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
 from agora_server.server.validation import BadRequest, StageSignature
 from agora_server.telemetry.events import Event, RequestRefused
-from agora_server.wire import RequestMeta, Rpc, pack_error, pack_ok, to_wire
+from agora_server.models.config import StageKind
+from agora_server.wire import RequestMeta, Rpc, gradient_to_wire, pack_boundary, pack_error, pack_ok
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +82,17 @@ class StageServicer(ServicerBase):
             yield runtime_pb2.ExpertResponse(metadata=pack_error(f"failed: {type(e).__name__}: {e}"))
             return
 
-        parts = serialize(to_wire(outputs, self.wire_dtype))
+        parts = serialize(self._to_wire(rpc, outputs, inputs["tokens"]))
         self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
         # the status travels first, so even the head's backward (no tensors) gets a definite answer
         yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=pack_ok())
         for part in parts[1:]:
             yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    def _to_wire(self, rpc: Rpc, outputs: list, tokens) -> list:
+        if rpc is Rpc.FORWARD and self.signature.kind is not StageKind.TAIL:
+            return [pack_boundary(outputs[0], tokens, self.wire_dtype)]
+        return gradient_to_wire(outputs, self.wire_dtype)
 
     def _check_meta(self, rpc: Rpc, metadata: bytes) -> None:
         try:

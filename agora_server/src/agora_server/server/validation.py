@@ -14,10 +14,9 @@ import torch
 
 from agora_server.models.config import StageKind
 from agora_server.models.stages import IGNORE_INDEX
-from agora_server.wire import Rpc, request_fields
+from agora_server.wire import Rpc, id_slots, request_fields, unpack_boundary
 
 FLOAT_WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-WIRE_DTYPE_NAMES = frozenset({"float32", "bfloat16", "float16", "int64"})
 
 
 class BadRequest(ValueError):
@@ -41,6 +40,8 @@ class StageSignature:
     limits: RequestLimits
 
     def validate(self, rpc: Rpc, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Check a request; return its tensors by name, with a packed boundary split into
+        ``boundary`` (float values) and ``tokens`` (int64 ids)."""
         fields = request_fields(self.kind, rpc)
         if len(tensors) != len(fields):
             raise BadRequest(
@@ -51,19 +52,28 @@ class StageSignature:
         if size > self.limits.max_request_bytes:
             raise BadRequest(f"request of {size} bytes exceeds the limit of {self.limits.max_request_bytes} bytes")
 
-        tokens = named["tokens"]
-        _check_dtype("tokens", tokens, (torch.int64,))
-        _check_rank("tokens", tokens, 2)
-        batch, seq = tokens.shape
+        first = tensors[0]
+        _check_rank(fields[0], first, 2 if fields[0] == "tokens" else 3)
+        batch, seq = first.shape[:2]
         if not 1 <= batch <= self.limits.max_batch_size:
             raise BadRequest(f"batch size {batch} is outside 1..{self.limits.max_batch_size}")
         if not 1 <= seq <= self.limits.max_seq_len:
             raise BadRequest(f"sequence length {seq} is outside 1..{self.limits.max_seq_len}")
-        _check_token_range("tokens", tokens, self.vocab_size, allow_ignore=False)
 
-        for name, tensor in named.items():
-            if name == "tokens":
+        if "boundary" in named:
+            packed = named.pop("boundary")
+            _check_dtype("boundary", packed, FLOAT_WIRE_DTYPES)
+            _check_shape("boundary", packed, (batch, seq, self.boundary_width + id_slots(packed.dtype)))
+            named["boundary"], named["tokens"] = unpack_boundary(packed, self.boundary_width)
+            _check_finite("boundary", named["boundary"])
+        else:
+            _check_dtype("tokens", named["tokens"], (torch.int64,))
+        _check_token_range("token ids", named["tokens"], self.vocab_size, allow_ignore=False)
+
+        for name in ("labels", "loss_weights", "grad"):
+            if name not in named:
                 continue
+            tensor = named[name]
             if name == "labels":
                 _check_dtype(name, tensor, (torch.int64,))
                 _check_shape(name, tensor, (batch, seq))
@@ -72,9 +82,13 @@ class StageSignature:
             expected = (batch, seq) if name == "loss_weights" else (batch, seq, self.boundary_width)
             _check_dtype(name, tensor, FLOAT_WIRE_DTYPES)
             _check_shape(name, tensor, expected)
-            if not bool(torch.isfinite(tensor).all()):
-                raise BadRequest(f"{name} contains NaN or Inf values")
+            _check_finite(name, tensor)
         return named
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadRequest(f"{name} contains NaN or Inf values")
 
 
 def _check_dtype(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:

@@ -1,0 +1,99 @@
+"""Subspace boundary compression (Protocol Models, Ramasinghe et al. 2025).
+
+Every stage derives the same two frozen constants from the run seed: an orthonormal basis
+U (d × k) and a fixed token embedding E_f (V × d). The head's learned embedding and every
+residual-branch output projection of the head and body stages write only into span(U):
+
+    embedding        h₀ = E_f[t] + U · emb[t]            emb ∈ R^{V×k}
+    o_proj, down     y  = U · (Z x + b)                  Z ∈ R^{k×in}
+
+so the residual stream is always h = E_f[t] + U c, and a stage boundary needs only c (k numbers)
+and the token id: encode c = Uᵀ(h − E_f[t]), decode h = U c + E_f[t]. Both are exact, and the
+gradient that crosses the wire backwards is ∂L/∂c = Uᵀ ∂L/∂h. The tail's layers never feed a
+boundary and stay full rank. Neither constant is trained, sent or checkpointed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from agora_server.models.boundary import BoundaryCodec
+from agora_server.models.config import ModelConfig, StageKind
+from agora_server.models.llama import seeded_generator
+
+if TYPE_CHECKING:
+    from agora_server.models.stages import PipelineStage
+
+_BASIS_SALT, _FIXED_EMBEDDING_SALT, _PROJECTION_SALT = 2_000_000, 2_000_001, 2_000_002
+
+
+class SubspaceBoundary(BoundaryCodec):
+    def __init__(self, config: ModelConfig, rank: int, seed: int):
+        super().__init__()
+        if not 1 <= rank <= config.hidden_size:
+            raise ValueError(f"subspace rank {rank} must be within 1..{config.hidden_size}")
+        self.config, self.width = config, rank
+        gaussian = torch.randn(config.hidden_size, rank, generator=seeded_generator(seed, _BASIS_SALT))
+        basis, _ = torch.linalg.qr(gaussian)  # orthonormal columns: UᵀU = I
+        fixed = torch.randn(config.vocab_size, config.hidden_size, generator=seeded_generator(seed, _FIXED_EMBEDDING_SALT))
+        # derived from the seed on every stage, so never saved with the stage's state
+        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("fixed_embedding", fixed * config.init_std, persistent=False)
+
+    def lift(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """U · c for a batch of coefficient vectors [..., k] → [..., d]."""
+        return coefficients @ self.basis.T.to(coefficients.dtype)
+
+    def encode(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return (hidden - self.fixed_embedding[tokens].to(hidden.dtype)) @ self.basis.to(hidden.dtype)
+
+    def decode(self, boundary: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lift(boundary) + self.fixed_embedding[tokens].to(boundary.dtype)
+
+    def round_trip_error(self, hidden: torch.Tensor, tokens: torch.Tensor) -> float:
+        """Largest |h − decode(encode(h))|: zero (to rounding) for any stream that obeys the invariant."""
+        return float((hidden - self.decode(self.encode(hidden, tokens), tokens)).abs().max())
+
+    def adapt_stage(self, stage: "PipelineStage", seed: int) -> None:
+        if stage.kind is StageKind.TAIL:
+            return  # the tail's output is a loss, not a boundary: its layers keep full rank
+        if stage.kind is StageKind.HEAD:
+            stage.embed_tokens = SubspaceEmbedding(self, seed)
+        for index, layer in stage.layers.items():
+            attention, mlp = layer.self_attn, layer.mlp
+            attention.o_proj = SubspaceLinear(attention.o_proj.in_features, self, seed, int(index), 0)
+            mlp.down_proj = SubspaceLinear(mlp.down_proj.in_features, self, seed, int(index), 1)
+
+
+class SubspaceLinear(nn.Linear):
+    """y = U (Z x + b): a residual-branch output projection confined to span(U)."""
+
+    def __init__(self, in_features: int, codec: SubspaceBoundary, seed: int, layer_index: int, which: int):
+        super().__init__(in_features, codec.width, bias=True)
+        self.__dict__["codec"] = codec  # shared, not a child: the stage owns the codec's buffers once
+        config = codec.config
+        # as the dense projection's scale, corrected so U·(Zx) has the same per-coordinate variance
+        std = config.init_std / (2 * config.num_layers) ** 0.5 * (config.hidden_size / codec.width) ** 0.5
+        with torch.no_grad():
+            self.weight.normal_(0.0, std, generator=seeded_generator(seed, _PROJECTION_SALT, layer_index, which))
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.codec.lift(super().forward(x))
+
+
+class SubspaceEmbedding(nn.Embedding):
+    """h₀ = E_f[t] + U · emb[t]: the learned part of the embedding lives in span(U)."""
+
+    def __init__(self, codec: SubspaceBoundary, seed: int):
+        config = codec.config
+        super().__init__(config.vocab_size, codec.width)
+        self.__dict__["codec"] = codec
+        with torch.no_grad():
+            self.weight.normal_(0.0, config.init_std, generator=seeded_generator(seed, _PROJECTION_SALT, -1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(super().forward(tokens), tokens)
