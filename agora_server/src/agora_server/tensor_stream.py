@@ -52,6 +52,11 @@ def group_parts(parts: Iterable[runtime_pb2.Tensor]) -> list[list[runtime_pb2.Te
     return groups
 
 
+def payload_sizes(parts: Iterable[runtime_pb2.Tensor]) -> list[int]:
+    """Bytes each tensor of a payload occupied on the wire."""
+    return [sum(len(part.buffer) for part in group) for group in group_parts(parts)]
+
+
 def deserialize(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     tensors = []
     for index, group in enumerate(group_parts(parts)):

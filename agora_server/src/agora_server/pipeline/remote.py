@@ -16,7 +16,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from agora_server.models.config import StageKind
-from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
+from agora_server.tensor_stream import PayloadError, collect, deserialize, payload_sizes, serialize
 from agora_server.wire import (
     RequestMeta,
     Rpc,
@@ -44,6 +44,9 @@ class StageCaller:
         self.bytes_sent: collections.Counter[str] = collections.Counter()
         """Payload bytes per RPC kind ("forward", "backward"), as serialised: the real traffic."""
         self.bytes_received: collections.Counter[str] = collections.Counter()
+        self.boundary_bytes: collections.Counter[str] = collections.Counter()
+        """Bytes of the tensors that would cross a stage boundary in a stage-to-stage deployment:
+        "forward" for boundaries (activations + ids), "backward" for their gradients."""
 
     async def call(
         self,
@@ -73,6 +76,9 @@ class StageCaller:
         except PayloadError as e:
             raise StageCallFailed(f"undecodable answer: {e}") from None
         self._check_outputs(kind, rpc, tensors[0].shape, outputs)
+        for name, size in zip(response_fields(kind, rpc), payload_sizes(parts)):
+            if name in ("boundary", "grad_boundary"):
+                self.boundary_bytes[rpc.value] += size
         return outputs
 
     async def _exchange(self, peer: PeerID, rpc: Rpc, meta: RequestMeta, tensors: Sequence[torch.Tensor]):

@@ -68,6 +68,9 @@ class TrainerSummary:
     bytes_sent: dict[str, int]
     """Payload bytes this trainer sent, per RPC kind."""
     bytes_received: dict[str, int]
+    boundary_bytes: dict[str, int]
+    """Bytes of stage-boundary activations ("forward") and their gradients ("backward") received,
+    over all stage boundaries; divide by tokens and by (stages − 1) for bytes per token per boundary."""
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -257,6 +260,7 @@ class PipelineTrainer:
             seconds=time.perf_counter() - started,
             bytes_sent=dict(self._caller.bytes_sent),
             bytes_received=dict(self._caller.bytes_received),
+            boundary_bytes=dict(self._caller.boundary_bytes),
         )
         self.events.emit(
             TrainerFinished(
