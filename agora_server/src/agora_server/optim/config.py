@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class OptimizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Literal["adamw"] = "adamw"
-    """Update rule. AdamW for now; the Nesterov-corrected rule for asynchronous pipelines comes later."""
+    name: Literal["adamw", "nesterov"] = "adamw"
+    """Update rule. "nesterov" is NAdam with decoupled weight decay, which corrects the staleness of
+    gradients in an asynchronous pipeline (use it with betas like [0.99, 0.999])."""
     lr: float = Field(3e-4, gt=0)
     """Peak learning rate, reached after ``warmup_steps``."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -21,5 +22,9 @@ class OptimizerConfig(BaseModel):
     """Decoupled weight decay. Not applied to norm gains."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up length in optimizer steps; raise it for large models or large learning rates."""
+    momentum_start: float = Field(0.5, ge=0, lt=1)
+    """nesterov only: momentum μ at the first step; it rises linearly to betas[0]."""
+    momentum_warmup_steps: int = Field(100, ge=0)
+    """nesterov only: steps over which μ reaches betas[0]. 0 starts at full momentum."""
     clip_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the stage's gradient to this global norm before each step; None disables clipping."""

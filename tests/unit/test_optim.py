@@ -1,0 +1,134 @@
+"""The Nesterov-corrected optimizer and the SPARTA partition: the math, checked directly."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agora_server.optim import (
+    NesterovAdamW,
+    OptimizerConfig,
+    SpartaPartition,
+    build_optimizer,
+    linear_momentum_warmup,
+    slice_count,
+    slice_for_epoch,
+)
+
+
+def torch_nadam_schedule(beta1, psi):
+    return lambda t: beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+
+
+def test_matches_torch_nadam_under_the_same_momentum_schedule():
+    torch.manual_seed(0)
+    a = torch.randn(10, 7, requires_grad=True)
+    b = a.detach().clone().requires_grad_(True)
+    ours = NesterovAdamW([a], lr=1e-2, betas=(0.99, 0.999), weight_decay=0.1, momentum_schedule=torch_nadam_schedule(0.99, 0.004))
+    ref = torch.optim.NAdam([b], lr=1e-2, betas=(0.99, 0.999), weight_decay=0.1, momentum_decay=0.004, decoupled_weight_decay=True)
+    for step in range(25):
+        grad = torch.randn(10, 7, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_momentum_warmup_is_explicit_and_linear():
+    mu = linear_momentum_warmup(0.99, 0.5, 50)
+    assert mu(1) == 0.5 and mu(50) == pytest.approx(0.99) and mu(500) == pytest.approx(0.99)
+    assert mu(25) == pytest.approx(0.5 + 0.49 * 24 / 49)
+    assert linear_momentum_warmup(0.99, 0.5, 0)(1) == 0.99
+
+
+def test_weight_decay_is_decoupled():
+    p = torch.ones(4, requires_grad=True)
+    opt = NesterovAdamW([p], lr=0.1, weight_decay=0.5)
+    p.grad = torch.zeros(4)
+    opt.step()
+    assert torch.allclose(p, torch.full((4,), 0.95)), "with zero gradient only the decay lr·wd·θ applies"
+
+
+def test_config_selects_the_optimizer_and_minimises_a_quadratic():
+    model = torch.nn.Linear(8, 1)
+    opt, _ = build_optimizer(model, OptimizerConfig(name="nesterov", lr=0.2, betas=(0.99, 0.999), momentum_warmup_steps=10, weight_decay=0.0))
+    assert isinstance(opt, NesterovAdamW)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    y = x @ torch.arange(8.0).unsqueeze(1)
+    first = None
+    for _ in range(400):
+        loss = ((model(x) - y) ** 2).mean()
+        first = first or float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first * 0.02
+
+
+def test_partition_covers_every_coordinate_once_per_cycle():
+    numels = [1000, 37, 1]
+    part = SpartaPartition(numels, fraction=0.05, seed=9)
+    assert part.slices == 20
+    for i, n in enumerate(numels):
+        seen = torch.cat([part.indices(i, r) for r in range(5, 5 + part.slices)])  # any K consecutive rounds
+        assert torch.equal(seen.sort().values, torch.arange(n))
+        sizes = [len(part.indices(i, r)) for r in range(part.slices)]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_partition_is_identical_in_another_process():
+    code = (
+        "from agora_server.optim import SpartaPartition;"
+        "p = SpartaPartition([500, 64], 0.1, 42);"
+        "print([p.indices(i, r).tolist() for i in range(2) for r in range(10)])"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    here = SpartaPartition([500, 64], 0.1, 42)
+    assert other == str([here.indices(i, r).tolist() for i in range(2) for r in range(10)])
+    assert not torch.equal(SpartaPartition([500], 0.1, 43).indices(0, 0), here.indices(0, 0)), "seed must matter"
+
+
+def peers_average(replicas, part, round_index):
+    slices = [part.gather(r, round_index) for r in replicas]
+    return [torch.stack(parts).mean(0) for parts in zip(*slices)]
+
+
+def test_averaging_identical_replicas_changes_nothing():
+    weights = [torch.randn(30), torch.randn(4, 5)]
+    replicas = [[w.clone() for w in weights] for _ in range(3)]
+    part = SpartaPartition([w.numel() for w in weights], 0.25, 0)
+    for r in range(part.slices):
+        for rep in replicas:
+            snapshot = part.gather(rep, r)
+            part.apply_delta(rep, r, snapshot, peers_average(replicas, part, r))
+    for rep in replicas:  # (x + x + x) / 3 may round: equal to float precision
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(rep, weights))
+
+
+def test_delta_rule_keeps_local_steps_taken_during_the_round():
+    part = SpartaPartition([6], 1.0, 0)
+    mine, theirs = [torch.zeros(6)], [torch.full((6,), 2.0)]
+    snapshot = part.gather(mine, 0)
+    averaged = peers_average([mine, theirs], part, 0)  # 1.0 everywhere, computed in the background
+    mine[0] += 0.25  # a local optimizer step lands while the round runs
+    part.apply_delta(mine, 0, snapshot, averaged)
+    assert torch.allclose(mine[0], torch.full((6,), 1.25))
+
+
+def test_p_one_is_full_averaging():
+    part = SpartaPartition([10, 3], 1.0, 5)
+    assert part.slices == 1
+    replicas = [[torch.randn(10), torch.randn(3)] for _ in range(4)]
+    expected = [torch.stack([r[i] for r in replicas]).mean(0) for i in range(2)]
+    averaged = peers_average(replicas, part, 0)
+    for rep in replicas:
+        part.apply_delta(rep, 0, part.gather(rep, 0), averaged)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(rep, expected))
+
+
+def test_slice_schedule_and_fraction_bounds():
+    assert [slice_for_epoch(e, 5, 4) for e in (0, 5, 10, 15, 20, 25)] == [0, 1, 2, 3, 0, 1]
+    assert slice_count(0.05) == 20 and slice_count(0.3) == 4 and slice_count(1.0) == 1
+    with pytest.raises(ValueError):
+        slice_count(0.0)
