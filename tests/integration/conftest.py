@@ -18,9 +18,9 @@ TEST_OVERRIDES = {
 }
 
 
-def write_config(directory: Path, overrides: dict | None = None) -> tuple[str, object]:
+def write_config(directory: Path, overrides: dict | None = None, name: str = "run") -> tuple[str, object]:
     config = load_run_config("local-tiny", _merge(TEST_OVERRIDES, overrides or {}))
-    path = directory / "run.yaml"
+    path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return str(path), config
 
@@ -38,8 +38,10 @@ class SwarmHarness:
         self.swarms: list[LocalSwarm] = []
 
     def create(self, overrides: dict | None = None, **kwargs) -> LocalSwarm:
-        ref, config = write_config(self.tmp_path, overrides)
-        swarm = LocalSwarm(ref, config, log_dir=self.tmp_path / "logs", output=io.StringIO(), **kwargs)
+        name = f"swarm{len(self.swarms)}"
+        overrides = _merge({"server": {"checkpoint_dir": str(self.tmp_path / name / "checkpoints")}}, overrides or {})
+        ref, config = write_config(self.tmp_path, overrides, name)
+        swarm = LocalSwarm(ref, config, log_dir=self.tmp_path / name / "logs", output=io.StringIO(), **kwargs)
         self.swarms.append(swarm)
         return swarm
 

@@ -2,6 +2,11 @@
 
 Every child runs in its own process group (its DHT process and p2pd daemons included), so
 stopping a child stops all of it, and nothing is left bound to a port afterwards.
+
+Two optional hooks, both keyed by the child's name ("seed", "head#0", "trainer"), let a caller
+place children elsewhere (bench/compression.py runs each one in its own network namespace):
+``wrap`` returns a command prefix for the child (e.g. ``["ip", "netns", "exec", "ns1"]``) and
+``host`` the IPv4 address it listens on instead of 127.0.0.1. Without them nothing changes.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 import psutil
 
 from agora.config import RunConfig
+
+
+DEFAULT_HOST = "127.0.0.1"
 
 
 class SwarmError(RuntimeError):
@@ -63,10 +71,13 @@ class LocalSwarm:
         log_dir: Path = Path("logs/local"),
         output: TextIO | None = None,
         grace_seconds: float = 15.0,
+        wrap: Callable[[str], list[str]] | None = None,
+        host: Callable[[str], str] | None = None,
     ):
         self.config_ref, self.config, self.steps = config_ref, config, steps
         self.workers = {spec.name: workers_per_stage for spec in config.stages} | (workers or {})
         self.log_dir, self.output, self.grace_seconds = Path(log_dir), output or sys.stdout, grace_seconds
+        self.wrap, self.host = wrap, host
         self.keys_dir = Path(tempfile.mkdtemp(prefix="agora-local-keys-"))
         self.summary_path = self.log_dir / "trainer-summary.json"
         self.processes: list[SwarmProcess] = []
@@ -80,8 +91,9 @@ class LocalSwarm:
 
     def _spawn(self, name: str, args: list[str], on_line=None) -> SwarmProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        prefix = self.wrap(name) if self.wrap is not None else []
         popen = subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -122,12 +134,26 @@ class LocalSwarm:
             return True
         return False
 
+    def listen_host(self, name: str) -> str:
+        """The IPv4 address a child listens on: 127.0.0.1 unless ``host`` says otherwise."""
+        return self.host(name) if self.host is not None else DEFAULT_HOST
+
+    def _host_args(self, name: str) -> list[str]:
+        """``--host_maddrs`` for children whose default is loopback: given only when ``host`` moves them."""
+        listen = self.listen_host(name)
+        return [] if listen == DEFAULT_HOST else ["--host_maddrs", f"/ip4/{listen}/tcp/0"]
+
     def start(self, timeout: float = 120.0, *, trainer: bool = True) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.summary_path.unlink(missing_ok=True)
         seed = self._spawn(
             "seed",
-            ["-m", "agora.run_seed", "--identity_path", str(self.keys_dir / "seed.key"), "--log_file", str(self.log_dir / "seed.log")],
+            [
+                "-m", "agora.run_seed",
+                "--identity_path", str(self.keys_dir / "seed.key"),
+                "--log_file", str(self.log_dir / "seed.log"),
+                *self._host_args("seed"),
+            ],
             on_line=self._on_seed_line,
         )
         deadline = time.monotonic() + timeout
@@ -144,15 +170,15 @@ class LocalSwarm:
         return f"{stage}#{index}"
 
     def start_worker(self, stage: str, index: int) -> SwarmProcess:
-        tag = f"{stage}_{index}"
+        tag, name = f"{stage}_{index}", self.worker_name(stage, index)
         return self._spawn(
-            self.worker_name(stage, index),
+            name,
             [
                 "-m", "agora.run_server",
                 "--config", self.config_ref,
                 "--stage", stage,
                 "--gpu_id", str(index),
-                "--host_maddrs", "/ip4/127.0.0.1/tcp/0",
+                "--host_maddrs", f"/ip4/{self.listen_host(name)}/tcp/0",
                 "--initial_peers", *self.seed_maddrs,
                 "--identity_path", str(self.keys_dir / f"private_{tag}.key"),
                 "--log_file", str(self.log_dir / f"server_{tag}.log"),
@@ -167,6 +193,7 @@ class LocalSwarm:
             "--steps", str(self.steps),
             "--summary_path", str(self.summary_path),
             "--log_file", str(self.log_dir / "trainer.log"),
+            *self._host_args("trainer"),
         ]
 
     def process(self, name: str) -> SwarmProcess:

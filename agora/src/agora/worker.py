@@ -36,10 +36,19 @@ def effective_server_config(config: RunConfig, override: int | None) -> RunConfi
     return config.model_copy(update={"server": server})
 
 
+def build_worker(**kwargs):
+    from agora_server.server import StageWorker
+    from agora_server.server.checkpoint import CheckpointError
+
+    try:
+        return StageWorker(**kwargs)
+    except CheckpointError as e:
+        raise WorkerLaunchError(str(e)) from None
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from hivemind import DHT
 
-    from agora_server.server import StageWorker
 
     log_file = args.log_file or f"logs/server_gpu{args.gpu_id}.log"
     events = setup_process(log_file)
@@ -67,7 +76,7 @@ def run_worker(args: argparse.Namespace) -> int:
     )
     worker = None
     try:
-        worker = StageWorker(
+        worker = build_worker(
             run=config.run_name,
             seed=config.seed,
             model=config.model,

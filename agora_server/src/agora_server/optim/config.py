@@ -21,7 +21,11 @@ class OptimizerConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     """Decoupled weight decay. Not applied to norm gains."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear warm-up length in optimizer steps; raise it for large models or large learning rates."""
+    """Linear warm-up length in epochs (stage-wide optimizer steps); raise it for large models or large learning rates."""
+    decay_steps: int | None = Field(None, gt=0)
+    """Epochs over which the rate decays (cosine) after warm-up, down to ``min_lr_ratio``; None keeps it constant."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The decayed rate as a fraction of ``lr``."""
     momentum_start: float = Field(0.5, ge=0, lt=1)
     """nesterov only: momentum μ at the first step; it rises linearly to betas[0]."""
     momentum_warmup_steps: int = Field(100, ge=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -9,7 +11,27 @@ from agora_server.optim.config import OptimizerConfig
 from agora_server.optim.nesterov import NesterovAdamW, linear_momentum_warmup
 
 
-def build_optimizer(module: nn.Module, config: OptimizerConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def learning_rate(epoch: int, config: OptimizerConfig) -> float:
+    """The rate for the step that ends ``epoch``: linear warm-up, then constant or cosine decay.
+    A function of the stage's epoch, so workers that join late use the stage's rate at once."""
+    if epoch < config.warmup_steps:
+        return config.lr * (epoch + 1) / config.warmup_steps
+    if config.decay_steps is None:
+        return config.lr
+    progress = min(1.0, (epoch - config.warmup_steps) / config.decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def build_optimizer(module: nn.Module, config: OptimizerConfig):
+    """(optimizer, scheduler stepping ``learning_rate`` once per optimizer step)."""
+    optimizer = make_optimizer(module, config)
+    base = config.lr
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(step, config) / base)
+    return optimizer, schedule
+
+
+def make_optimizer(module: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
@@ -22,9 +44,7 @@ def build_optimizer(module: nn.Module, config: OptimizerConfig) -> tuple[torch.o
         optimizer = NesterovAdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, momentum_schedule=schedule)
     else:
         optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-    warmup = config.warmup_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-    return optimizer, schedule
+    return optimizer
 
 
 def clip_and_check(module: nn.Module, max_norm: float | None) -> float:

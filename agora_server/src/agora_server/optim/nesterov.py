@@ -45,8 +45,9 @@ class NesterovAdamW(torch.optim.Optimizer):
     ):
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas must be in [0, 1), got {betas}")
-        schedule = momentum_schedule or (lambda t: betas[0])
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_schedule=schedule))
+        # kept off the param groups: they hold plain numbers only, so the state saves and loads safely
+        self.momentum_schedule = momentum_schedule or (lambda t: betas[0])
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -56,7 +57,7 @@ class NesterovAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            lr, eps, wd, mu_of = group["lr"], group["eps"], group["weight_decay"], group["momentum_schedule"]
+            lr, eps, wd, mu_of = group["lr"], group["eps"], group["weight_decay"], self.momentum_schedule
             for param in group["params"]:
                 if param.grad is None:
                     continue

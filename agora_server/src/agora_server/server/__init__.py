@@ -3,6 +3,7 @@
 - ``config.py``      ServerConfig
 - ``validation.py``  StageSignature.validate, BadRequest, RequestLimits
 - ``backend.py``     StageBackend: the module, its optimizer, forward/backward, counters
+- ``checkpoint.py``  save_checkpoint / load_checkpoint (atomic, keeps the previous good file)
 - ``handler.py``     StageServicer: rpc_forward, rpc_backward, rpc_info
 - ``announcer.py``   StageAnnouncer: periodic DHT record with expiry
 - ``worker.py``      StageWorker: composes the above and reports progress

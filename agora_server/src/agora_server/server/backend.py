@@ -18,7 +18,7 @@ import torch
 
 from agora_server.models.config import StageKind
 from agora_server.models.stages import PipelineStage
-from agora_server.optim import build_optimizer, clip_and_check
+from agora_server.optim import LocalProgress, StageProgress, clip_and_check, learning_rate, make_optimizer
 from agora_server.server.config import ServerConfig
 from agora_server.telemetry.events import Event, NonFiniteGradients, OptimizerStepped
 
@@ -41,11 +41,16 @@ class StageBackend:
         config: ServerConfig,
         device: torch.device,
         emit: Callable[[Event], None] = lambda event: None,
+        progress: StageProgress | None = None,
+        after_epoch: Callable[[int], None] = lambda epoch: None,
     ):
         self.stage, self.config, self.device, self.emit = stage.to(device), config, device, emit
-        self.optimizer, self.schedule = build_optimizer(stage, config.optimizer)
+        self.optimizer = make_optimizer(stage, config.optimizer)
+        self.progress = progress or LocalProgress(config.samples_per_step)
+        self.after_epoch = after_epoch
         self.counters = BackendCounters()
         self._accumulated_samples = 0
+        self._accumulated_batches = 0
         self._lock = threading.Lock()  # guards counters read by reporter threads
         self._throughput_ema: float | None = None
 
@@ -56,6 +61,21 @@ class StageBackend:
     def throughput(self) -> float:
         """Tokens per second of forward+backward work, measured (0 before the first backward)."""
         return self._throughput_ema or 0.0
+
+    def state_dict(self) -> dict:
+        """Everything a restarted worker needs to continue where this one is (call on the compute thread)."""
+        return {
+            "model": self.stage.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.progress.epoch,
+            "counters": dataclasses.asdict(self.snapshot()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with self._lock:
+            self.counters = BackendCounters(**state.get("counters", {}))
 
     def snapshot(self) -> BackendCounters:
         with self._lock:
@@ -92,27 +112,44 @@ class StageBackend:
 
         batch, seq = x["tokens"].shape
         self._accumulated_samples += batch
-        if self._accumulated_samples >= self.config.samples_per_step:
-            self._step()
+        self._accumulated_batches += 1
+        self.progress.report(self._accumulated_samples)
         self._record_backward(batch, batch * seq, time.perf_counter() - started)
+        self.maybe_step()
         return outputs
 
-    def _step(self) -> None:
+    def maybe_step(self) -> bool:
+        """Step if the stage has reached its target batch (also called between requests, so a
+        worker whose peers finished the epoch steps even when no request arrives)."""
+        if not self.progress.ready():
+            return False
+        epoch = self.progress.epoch
+        if self._accumulated_batches:
+            self._apply_gradients(epoch)
+        self.after_epoch(self.progress.advance())
+        return True
+
+    def _apply_gradients(self, epoch: int) -> None:
+        # each micro-batch's loss is a mean over its tokens: average them, whatever their count
+        for param in self.stage.parameters():
+            if param.grad is not None:
+                param.grad.div_(self._accumulated_batches)
         norm = clip_and_check(self.stage, self.config.optimizer.clip_grad_norm)
+        lr = learning_rate(epoch, self.config.optimizer)
         if math.isfinite(norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
-            self.schedule.step()
             with self._lock:
                 self.counters.optimizer_steps += 1
-                step = self.counters.optimizer_steps
-            self.emit(OptimizerStepped(stage=self.stage.spec.name, step=step, grad_norm=norm, lr=self.schedule.get_last_lr()[0]))
+            self.emit(OptimizerStepped(stage=self.stage.spec.name, step=epoch + 1, grad_norm=norm, lr=lr))
         else:
             # one bad micro-batch must not poison the weights: drop its gradient and carry on
             with self._lock:
                 self.counters.skipped_steps += 1
             self.emit(NonFiniteGradients(stage=self.stage.spec.name, grad_norm=norm))
         self.optimizer.zero_grad(set_to_none=True)
-        self._accumulated_samples = 0
+        self._accumulated_samples = self._accumulated_batches = 0
 
     def _record_backward(self, samples: int, tokens: int, elapsed: float) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agora_server.optim.averaging import AveragingConfig
 from agora_server.optim.config import OptimizerConfig
 
 
@@ -18,11 +19,16 @@ class ServerConfig(BaseModel):
     samples_per_step: int = Field(8, gt=0)
     """Sequences whose gradients are accumulated before the local optimizer step."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    averaging: AveragingConfig = AveragingConfig()
     announce_period: float = Field(10.0, gt=0)
     """Seconds between DHT announcements; records expire after twice this."""
     progress_interval: float = Field(60.0, gt=0)
     """Seconds between ``[PROGRESS]`` reports."""
     cpu_threads: int | None = Field(None, gt=0)
     """torch intra-op threads; set to 1 when several workers share one CPU (local swarm)."""
+    checkpoint_dir: str = "checkpoints"
+    """Where the worker keeps its stage state, one file per identity; relative to the working directory."""
+    checkpoint_every: int = Field(50, gt=0)
+    """Epochs between checkpoints. One is also written when the worker stops."""
     allow_cpu: bool = False
     """Serve from the CPU when no CUDA device exists. Only small local runs should allow it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -15,12 +16,23 @@ from hivemind import DHT
 from hivemind.p2p import P2P
 
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
+from agora_server.optim import SwarmProgress
+from agora_server.optim.averaging import RoundResult, SpartaAverager
 from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.backend import StageBackend
+from agora_server.server.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
 from agora_server.server.config import ServerConfig
 from agora_server.server.handler import StageServicer
 from agora_server.server.validation import RequestLimits, StageSignature
-from agora_server.telemetry.events import EventBus, ProgressReport, ServerStarted, ServerStopping
+from agora_server.telemetry.events import (
+    AveragingRound,
+    CheckpointFailed,
+    CheckpointLoaded,
+    EventBus,
+    ProgressReport,
+    ServerStarted,
+    ServerStopping,
+)
 from agora_server.wire import ServerPhase, StageServerInfo
 
 
@@ -42,7 +54,16 @@ class StageWorker:
         self.boundary = boundary
         codec = build_boundary_codec(boundary, model, seed)
         stage = PipelineStage(model, spec, codec, seed)
-        self.backend = StageBackend(stage, server, device, emit=events.emit)
+        self.peer_id = dht.peer_id.to_base58()
+        self.checkpoint_file = checkpoint_path(server.checkpoint_dir, run, spec.name, self.peer_id)
+        resumed = load_checkpoint(self.checkpoint_file)
+        self.progress = SwarmProgress(dht, run, spec.name, server.samples_per_step, epoch=resumed["epoch"] if resumed else 0)
+        self.backend = StageBackend(
+            stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch
+        )
+        if resumed:
+            self.backend.load_state_dict(resumed)
+            events.emit(CheckpointLoaded(stage=spec.name, epoch=resumed["epoch"], path=str(self.checkpoint_file)))
         signature = StageSignature(
             kind=spec.kind,
             vocab_size=model.vocab_size,
@@ -50,14 +71,57 @@ class StageWorker:
             limits=RequestLimits(server.max_batch_size, model.max_seq_len, server.max_request_bytes),
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{spec.name}")
+        self.averager: SpartaAverager | None = None
+        if server.averaging.enabled:
+            try:
+                self.averager = SpartaAverager(
+                    dht,
+                    f"{run}.{spec.name}",
+                    [p for p in stage.parameters() if p.requires_grad],
+                    server.averaging,
+                    seed,
+                    on_compute=self._executor.submit,
+                    on_result=self._report_round,
+                )
+            except BaseException:
+                self.progress.shutdown()  # its thread is already running
+                raise
+        self._samples_at_last_round = 0
         self.servicer = StageServicer(
             run, spec.name, self.backend, signature, self._executor, boundary.torch_wire_dtype, events.emit
         )
-        self.peer_id = dht.peer_id.to_base58()
         self.announcer = StageAnnouncer(dht, run, self.peer_id, self.describe, server.announce_period)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="p2p-handlers", daemon=True)
         self._p2p: P2P | None = None
+
+    def _after_epoch(self, epoch: int) -> None:
+        if epoch % self.server_config.checkpoint_every == 0:
+            self.save_checkpoint()
+        if self.averager is None:
+            return
+        samples = self.backend.counters.samples
+        if self.averager.maybe_start_round(epoch, weight=samples - self._samples_at_last_round):
+            self._samples_at_last_round = samples
+
+    def save_checkpoint(self) -> None:
+        """Write the stage state (call on the compute thread). A failure keeps the last good file."""
+        try:
+            save_checkpoint(self.checkpoint_file, self.backend.state_dict())
+        except CheckpointError as e:
+            self.events.emit(CheckpointFailed(stage=self.spec.name, reason=str(e)))
+
+    def _report_round(self, result: RoundResult) -> None:
+        self.events.emit(
+            AveragingRound(
+                stage=self.spec.name,
+                epoch=result.epoch,
+                slice_index=result.slice_index,
+                ok=result.ok,
+                group_size=result.group_size,
+                reason=result.reason,
+            )
+        )
 
     def describe(self) -> StageServerInfo:
         return StageServerInfo(
@@ -81,11 +145,16 @@ class StageWorker:
         self._p2p = await self.dht.replicate_p2p()
         await self.servicer.add_p2p_handlers(self._p2p, namespace=self.run)
 
-    def serve(self, stop: threading.Event) -> None:
-        """Report progress every ``progress_interval`` seconds until ``stop`` is set."""
+    def serve(self, stop: threading.Event, tick: float = 1.0) -> None:
+        """Until ``stop`` is set: step when the stage's epoch ends without a request arriving here,
+        and report progress every ``progress_interval`` seconds."""
         interval = self.server_config.progress_interval
-        last = self.backend.snapshot()
-        while not stop.wait(interval):
+        last, last_report = self.backend.snapshot(), time.monotonic()
+        while not stop.wait(tick):
+            self._executor.submit(self.backend.maybe_step)  # on the compute thread: never beside a backward
+            if time.monotonic() - last_report < interval:
+                continue
+            last_report = time.monotonic()
             now = self.backend.snapshot()
             self.events.emit(
                 ProgressReport(
@@ -111,7 +180,14 @@ class StageWorker:
                     pass  # the daemon may already be gone; nothing left to unregister
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(10)
+        if self.averager is not None:
+            self.averager.shutdown()
+        try:
+            self._executor.submit(self.save_checkpoint).result(60)
+        except Exception:
+            pass  # a worker stopping after a crash may not get to save; the periodic checkpoint remains
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.progress.shutdown()
 
     async def _remove_handlers(self) -> None:
         await self.servicer.remove_p2p_handlers(self._p2p, namespace=self.run)

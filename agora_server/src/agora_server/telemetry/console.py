@@ -32,6 +32,23 @@ def _(event: ev.NonFiniteGradients) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.CheckpointLoaded) -> list[str]:
+    return [f"[SERVER] Resumed stage {event.stage} at training step {event.epoch} from {event.path}"]
+
+
+@console_lines.register
+def _(event: ev.CheckpointFailed) -> list[str]:
+    return [f"[SERVER] Checkpoint not saved: {event.reason}"]
+
+
+@console_lines.register
+def _(event: ev.AveragingRound) -> list[str]:
+    if event.ok:
+        return [f"[TRAINING] Averaged weight slice {event.slice_index} with {event.group_size - 1} peer(s)"]
+    return [f"[TRAINING] Averaging round at step {event.epoch} failed: {event.reason}"]
+
+
+@console_lines.register
 def _(event: ev.ProgressReport) -> list[str]:
     total = event.forward_batches + event.backward_batches
     return [

@@ -31,6 +31,7 @@ class ServerStarted(Event):
 class OptimizerStepped(Event):
     stage: str
     step: int
+    """The stage epoch this step completed (1 for the first)."""
     grad_norm: float
     lr: float
 
@@ -39,6 +40,29 @@ class OptimizerStepped(Event):
 class NonFiniteGradients(Event):
     stage: str
     grad_norm: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointLoaded(Event):
+    stage: str
+    epoch: int
+    path: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointFailed(Event):
+    stage: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AveragingRound(Event):
+    stage: str
+    epoch: int
+    slice_index: int
+    ok: bool
+    group_size: int
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

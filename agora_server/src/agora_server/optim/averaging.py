@@ -1,0 +1,158 @@
+"""SPARTA averaging of one stage's weights with the other workers of the stage, on hivemind's
+DecentralizedAverager (matchmaking in the DHT, butterfly all-reduce, timeouts).
+
+Every ``average_every`` epochs a worker averages one slice (a fraction p of every tensor) in a
+background thread while it keeps training. The averager's buffers are sized for the largest
+slice; a round copies its slice in, matches only with peers averaging the same slice (the slice
+index is the matchmaking group key), and lands the result with the delta rule. Weights are the
+samples each peer processed since its last round, so a newcomer (weight 0) only receives. A round
+whose result is not finite, or moves any weight by more than ``max_update``, is refused whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+from pydantic import BaseModel, ConfigDict, Field
+
+from agora_server.optim.sparta import SpartaPartition, slice_for_epoch
+
+logger = logging.getLogger(__name__)
+
+
+class AveragingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    """Average with the stage's other workers. Off, each worker drifts on its own."""
+    fraction: float = Field(0.05, gt=0, le=1)
+    """p: the share of every tensor averaged per round; every weight is averaged once per ⌈1/p⌉ rounds."""
+    average_every: int = Field(5, gt=0)
+    """Epochs between rounds."""
+    matchmaking_time: float = Field(5.0, gt=0)
+    """Seconds a round waits for peers to join its group (production: 25-40)."""
+    averaging_timeout: float = Field(60.0, gt=0)
+    """Seconds a whole round may take before it counts as failed (production: 60-150)."""
+    request_timeout: float = Field(3.0, gt=0)
+    """Seconds to wait for one peer's answer before it is left out of the round."""
+    target_group_size: int | None = Field(None, ge=2)
+    """Split large stages into groups of about this many peers per round; None averages with all."""
+    max_update: float = Field(1.0, gt=0)
+    """A round that would move any weight by more than this is refused (a peer sent absurd values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    epoch: int
+    slice_index: int
+    ok: bool
+    group_size: int
+    reason: str = ""
+
+
+class SpartaAverager:
+    """Background SPARTA rounds for a list of parameters.
+
+    ``on_compute`` runs a function on the thread that owns the parameters (the stage's compute
+    thread) and returns its Future: snapshots and updates never interleave with a backward.
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        params: Sequence[torch.Tensor],
+        config: AveragingConfig,
+        seed: int,
+        on_compute: Callable[[Callable[[], object]], Future],
+        on_result: Callable[[RoundResult], None] = lambda result: None,
+    ):
+        self.params, self.config, self.on_compute, self.on_result = list(params), config, on_compute, on_result
+        self.partition = SpartaPartition([p.numel() for p in self.params], config.fraction, seed)
+        slices = self.partition.slices
+        self._lengths = [[len(self.partition.indices(i, r)) for r in range(slices)] for i in range(len(self.params))]
+        buffers = [torch.zeros(max(lengths), dtype=torch.float32) for lengths in self._lengths]
+        self._bits = max(1, math.ceil(math.log2(slices))) if slices > 1 else 0
+        self.averager = DecentralizedAverager(
+            buffers,
+            dht,
+            prefix=f"{prefix}_sparta".replace(".", "_"),  # hivemind group keys use "." as a separator
+            start=True,
+            min_matchmaking_time=config.matchmaking_time,
+            request_timeout=config.request_timeout,
+            allreduce_timeout=config.averaging_timeout,
+            target_group_size=config.target_group_size,
+            min_group_size=2,
+            initial_group_bits="0" * self._bits,
+        )
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparta")
+        self._busy = threading.Lock()
+        self.rounds_ok = self.rounds_failed = 0
+
+    def maybe_start_round(self, epoch: int, weight: float) -> Future | None:
+        """Start this epoch's round in the background if one is due and none is running."""
+        if epoch % self.config.average_every or not self._busy.acquire(blocking=False):
+            return None
+        return self._pool.submit(self._round_and_release, epoch, weight)
+
+    def _round_and_release(self, epoch: int, weight: float) -> RoundResult:
+        try:
+            result = self.run_round(epoch, weight)
+        except Exception as e:  # a failed round must never take the worker down
+            logger.warning("averaging round at epoch %d failed", epoch, exc_info=True)
+            result = RoundResult(epoch, -1, False, 0, f"{type(e).__name__}: {e}")
+        finally:
+            self._busy.release()
+        if result.ok:
+            self.rounds_ok += 1
+        else:
+            self.rounds_failed += 1
+        self.on_result(result)
+        return result
+
+    def run_round(self, epoch: int, weight: float) -> RoundResult:
+        index = slice_for_epoch(epoch, self.config.average_every, self.partition.slices)
+        snapshot = self.on_compute(lambda: self.partition.gather(self.params, index)).result()
+        if not all(bool(torch.isfinite(s).all()) for s in snapshot):
+            return RoundResult(epoch, index, False, 0, "own weights are not finite; not contributing")
+        with self.averager.get_tensors() as buffers:
+            for buffer, values in zip(buffers, snapshot):
+                buffer.zero_()
+                buffer[: len(values)] = values.float()
+        if self._bits:
+            self.averager.set_group_bits(format(index, f"0{self._bits}b"))
+        # give up finding a group soon after the matchmaking window, so a round with no partner
+        # does not block the next ones; the all-reduce itself is bounded by averaging_timeout
+        find_group_within = 2 * self.config.matchmaking_time + self.config.request_timeout
+        group = self.averager.step(weight=float(weight), gather=index, timeout=find_group_within, allow_retries=False)
+        if not group:
+            return RoundResult(epoch, index, False, 0, "no group formed or all-reduce failed")
+        if any(slice_of_peer != index for slice_of_peer in group.values()):
+            return RoundResult(epoch, index, False, len(group), "a peer averaged another slice")
+        with self.averager.get_tensors() as buffers:
+            averaged = [buffer[: len(values)].clone() for buffer, values in zip(buffers, snapshot)]
+        problem = self._implausible(snapshot, averaged)
+        if problem:
+            return RoundResult(epoch, index, False, len(group), problem)
+        self.on_compute(lambda: self.partition.apply_delta(self.params, index, snapshot, averaged)).result()
+        return RoundResult(epoch, index, True, len(group))
+
+    def _implausible(self, snapshot: Sequence[torch.Tensor], averaged: Sequence[torch.Tensor]) -> str:
+        for old, new in zip(snapshot, averaged):
+            if not bool(torch.isfinite(new).all()):
+                return "the average is not finite: a peer sent NaN or Inf"
+            if len(new) and float((new - old.float()).abs().max()) > self.config.max_update:
+                return f"the average moves a weight by more than {self.config.max_update}: a peer sent absurd values"
+        return ""
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.averager.shutdown()

@@ -1,0 +1,85 @@
+"""Epochs of a stage: its workers take an optimizer step together each time they have processed,
+between them, ``target_batch_size`` samples.
+
+``SwarmProgress`` shares the count through hivemind's ProgressTracker (a per-stage record in the
+DHT, signed by each peer); ``LocalProgress`` is the same contract for a worker alone (tests,
+single-process training).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from hivemind import DHT
+from hivemind.optim.progress_tracker import ProgressTracker
+
+
+class StageProgress(Protocol):
+    epoch: int
+
+    def report(self, samples_accumulated: int) -> None:
+        """Samples this worker has accumulated towards the current epoch."""
+
+    def ready(self) -> bool:
+        """Whether this worker should step now (the stage reached its target, or moved on)."""
+
+    def advance(self) -> int:
+        """Enter the next epoch (or the stage's, if it is further ahead); return it."""
+
+    def shutdown(self) -> None: ...
+
+
+class LocalProgress:
+    def __init__(self, target_batch_size: int, epoch: int = 0):
+        self.target_batch_size, self.epoch, self._samples = target_batch_size, epoch, 0
+
+    def report(self, samples_accumulated: int) -> None:
+        self._samples = samples_accumulated
+
+    def ready(self) -> bool:
+        return self._samples >= self.target_batch_size
+
+    def advance(self) -> int:
+        self.epoch, self._samples = self.epoch + 1, 0
+        return self.epoch
+
+    def shutdown(self) -> None:
+        pass
+
+
+class SwarmProgress:
+    def __init__(self, dht: DHT, run: str, stage: str, target_batch_size: int, epoch: int = 0, refresh_period: float = 2.0):
+        self.tracker = ProgressTracker(
+            dht,
+            prefix=f"{run}.{stage}",
+            target_batch_size=target_batch_size,
+            min_refresh_period=min(0.5, refresh_period),
+            max_refresh_period=refresh_period,
+            default_refresh_period=refresh_period,
+            status_loglevel=logging.DEBUG,
+            start=True,
+        )
+        self.epoch = epoch
+        if epoch:
+            with self.tracker.pause_updates():
+                self.tracker.update_epoch(epoch)
+
+    @property
+    def stage_epoch(self) -> int:
+        """The furthest epoch any worker of the stage has announced."""
+        return self.tracker.global_epoch
+
+    def report(self, samples_accumulated: int) -> None:
+        self.tracker.report_local_progress(self.epoch, samples_accumulated)
+
+    def ready(self) -> bool:
+        return self.tracker.ready_to_update_epoch
+
+    def advance(self) -> int:
+        with self.tracker.pause_updates():
+            self.epoch = self.tracker.update_epoch(max(self.epoch + 1, self.tracker.global_epoch))
+        return self.epoch
+
+    def shutdown(self) -> None:
+        self.tracker.shutdown()
