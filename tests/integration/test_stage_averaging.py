@@ -1,5 +1,7 @@
 """Workers of one stage learn as one model: SPARTA averaging keeps their weights together."""
 
+import os
+import signal
 from pathlib import Path
 
 import torch
@@ -40,3 +42,45 @@ def test_averaging_keeps_workers_of_a_stage_close(swarm_harness):
     assert with_averaging < 0.5 * without, f"averaged distance {with_averaging:.4g} vs independent {without:.4g}"
     for state in averaged + independent:
         assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def event_lines(swarm, log_name: str, event: str) -> list[str]:
+    return [line for line in (swarm.log_dir / log_name).read_text().splitlines() if f"agora.events: {event} " in line]
+
+
+def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness):
+    swarm = swarm_harness.create({"server": {"averaging": AVERAGING}}, steps=160, workers={"body1": 2})
+    swarm.start()
+    assert swarm.wait_for_output("trainer", "[TRAINER] step 20 ", 240)
+
+    swarm.start_worker("body1", 2)
+    assert swarm.wait_for_output("body1#2", "[WARMUP] Node warmup started, catching up with other nodes", 120)
+    assert swarm.wait_for_output("body1#2", "[WARMUP] Loaded the stage's weights from a peer", 120)
+    assert swarm.wait_for_output("body1#2", "[WARMUP] Node warmup complete", 180)
+    (complete,) = event_lines(swarm, "server_body1_2.log", "WarmupComplete")
+    assert "requests_served=0" in complete, f"the trainer routed to a catching-up worker: {complete}"
+    assert "timed_out=False" in complete
+    assert swarm.wait_for_output("body1#2", "[TRAINING] Training step", 120)
+
+    assert run_trainer_to_end(swarm, 600) == 0
+    assert swarm.stop() == []
+    directory = Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1"
+    states = [load_checkpoint(path) for path in sorted(directory.glob("*.pt"))]
+    assert len(states) == 3
+    distances = [relative_distance(a["model"], b["model"]) for i, a in enumerate(states) for b in states[i + 1 :]]
+    assert max(distances) < 0.15, f"pairwise distances {distances}"
+
+
+def test_restarted_worker_resumes_from_its_checkpoint(swarm_harness):
+    swarm = swarm_harness.create({"server": {"checkpoint_every": 5}}, steps=120, workers={"body1": 2})
+    swarm.start()
+    assert swarm.wait_for_output("body1#1", "[TRAINING] Training step 10", 240)
+    os.kill(swarm.process("body1#1").popen.pid, signal.SIGTERM)  # a clean stop, like Ctrl+C: it checkpoints on the way out
+    assert swarm.process("body1#1").popen.wait(60) == 0
+    stopped_at = load_checkpoint(next((Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1").glob("*.pt")))
+    swarm.start_worker("body1", 1)  # same identity file, so the same checkpoint
+    assert swarm.wait_for_output("body1#1", "[SERVER] Resumed stage body1 at training step", 120)
+    (loaded,) = event_lines(swarm, "server_body1_1.log", "CheckpointLoaded")
+    epoch = int(loaded.split("epoch=")[1].split()[0])
+    assert epoch >= 10
+    assert run_trainer_to_end(swarm, 600) == 0

@@ -74,3 +74,23 @@ def test_exclude_prefers_a_worker_not_yet_tried():
     b = balancer()
     b.update_peers({"a": info(1000.0), "b": info(10.0)})
     assert b.choose(10, exclude=["a"]) == "b"
+
+
+def test_an_unmeasured_newcomer_is_tried():
+    b = balancer()
+    b.update_peers({"old": info(0.0)})
+    b.succeeded("old", b.choose(1000) and 1000, elapsed=0.1)  # measured: 10,000 tokens/s
+    b.update_peers({"old": info(0.0), "new": info(0.0)})
+    assert b.expected_throughput("new") == b.expected_throughput("old") == 10_000
+    b.choose(1000)  # the old worker has work in flight now
+    assert b.choose(1000) == "new"
+
+
+def test_a_worker_seen_at_start_but_not_yet_measured_is_not_starved():
+    b = balancer()
+    b.update_peers({"a": info(0.0), "b": info(0.0)})
+    first = b.choose(1000)
+    b.succeeded(first, 1000, elapsed=0.01)  # measured very fast
+    other = "b" if first == "a" else "a"
+    b.choose(1000)
+    assert b.choose(1000) == other, "the unmeasured worker must be tried once the measured one has work queued"

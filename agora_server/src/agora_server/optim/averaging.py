@@ -15,12 +15,14 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import CompressionInfo
 from pydantic import BaseModel, ConfigDict, Field
 
 from agora_server.optim.sparta import SpartaPartition, slice_for_epoch
@@ -47,6 +49,27 @@ class AveragingConfig(BaseModel):
     """Split large stages into groups of about this many peers per round; None averages with all."""
     max_update: float = Field(1.0, gt=0)
     """A round that would move any weight by more than this is refused (a peer sent absurd values)."""
+    warmup_rounds: int = Field(2, ge=0)
+    """Rounds a newcomer averages with weight 0 (receiving only) before trainers route to it."""
+
+
+StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
+
+
+class _StageStateAverager(DecentralizedAverager):
+    """Serves the stage's full weights to newcomers (``load_state_from_peers``) from the worker process."""
+
+    state_provider: StateProvider | None = None
+    round_running: threading.Event | None = None
+
+    def get_current_state(self):
+        if self.state_provider is None:
+            raise RuntimeError("this worker does not share its state yet")
+        if self.round_running is not None and self.round_running.is_set():
+            # no joins at an averaging boundary: the slice being averaged is about to change
+            raise RuntimeError("an averaging round is running; ask again in a moment")
+        metadata, tensors = self.state_provider()
+        return metadata, tensors, [CompressionInfo.from_tensor(t) for t in tensors]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +104,7 @@ class SpartaAverager:
         self._lengths = [[len(self.partition.indices(i, r)) for r in range(slices)] for i in range(len(self.params))]
         buffers = [torch.zeros(max(lengths), dtype=torch.float32) for lengths in self._lengths]
         self._bits = max(1, math.ceil(math.log2(slices))) if slices > 1 else 0
-        self.averager = DecentralizedAverager(
+        self.averager = _StageStateAverager(
             buffers,
             dht,
             prefix=f"{prefix}_sparta".replace(".", "_"),  # hivemind group keys use "." as a separator
@@ -92,24 +115,47 @@ class SpartaAverager:
             target_group_size=config.target_group_size,
             min_group_size=2,
             initial_group_bits="0" * self._bits,
+            allow_state_sharing=False,  # until this worker holds the stage's current weights
         )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparta")
+        self._round_running = threading.Event()
+        self.averager.round_running = self._round_running
+        self._control = None
+        self._closed = False
         self._busy = threading.Lock()
         self.rounds_ok = self.rounds_failed = 0
 
+    def share_state(self, provider: StateProvider) -> None:
+        """Let newcomers download the stage's weights from this worker."""
+        self.averager.state_provider = provider
+        self.averager.allow_state_sharing = True
+
+    def download_state(self, timeout: float, attempts: int = 5, pause: float = 2.0) -> tuple[dict, list[torch.Tensor]] | None:
+        """Weights and metadata from a peer of the stage; None if none answered in ``attempts`` tries.
+        Peers refuse while one of their rounds runs, so a refusal is worth another try."""
+        for attempt in range(attempts):
+            state = self.averager.load_state_from_peers(timeout=timeout)
+            if state is not None:
+                return state
+            if attempt + 1 < attempts:
+                time.sleep(pause)
+        return None
+
     def maybe_start_round(self, epoch: int, weight: float) -> Future | None:
         """Start this epoch's round in the background if one is due and none is running."""
-        if epoch % self.config.average_every or not self._busy.acquire(blocking=False):
+        if self._closed or epoch % self.config.average_every or not self._busy.acquire(blocking=False):
             return None
         return self._pool.submit(self._round_and_release, epoch, weight)
 
     def _round_and_release(self, epoch: int, weight: float) -> RoundResult:
+        self._round_running.set()
         try:
             result = self.run_round(epoch, weight)
         except Exception as e:  # a failed round must never take the worker down
             logger.warning("averaging round at epoch %d failed", epoch, exc_info=True)
             result = RoundResult(epoch, -1, False, 0, f"{type(e).__name__}: {e}")
         finally:
+            self._round_running.clear()
             self._busy.release()
         if result.ok:
             self.rounds_ok += 1
@@ -130,9 +176,19 @@ class SpartaAverager:
         if self._bits:
             self.averager.set_group_bits(format(index, f"0{self._bits}b"))
         # give up finding a group soon after the matchmaking window, so a round with no partner
-        # does not block the next ones; the all-reduce itself is bounded by averaging_timeout
+        # does not block the next ones; the whole round gets a deadline of its own as well, since a
+        # step whose group breaks up mid-way has been seen to outlive every hivemind timeout
         find_group_within = 2 * self.config.matchmaking_time + self.config.request_timeout
-        group = self.averager.step(weight=float(weight), gather=index, timeout=find_group_within, allow_retries=False)
+        control = self._control = self.averager.step(
+            weight=float(weight), gather=index, timeout=find_group_within, allow_retries=False, wait=False
+        )
+        try:
+            group = control.result(timeout=find_group_within + self.config.averaging_timeout)
+        except TimeoutError:
+            control.cancel()
+            return RoundResult(epoch, index, False, 0, "the round did not finish within its deadline")
+        finally:
+            self._control = None
         if not group:
             return RoundResult(epoch, index, False, 0, "no group formed or all-reduce failed")
         if any(slice_of_peer != index for slice_of_peer in group.values()):
@@ -154,5 +210,9 @@ class SpartaAverager:
         return ""
 
     def shutdown(self) -> None:
+        self._closed = True
+        control = self._control
+        if control is not None:
+            control.cancel()  # else the round's thread, and so the process's exit, waits out its deadline
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.averager.shutdown()

@@ -60,10 +60,14 @@ class SwarmProgress:
             status_loglevel=logging.DEBUG,
             start=True,
         )
-        self.epoch = epoch
+        self.epoch = 0
         if epoch:
-            with self.tracker.pause_updates():
-                self.tracker.update_epoch(epoch)
+            self.jump_to(epoch)
+
+    def jump_to(self, epoch: int) -> None:
+        """Continue from ``epoch`` (a resumed checkpoint, or the state downloaded from a peer)."""
+        with self.tracker.pause_updates():
+            self.epoch = self.tracker.update_epoch(epoch)
 
     @property
     def stage_epoch(self) -> int:

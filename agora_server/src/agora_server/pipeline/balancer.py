@@ -43,13 +43,23 @@ class StageBalancer:
         for peer_id, info in records.items():
             state = self.peers.get(peer_id)
             if state is None:
-                state = self.peers[peer_id] = PeerState(throughput=info.throughput or self.default_throughput)
-            elif not state.measured and info.throughput > 0:
+                state = self.peers[peer_id] = PeerState(throughput=info.throughput)
+            elif not state.measured:
                 state.throughput = info.throughput
             state.listed = info.phase is ServerPhase.ONLINE
         for peer_id, state in self.peers.items():
             if peer_id not in records:
                 state.listed = False
+
+    def expected_throughput(self, peer_id: str) -> float:
+        """What this trainer measured; for a worker it has not measured yet, the best rate measured on
+        the stage (or announced, or the default), so it gets tried: a pessimistic guess would starve it
+        of the very work that would measure it."""
+        state = self.peers[peer_id]
+        if state.measured:
+            return state.throughput
+        measured = [s.throughput for s in self.peers.values() if s.measured]
+        return max([*measured, state.throughput]) if measured else (state.throughput or self.default_throughput)
 
     def usable(self) -> list[str]:
         now = self.clock()
@@ -60,7 +70,7 @@ class StageBalancer:
         candidates = [p for p in self.usable() if p not in excluded] or self.usable()
         if not candidates:
             return None
-        best = min(candidates, key=lambda p: (self.peers[p].inflight_tokens + tokens) / self.peers[p].throughput)
+        best = min(candidates, key=lambda p: (self.peers[p].inflight_tokens + tokens) / self.expected_throughput(p))
         self.peers[best].inflight_tokens += tokens
         return best
 

@@ -32,8 +32,11 @@ from agora_server.telemetry.events import (
     ProgressReport,
     ServerStarted,
     ServerStopping,
+    StateDownloaded,
+    WarmupComplete,
+    WarmupStarted,
 )
-from agora_server.wire import ServerPhase, StageServerInfo
+from agora_server.wire import ServerPhase, StageServerInfo, stage_key
 
 
 class StageWorker:
@@ -87,6 +90,10 @@ class StageWorker:
                 self.progress.shutdown()  # its thread is already running
                 raise
         self._samples_at_last_round = 0
+        self.phase = ServerPhase.ONLINE
+        self._resumed = resumed is not None
+        self._warmup_until_round = 0
+        self._warmup_deadline = 0.0
         self.servicer = StageServicer(
             run, spec.name, self.backend, signature, self._executor, boundary.torch_wire_dtype, events.emit
         )
@@ -101,7 +108,9 @@ class StageWorker:
         if self.averager is None:
             return
         samples = self.backend.counters.samples
-        if self.averager.maybe_start_round(epoch, weight=samples - self._samples_at_last_round):
+        # a newcomer only receives: its weights are a copy, not a contribution
+        weight = 0 if self.phase is ServerPhase.CATCHING_UP else samples - self._samples_at_last_round
+        if self.averager.maybe_start_round(epoch, weight=weight):
             self._samples_at_last_round = samples
 
     def save_checkpoint(self) -> None:
@@ -126,7 +135,7 @@ class StageWorker:
     def describe(self) -> StageServerInfo:
         return StageServerInfo(
             stage=self.spec.name,
-            phase=ServerPhase.ONLINE,
+            phase=self.phase,
             throughput=self.backend.throughput(),
             max_batch_size=self.server_config.max_batch_size,
             wire_dtype=self.boundary.wire_dtype,
@@ -135,11 +144,82 @@ class StageWorker:
     def start(self, timeout: float = 60.0) -> None:
         self._loop_thread.start()
         asyncio.run_coroutine_threadsafe(self._add_handlers(), self._loop).result(timeout)
+        joining = self._joins_a_running_stage()
+        if joining:
+            self.phase = ServerPhase.CATCHING_UP  # announced as such: trainers will not route here yet
         self.announcer.start()
         if not self.announcer.announced.wait(timeout):
             raise TimeoutError(f"could not announce stage {self.spec.name} in the DHT within {timeout:.0f}s")
         maddrs = tuple(str(m) for m in self.dht.get_visible_maddrs())
         self.events.emit(ServerStarted(stage=self.spec.name, peer_id=self.peer_id, maddrs=maddrs))
+        if joining:
+            self._catch_up()
+        elif self.averager is not None:
+            self.averager.share_state(self._current_state)
+
+    def _joins_a_running_stage(self) -> bool:
+        """Others already train this stage, and this worker has no state of its own that is current."""
+        found = self.dht.get(stage_key(self.run, self.spec.name), latest=True)
+        others = [
+            peer for peer, entry in (found.value.items() if found and isinstance(found.value, dict) else ())
+            if peer != self.peer_id and isinstance(entry.value, dict) and entry.value.get("phase") == ServerPhase.ONLINE.value
+        ]
+        if not others or self.averager is None or self.progress.stage_epoch == 0:
+            return False  # alone, or the stage has not trained yet: nothing to catch up on
+        return not self._resumed or self.progress.epoch + self.server_config.averaging.average_every < self.progress.stage_epoch
+
+    def _catch_up(self) -> None:
+        """Load the stage's weights from a peer, then average with weight 0 until in step with the others."""
+        self.events.emit(WarmupStarted(stage=self.spec.name, stage_epoch=self.progress.stage_epoch))
+        state = None
+        for _ in range(3):
+            state = self.averager.download_state(timeout=self.server_config.averaging.averaging_timeout)
+            if state is not None:
+                break
+        if state is not None:
+            metadata, tensors = state
+            self._executor.submit(self._load_shared_state, metadata, tensors).result()
+        self.events.emit(StateDownloaded(stage=self.spec.name, epoch=self.progress.epoch, ok=state is not None))
+        averaging = self.server_config.averaging
+        self._warmup_until_round = self.averager.rounds_ok + averaging.warmup_rounds
+        patience = (averaging.warmup_rounds + 2) * (averaging.average_every + 2 * averaging.matchmaking_time + averaging.averaging_timeout)
+        self._warmup_deadline = time.monotonic() + patience
+
+    def _load_shared_state(self, metadata: dict, tensors: list) -> None:
+        params = [p for p in self.backend.stage.parameters() if p.requires_grad]
+        if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
+            raise ValueError("a peer shared weights of another shape; is it running the same run config?")
+        with torch.no_grad():
+            for param, value in zip(params, tensors):
+                param.copy_(value)
+        self.progress.jump_to(int(metadata["epoch"]))
+
+    def _current_state(self) -> tuple[dict, list]:
+        def read():
+            params = [p.detach().clone() for p in self.backend.stage.parameters() if p.requires_grad]
+            return {"epoch": self.progress.epoch}, params
+
+        return self._executor.submit(read).result()
+
+    def _finish_warmup_if_caught_up(self) -> None:
+        if self.phase is not ServerPhase.CATCHING_UP:
+            return
+        caught_up = self.averager.rounds_ok >= self._warmup_until_round
+        timed_out = time.monotonic() > self._warmup_deadline
+        if not (caught_up or timed_out):
+            return
+        self.phase = ServerPhase.ONLINE
+        self.averager.share_state(self._current_state)
+        self.announcer.trigger()
+        counters = self.backend.snapshot()
+        self.events.emit(
+            WarmupComplete(
+                stage=self.spec.name,
+                epoch=self.progress.epoch,
+                requests_served=counters.forward_batches + counters.backward_batches,
+                timed_out=timed_out and not caught_up,
+            )
+        )
 
     async def _add_handlers(self) -> None:
         self._p2p = await self.dht.replicate_p2p()
@@ -152,6 +232,7 @@ class StageWorker:
         last, last_report = self.backend.snapshot(), time.monotonic()
         while not stop.wait(tick):
             self._executor.submit(self.backend.maybe_step)  # on the compute thread: never beside a backward
+            self._finish_warmup_if_caught_up()
             if time.monotonic() - last_report < interval:
                 continue
             last_report = time.monotonic()

@@ -32,6 +32,24 @@ def _(event: ev.NonFiniteGradients) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.WarmupStarted) -> list[str]:
+    return ["[WARMUP] Node warmup started, catching up with other nodes"]
+
+
+@console_lines.register
+def _(event: ev.StateDownloaded) -> list[str]:
+    if event.ok:
+        return [f"[WARMUP] Loaded the stage's weights from a peer at training step {event.epoch}"]
+    return ["[WARMUP] No peer shared its weights yet; catching up through averaging alone"]
+
+
+@console_lines.register
+def _(event: ev.WarmupComplete) -> list[str]:
+    suffix = " (no averaging partner answered; joining anyway)" if event.timed_out else ""
+    return [f"[WARMUP] Node warmup complete{suffix}"]
+
+
+@console_lines.register
 def _(event: ev.CheckpointLoaded) -> list[str]:
     return [f"[SERVER] Resumed stage {event.stage} at training step {event.epoch} from {event.path}"]
 

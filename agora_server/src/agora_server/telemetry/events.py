@@ -43,6 +43,28 @@ class NonFiniteGradients(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class WarmupStarted(Event):
+    stage: str
+    stage_epoch: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StateDownloaded(Event):
+    stage: str
+    epoch: int
+    ok: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WarmupComplete(Event):
+    stage: str
+    epoch: int
+    requests_served: int
+    """Forward and backward requests served while catching up (trainers should have sent none)."""
+    timed_out: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointLoaded(Event):
     stage: str
     epoch: int
