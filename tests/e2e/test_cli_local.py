@@ -1,7 +1,9 @@
 """``python3 agora_cli.py --local`` as a participant runs it: what it prints, and that it cleans up."""
 
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -9,20 +11,24 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 
 
-def agora_processes() -> set[int]:
+def processes_marked(marker: str) -> set[int]:
+    """Processes that inherited this run's marker: the CLI's children, their DHT processes, p2pd."""
     found = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "agora.run_server" in cmdline or "agora.run_seed" in cmdline or "agora.trainer" in cmdline or "hivemind_cli/p2pd" in cmdline:
-            found.add(proc.pid)
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("AGORA_TEST_MARKER") == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(proc.pid)
+        except psutil.Error:
+            continue
     return found
 
 
 def test_local_swarm_command_prints_the_guide_tags_and_cleans_up():
-    before = agora_processes()
+    marker = uuid.uuid4().hex
     result = subprocess.run(
         [sys.executable, str(REPO / "agora_cli.py"), "--local", "--steps", "60"],
         cwd=REPO,
+        env=dict(os.environ, AGORA_TEST_MARKER=marker),
         capture_output=True,
         text=True,
         timeout=600,
@@ -33,4 +39,4 @@ def test_local_swarm_command_prints_the_guide_tags_and_cleans_up():
         assert tag in out, f"missing {tag!r} in output"
     assert "Finished: 60 micro-batches completed of 60 sent" in out
     assert "[LOCAL] Swarm stopped; no process left running." in out
-    assert agora_processes() - before == set()
+    assert processes_marked(marker) == set(), "processes left running after the CLI exited"

@@ -37,7 +37,7 @@ def test_averaging_keeps_workers_of_a_stage_close(swarm_harness):
 
     with_averaging = relative_distance(averaged[0]["model"], averaged[1]["model"])
     without = relative_distance(independent[0]["model"], independent[1]["model"])
-    assert rounds_ok >= 5, f"only {rounds_ok} successful averaging rounds"
+    assert rounds_ok >= 3, f"only {rounds_ok} successful averaging rounds"
     assert without > 0, "without averaging two workers fed different micro-batches must differ"
     assert with_averaging < 0.5 * without, f"averaged distance {with_averaging:.4g} vs independent {without:.4g}"
     for state in averaged + independent:
@@ -77,10 +77,12 @@ def test_restarted_worker_resumes_from_its_checkpoint(swarm_harness):
     assert swarm.wait_for_output("body1#1", "[TRAINING] Training step 10", 240)
     os.kill(swarm.process("body1#1").popen.pid, signal.SIGTERM)  # a clean stop, like Ctrl+C: it checkpoints on the way out
     assert swarm.process("body1#1").popen.wait(60) == 0
-    stopped_at = load_checkpoint(next((Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1").glob("*.pt")))
+    (started,) = event_lines(swarm, "server_body1_1.log", "ServerStarted")
+    peer_id = started.split("peer_id='")[1].split("'")[0]
+    stopped_at = load_checkpoint(Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1" / f"{peer_id}.pt")
     swarm.start_worker("body1", 1)  # same identity file, so the same checkpoint
     assert swarm.wait_for_output("body1#1", "[SERVER] Resumed stage body1 at training step", 120)
     (loaded,) = event_lines(swarm, "server_body1_1.log", "CheckpointLoaded")
     epoch = int(loaded.split("epoch=")[1].split()[0])
-    assert epoch >= 10
+    assert epoch == stopped_at["epoch"] >= 10, "the restarted worker must continue from the epoch it stopped at"
     assert run_trainer_to_end(swarm, 600) == 0

@@ -25,8 +25,8 @@ def setup_process(log_file: str | None) -> EventBus:
         stderr.setLevel(logging.WARNING)
         root.addHandler(stderr)
     events = EventBus()
+    events.subscribe(EventLogger())  # the file first: when a console line shows, the record is written
     events.subscribe(ConsolePrinter())
-    events.subscribe(EventLogger())
     return events
 
 
