@@ -31,7 +31,9 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import os
+import shutil
 import re
 import sys
 import threading
@@ -54,7 +56,7 @@ BENCH_MODEL = {
 BENCH_STAGE_LAYERS = [3, 3]
 BENCH_MICRO_BATCH = 4
 BENCH_SEQ_LEN = 256
-BENCH_STEPS = 48
+BENCH_STEPS = 32
 
 QUICK_MODEL = {
     "vocab_size": 8192,
@@ -79,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help=f"timed micro-batches per side (default {BENCH_STEPS}; --quick: {QUICK_STEPS})")
     parser.add_argument("--warmup", type=int, default=2, help="untimed micro-batches before the timed ones, on both sides (default 2)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and few steps: a smoke test, not a measurement")
+    parser.add_argument("--repeat", type=int, default=None, help="rounds of (single, swarm); each side's best round counts (default 2; --quick: 1)")
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON to this file")
     parser.add_argument("--log-dir", type=Path, default=REPO / "logs" / "bench-throughput", help="the swarm's logs and config")
     # knobs for exploring configurations; the defaults are the benchmark's
@@ -90,13 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--single-threads", type=int, default=None, help="torch threads of the single process (default: torch's default)")
     parser.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--samples-per-step", type=int, default=8, help="server.samples_per_step (default 8)")
+    parser.add_argument("--averaging", action="store_true", help="keep SPARTA averaging on (it has no peers with one worker per stage)")
     parser.add_argument("--skip-single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-swarm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-stage-profile", action="store_true", help="skip timing each stage's worker compute alone")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else BENCH_STEPS
-    if args.steps < 2 or args.warmup < 1:
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 2
+    if args.steps < 2 or args.warmup < 1 or args.repeat < 1:
         parser.error("need --steps >= 2 and --warmup >= 1")
     return args
 
@@ -129,6 +135,9 @@ def build_config(args: argparse.Namespace):
             "allow_cpu": True,
             "announce_period": 2,
             "progress_interval": 10,
+            "averaging": {"enabled": args.averaging},
+            # the workers' end-of-run checkpoints go next to the logs and are deleted after each swarm
+            "checkpoint_dir": str((args.log_dir / "checkpoints").resolve()),
             "optimizer": {"lr": 0.001, "warmup_steps": 10, "weight_decay": 0.01, "clip_grad_norm": 1.0},
         },
         "trainer": {
@@ -148,6 +157,70 @@ def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class CpuMeter:
+    """Who used the machine's CPUs during a phase: this benchmark's processes, or others.
+
+    ``others_share`` is the fraction of all cores' time taken by processes that are not ours
+    (another user's tests, say): near 0 means the timing is clean. Our processes are this one and,
+    while ``watch_groups`` returns them, every member of those process groups (the swarm's children,
+    their DHT processes and p2pd daemons), sampled every half second."""
+
+    def __init__(self, watch_groups=lambda: ()):
+        import psutil
+
+        self.psutil, self.watch_groups = psutil, watch_groups
+        self.cores = psutil.cpu_count() or 1
+        self._seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_loop, daemon=True, name="cpu-meter")
+
+    def _machine(self) -> tuple[float, float]:
+        t = self.psutil.cpu_times()
+        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)  # guest time is inside user time
+        return total - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "steal", 0.0), getattr(t, "steal", 0.0)
+
+    def _own_now(self) -> float:
+        t = self.psutil.Process().cpu_times()
+        return t.user + t.system
+
+    def _sample(self) -> None:
+        groups = set(self.watch_groups())
+        if not groups:
+            return
+        for proc in self.psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) in groups:
+                    t = proc.cpu_times()
+                    self._seen[proc.pid] = max(self._seen.get(proc.pid, 0.0), t.user + t.system)
+            except (ProcessLookupError, self.psutil.Error):
+                continue
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def __enter__(self) -> "CpuMeter":
+        self._wall, (self._busy, self._steal), self._own = time.perf_counter(), self._machine(), self._own_now()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        wall = time.perf_counter() - self._wall
+        busy, steal = self._machine()
+        busy, steal = busy - self._busy, steal - self._steal
+        ours = self._own_now() - self._own + sum(self._seen.values())
+        self.result = {
+            "wall_s": round(wall, 1),
+            "machine_busy_cpu_s": round(busy, 1),
+            "ours_cpu_s": round(ours, 1),
+            "others_cpu_s": round(max(0.0, busy - ours), 1),
+            "others_share": round(max(0.0, busy - ours) / (wall * self.cores), 3),
+            "steal_cpu_s": round(steal, 1),
+        }
+
+
 # --- (a) one process ---------------------------------------------------------------------------------
 
 
@@ -165,18 +238,17 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
     """Train the composed stages in this process: forward head → … → tail, one backward, the workers' optimizer schedule."""
     import torch
 
-    from agora_server.optim import build_optimizer, clip_and_check
+    from agora_server.optim import clip_and_check, learning_rate, make_optimizer
 
     if threads:
         torch.set_num_threads(threads)
     stages = build_stages(config)
-    optimizers = [build_optimizer(stage, config.server.optimizer) for stage in stages]
-    clip = config.server.optimizer.clip_grad_norm
+    optimizer_config = config.server.optimizer
+    optimizers = [make_optimizer(stage, optimizer_config) for stage in stages]
     samples_per_step = config.server.samples_per_step
-    accumulated = 0
+    accumulated_samples = accumulated_batches = epoch = 0
     losses: list[float] = []
     marks: list[float] = []
-    steps_taken = 0
 
     started = time.perf_counter()
     for tokens, labels in batches:
@@ -187,16 +259,21 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
         valid = (labels != -100).float()
         loss = (per_token_loss * (valid / valid.sum().clamp(min=1.0))).sum()  # the trainer's loss weights
         loss.backward()
-        accumulated += tokens.shape[0]
-        if accumulated >= samples_per_step:  # every stage steps on its own, as the workers do
-            for stage, (optimizer, schedule) in zip(stages, optimizers):
-                norm = clip_and_check(stage, clip)
-                if torch.isfinite(torch.tensor(norm)):
+        accumulated_samples += tokens.shape[0]
+        accumulated_batches += 1
+        if accumulated_samples >= samples_per_step:  # each stage steps on its own, as StageBackend does
+            lr = learning_rate(epoch, optimizer_config)
+            for stage, optimizer in zip(stages, optimizers):
+                for param in stage.parameters():
+                    if param.grad is not None:
+                        param.grad.div_(accumulated_batches)
+                if math.isfinite(clip_and_check(stage, optimizer_config.clip_grad_norm)):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
                     optimizer.step()
-                    schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-            accumulated = 0
-            steps_taken += 1
+            accumulated_samples = accumulated_batches = 0
+            epoch += 1
         losses.append(float(loss.detach()))
         marks.append(time.perf_counter())
 
@@ -210,7 +287,7 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
         "end_to_end_seconds": marks[-1] - started,
         "end_to_end_tokens_per_s": len(batches) * tokens_per_mb / (marks[-1] - started),
         "seconds_per_micro_batch": seconds / timed,
-        "optimizer_steps": steps_taken,
+        "optimizer_steps": epoch,
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
@@ -296,6 +373,13 @@ def trainer_reports(log_path: Path) -> list[tuple[float, int]]:
     return reports
 
 
+def count_events(log_path: Path, name: str) -> int:
+    if not log_path.is_file():
+        return 0
+    needle = f"agora.events: {name} "
+    return sum(needle in line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines())
+
+
 def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: float) -> dict:
     import yaml
 
@@ -310,14 +394,17 @@ def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: flo
         swarm = LocalSwarm(str(config_path), config, workers_per_stage=1, steps=total_steps, log_dir=log_dir, output=console)
         leftovers: list[str] = []
         started = time.perf_counter()
-        try:
-            swarm.start()
-            code = swarm.wait_for_trainer(threading.Event(), timeout=timeout)
-            result["wall_seconds_with_startup"] = time.perf_counter() - started
-            result["trainer_exit_code"] = code
-        finally:
-            leftovers = swarm.stop()
+        with CpuMeter(lambda: [p.pgid for p in swarm.processes]) as meter:
+            try:
+                swarm.start()
+                code = swarm.wait_for_trainer(threading.Event(), timeout=timeout)
+                result["wall_seconds_with_startup"] = time.perf_counter() - started
+                result["trainer_exit_code"] = code
+            finally:
+                leftovers = swarm.stop()
+                shutil.rmtree(config.server.checkpoint_dir, ignore_errors=True)
         result["leftover_processes"] = leftovers
+        result["cpu"] = meter.result
     if result.get("trainer_exit_code") != 0 or not swarm.summary_path.is_file():
         raise RuntimeError(f"the swarm's trainer did not finish cleanly ({result}); see {log_dir}")
 
@@ -334,6 +421,12 @@ def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: flo
         loss_first=summary["losses"][0][1] if summary["losses"] else None,
         loss_last=summary["losses"][-1][1] if summary["losses"] else None,
     )
+    result["optimizer_steps"] = {
+        spec.name: count_events(log_dir / f"server_{spec.name}_0.log", "OptimizerStepped") for spec in config.stages
+    }
+    result["averaging_rounds"] = {
+        spec.name: count_events(log_dir / f"server_{spec.name}_0.log", "AveragingRound") for spec in config.stages
+    }
     reports = trainer_reports(log_dir / "trainer.log")
     start = next(((t, k) for t, k in reports if k >= warmup), None)
     end = reports[-1] if reports else None
@@ -421,12 +514,6 @@ def run(args: argparse.Namespace) -> dict:
         "wire_dtype": config.boundary.wire_dtype,
     }
 
-    if not args.skip_single:
-        gc.collect()
-        output["single"] = run_single(config, batches, args.warmup, args.single_threads)
-        output["single_tokens_per_s"] = round(output["single"]["tokens_per_s"], 1)
-        gc.collect()
-
     if not args.no_stage_profile:
         profile = profile_stages(config, batches, config.server.cpu_threads, repeats=1 if args.quick else 2)
         slowest = max(p["per_micro_batch_s"] for p in profile.values())
@@ -437,18 +524,50 @@ def run(args: argparse.Namespace) -> dict:
             "pipeline_bound_tokens_per_s": round(tokens_per_mb / slowest, 1),
         }
 
-    if not args.skip_swarm:
-        timeout = 120 + total * (60 if not args.quick else 10)
-        try:
-            output["swarm"] = run_swarm(config, total, args.warmup, args.log_dir, timeout)
-            output["swarm_tokens_per_s"] = round(output["swarm"]["tokens_per_s"], 1)
-        except Exception as e:  # still print what was measured, and say why the swarm side is missing
-            output["swarm_error"] = f"{type(e).__name__}: {e}"
+    # rounds alternate the two sides, so a burst of other work on the machine hits one round, not one side;
+    # each side's best round counts (the least disturbed), and every round is reported
+    rounds, singles, swarms = [], [], []
+    for index in range(args.repeat):
+        record: dict = {"round": index + 1, "load_average": round(os.getloadavg()[0], 2)}
+        if not args.skip_single:
+            gc.collect()
+            with CpuMeter() as meter:
+                single = run_single(config, batches, args.warmup, args.single_threads)
+            single["cpu"] = meter.result
+            singles.append(single)
+            record["single_tokens_per_s"] = round(single["tokens_per_s"], 1)
+            gc.collect()
+        if not args.skip_swarm:
+            timeout = 120 + total * (60 if not args.quick else 10)
+            log_dir = args.log_dir / f"round-{index + 1}" if args.repeat > 1 else args.log_dir
+            try:
+                swarm = run_swarm(config, total, args.warmup, log_dir, timeout)
+                swarms.append(swarm)
+                record["swarm_tokens_per_s"] = round(swarm["tokens_per_s"], 1)
+            except Exception as e:  # still print what was measured, and say why the swarm side is missing
+                output["swarm_error"] = f"{type(e).__name__}: {e}"
+                record["swarm_error"] = output["swarm_error"]
+        if singles and "single_tokens_per_s" in record:
+            record["single_others_cpu_share"] = singles[-1]["cpu"]["others_share"]
+        if swarms and "swarm_tokens_per_s" in record:
+            record["swarm_others_cpu_share"] = swarms[-1]["cpu"]["others_share"]
+        if "single_tokens_per_s" in record and "swarm_tokens_per_s" in record:
+            record["ratio"] = round(record["swarm_tokens_per_s"] / record["single_tokens_per_s"], 3)
+        rounds.append(record)
+        if "swarm_error" in output:
+            break
 
-    if output["single_tokens_per_s"] and output["swarm_tokens_per_s"]:
+    if singles:
+        output["single"] = max(singles, key=lambda r: r["tokens_per_s"])
+        output["single_tokens_per_s"] = round(output["single"]["tokens_per_s"], 1)
+    if swarms:
+        output["swarm"] = max(swarms, key=lambda r: r["tokens_per_s"])
+        output["swarm_tokens_per_s"] = round(output["swarm"]["tokens_per_s"], 1)
+    output["rounds"] = rounds
+    if singles and swarms:
         output["ratio"] = round(output["swarm"]["tokens_per_s"] / output["single"]["tokens_per_s"], 3)
         output["ratio_end_to_end"] = round(
-            output["swarm"]["end_to_end_tokens_per_s"] / output["single"]["end_to_end_tokens_per_s"], 3
+            max(r["end_to_end_tokens_per_s"] for r in swarms) / max(r["end_to_end_tokens_per_s"] for r in singles), 3
         )
         if "stage_profile" in output:
             output["stage_profile"]["pipeline_bound_ratio"] = round(
@@ -462,7 +581,8 @@ def run(args: argparse.Namespace) -> dict:
         f"Threads: the single process uses {output['single_threads']} torch thread(s) on {cores} core(s); the swarm runs "
         f"{len(config.stages)} worker(s) with server.cpu_threads={config.server.cpu_threads} each, and its trainer, seed "
         "DHT and p2pd daemons share the same cores.",
-        f"Timing: {args.warmup} warm-up micro-batch(es) untimed on both sides, then {args.steps} timed. The single "
+        f"Timing: {args.warmup} warm-up micro-batch(es) untimed on both sides, then {args.steps} timed; {args.repeat} "
+        "round(s) alternating single and swarm, each side's best round reported (all rounds under 'rounds'). The single "
         "process's batches are tokenised before timing; the swarm's trainer tokenises in its own process, as it "
         "always does. The swarm is timed between the trainer's reports of completions, which excludes start-up and "
         "pipeline fill; ratio_end_to_end includes warm-up and fill (the trainer's summary seconds).",
