@@ -40,6 +40,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -824,6 +825,8 @@ def compare(runs: dict, pair) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl+C, so the finally blocks stop the swarms and remove the namespaces
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries must not mix with the JSON
         output = run(args)
