@@ -825,8 +825,9 @@ def compare(runs: dict, pair) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # SIGTERM unwinds like Ctrl+C, so the finally blocks stop the swarms and remove the namespaces
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM unwinds like Ctrl+C: the finally blocks stop the swarms and remove the namespaces, and the
+    # JSON still comes out with the parts finished so far
+    signal.signal(signal.SIGTERM, _on_sigterm)
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries must not mix with the JSON
         output = run(args)
@@ -837,7 +838,23 @@ def main(argv: list[str] | None = None) -> int:
     print(text, file=real_stdout, flush=True)
     bw = output.get("bandwidth") or {}
     leftovers = bw.get("teardown", {}).get("namespaces_left") or bw.get("teardown", {}).get("links_left")
-    return 1 if leftovers else 0
+    return 1 if leftovers or "interrupted" in output else 0
+
+
+class Interrupted(BaseException):
+    """SIGTERM or Ctrl+C: stop the current part, tear down, and print what was measured."""
+
+
+def _on_sigterm(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise Interrupted("SIGTERM")
+
+
+def _write_partial(args, output: dict) -> None:
+    """With --output, keep the file current after every part, so an interrupted run leaves its results."""
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps({**output, "partial": True}, indent=2) + "\n", encoding="utf-8")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -847,19 +864,26 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[bench] load average is {load_before[0]:.2f}: other work on this machine will skew the timings", file=sys.stderr)
     output: dict = {"benchmark": "compression", "quick": args.quick, "variants": [name for name, _ in variants(args.rates)]}
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="agora-bench-compression-"))
+    parts = [
+        ("loss", not args.no_loss, lambda: run_loss(args)),
+        ("bytes", not args.no_swarm_bytes, lambda: run_bytes(args, log_root)),
+        ("bandwidth", args.bandwidth, lambda: run_bandwidth(args, log_root)),
+    ]
     try:
-        if not args.no_loss:
+        for name, wanted, part in parts:
+            if not wanted:
+                continue
             t0 = time.perf_counter()
-            output["loss"] = run_loss(args)
-            output["loss"]["seconds"] = round(time.perf_counter() - t0, 1)
-        if not args.no_swarm_bytes:
-            t0 = time.perf_counter()
-            output["bytes"] = run_bytes(args, log_root)
-            output["bytes"]["seconds"] = round(time.perf_counter() - t0, 1)
-        if args.bandwidth:
-            t0 = time.perf_counter()
-            output["bandwidth"] = run_bandwidth(args, log_root)
-            output["bandwidth"]["seconds"] = round(time.perf_counter() - t0, 1)
+            try:
+                output[name] = part()
+            except (Interrupted, KeyboardInterrupt) as e:
+                output["interrupted"] = f"{type(e).__name__} {e} during the {name} part"
+                if name == "bandwidth":  # its own finally removed the namespaces; say what is left
+                    output["bandwidth"] = {"teardown": cleanup_network()}
+                break
+            output[name]["seconds"] = round(time.perf_counter() - t0, 1)
+            output[name]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+            _write_partial(args, output)
     finally:
         if args.log_dir is None:
             shutil.rmtree(log_root, ignore_errors=True)
