@@ -147,7 +147,7 @@ def run_config(model: dict, stage_layers: list[int], boundary: dict, *, run_name
         "boundary": dict(boundary),
         "server": {
             "max_batch_size": max(8, micro_batch),
-            "samples_per_step": 8,
+            "target_batch_size": 8,
             "announce_period": 2,
             "progress_interval": 10,
             "cpu_threads": 1,

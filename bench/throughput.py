@@ -9,7 +9,7 @@ Prints one JSON object on stdout:
 
 Both train the same model (the run config's stages, built from the same seed), on the same
 micro-batches (the same PackedBatches stream the trainer reads), with the workers' optimizer
-schedule (AdamW per stage, clipped per stage, a step every ``server.samples_per_step`` samples).
+schedule (AdamW per stage, clipped per stage, a step every ``server.target_batch_size`` samples).
 Both run ``--warmup`` micro-batches first and are then timed over the next ``--steps``
 micro-batches: the single process from the end of the last warm-up micro-batch to the end of the
 last one; the swarm from the trainer's report of its ``warmup``-th completed micro-batch to its
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-threads", type=int, default=None, help="server.cpu_threads (default: cores // workers, at least 1)")
     parser.add_argument("--single-threads", type=int, default=None, help="torch threads of the single process (default: torch's default)")
     parser.add_argument("--wire-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--samples-per-step", type=int, default=8, help="server.samples_per_step (default 8)")
+    parser.add_argument("--target-batch-size", type=int, default=8, help="server.target_batch_size (default 8)")
     parser.add_argument("--averaging", action="store_true", help="keep SPARTA averaging on (it has no peers with one worker per stage)")
     parser.add_argument("--skip-single", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--skip-swarm", action="store_true", help=argparse.SUPPRESS)
@@ -130,7 +130,7 @@ def build_config(args: argparse.Namespace):
         "boundary": {"codec": "dense", "wire_dtype": args.wire_dtype},
         "server": {
             "max_batch_size": max(8, micro_batch),
-            "samples_per_step": args.samples_per_step,
+            "target_batch_size": args.target_batch_size,
             "cpu_threads": worker_threads,
             "allow_cpu": True,
             "announce_period": 2,
@@ -245,7 +245,7 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
     stages = build_stages(config)
     optimizer_config = config.server.optimizer
     optimizers = [make_optimizer(stage, optimizer_config) for stage in stages]
-    samples_per_step = config.server.samples_per_step
+    target_batch_size = config.server.target_batch_size
     accumulated_samples = accumulated_batches = epoch = 0
     losses: list[float] = []
     marks: list[float] = []
@@ -261,7 +261,7 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
         loss.backward()
         accumulated_samples += tokens.shape[0]
         accumulated_batches += 1
-        if accumulated_samples >= samples_per_step:  # each stage steps on its own, as StageBackend does
+        if accumulated_samples >= target_batch_size:  # each stage steps on its own, as StageBackend does
             lr = learning_rate(epoch, optimizer_config)
             for stage, optimizer in zip(stages, optimizers):
                 for param in stage.parameters():
@@ -510,7 +510,7 @@ def run(args: argparse.Namespace) -> dict:
         "worker_threads": config.server.cpu_threads,
         "workers": len(config.stages),
         "max_in_flight": config.trainer.max_in_flight,
-        "samples_per_step": config.server.samples_per_step,
+        "target_batch_size": config.server.target_batch_size,
         "wire_dtype": config.boundary.wire_dtype,
     }
 
@@ -577,7 +577,7 @@ def run(args: argparse.Namespace) -> dict:
     output["notes"] = [
         f"Same model (~{output['model']['parameters_millions']}M parameters, built from seed {config.seed}), same "
         f"{total} micro-batches of {config.trainer.micro_batch_size}x{config.data.seq_len} tokens, same optimizer "
-        "schedule (AdamW per stage, per-stage clipping, a step every samples_per_step samples) on both sides.",
+        "schedule (AdamW per stage, per-stage clipping, a step every target_batch_size samples) on both sides.",
         f"Threads: the single process uses {output['single_threads']} torch thread(s) on {cores} core(s); the swarm runs "
         f"{len(config.stages)} worker(s) with server.cpu_threads={config.server.cpu_threads} each, and its trainer, seed "
         "DHT and p2pd daemons share the same cores.",

@@ -13,7 +13,7 @@ CONFIG = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, n
 def backend(name="nesterov"):
     spec = split_into_stages(2, [1, 1])[0]
     stage = PipelineStage(CONFIG, spec, build_boundary_codec(BoundaryConfig(), CONFIG, 0), 0)
-    server = ServerConfig(samples_per_step=2, optimizer=OptimizerConfig(name=name, betas=(0.99, 0.999)))
+    server = ServerConfig(target_batch_size=2, optimizer=OptimizerConfig(name=name, betas=(0.99, 0.999)))
     return StageBackend(stage, server, torch.device("cpu"))
 
 

@@ -23,7 +23,7 @@ import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import CompressionInfo
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agora_server.optim.sparta import SpartaPartition, slice_for_epoch
 
@@ -51,6 +51,16 @@ class AveragingConfig(BaseModel):
     """A round that would move any weight by more than this is refused (a peer sent absurd values)."""
     warmup_rounds: int = Field(2, ge=0)
     """Rounds a newcomer averages with weight 0 (receiving only) before trainers route to it."""
+
+    @model_validator(mode="after")
+    def _request_timeout_within_matchmaking(self) -> AveragingConfig:
+        # hivemind's matchmaking can deadlock when one peer's answer may take longer than the window
+        if self.request_timeout >= self.matchmaking_time:
+            raise ValueError(
+                f"averaging.request_timeout ({self.request_timeout}) must be shorter than averaging.matchmaking_time "
+                f"({self.matchmaking_time}); lower the first or raise the second"
+            )
+        return self
 
 
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
@@ -97,6 +107,7 @@ class SpartaAverager:
         seed: int,
         on_compute: Callable[[Callable[[], object]], Future],
         on_result: Callable[[RoundResult], None] = lambda result: None,
+        epoch: int = 0,
     ):
         self.params, self.config, self.on_compute, self.on_result = list(params), config, on_compute, on_result
         self.partition = SpartaPartition([p.numel() for p in self.params], config.fraction, seed)
@@ -124,6 +135,7 @@ class SpartaAverager:
         self._closed = False
         self._busy = threading.Lock()
         self.rounds_ok = self.rounds_failed = 0
+        self._last_window = epoch // config.average_every  # a resumed worker does not redo its last window
 
     def share_state(self, provider: StateProvider) -> None:
         """Let newcomers download the stage's weights from this worker."""
@@ -141,9 +153,26 @@ class SpartaAverager:
                 time.sleep(pause)
         return None
 
+    def follow(self, epoch: int) -> None:
+        """This worker jumped to ``epoch`` (state downloaded from a peer): the window it lands in has
+        had its round already."""
+        self._last_window = max(self._last_window, epoch // self.config.average_every)
+
     def maybe_start_round(self, epoch: int, weight: float) -> Future | None:
-        """Start this epoch's round in the background if one is due and none is running."""
-        if self._closed or epoch % self.config.average_every or not self._busy.acquire(blocking=False):
+        """Start the round of the ``average_every`` window ``epoch`` has just entered, in the background.
+
+        A worker that jumped over a window's first epoch (it followed a stage that moved on) still
+        runs that window's round, with the same slice as its peers. A round still running when the
+        next one is due makes that one skipped and counted as failed: rounds are too frequent for
+        this stage's epoch time, and the log says so."""
+        window = epoch // self.config.average_every
+        if self._closed or window <= self._last_window:
+            return None
+        self._last_window = window
+        if not self._busy.acquire(blocking=False):
+            self.rounds_failed += 1
+            index = slice_for_epoch(epoch, self.config.average_every, self.partition.slices)
+            self.on_result(RoundResult(epoch, index, False, 0, "skipped: the previous round was still running"))
             return None
         return self._pool.submit(self._round_and_release, epoch, weight)
 
@@ -167,7 +196,7 @@ class SpartaAverager:
     def run_round(self, epoch: int, weight: float) -> RoundResult:
         index = slice_for_epoch(epoch, self.config.average_every, self.partition.slices)
         snapshot = self.on_compute(lambda: self.partition.gather(self.params, index)).result()
-        if not all(bool(torch.isfinite(s).all()) for s in snapshot):
+        if not self._may_contribute(snapshot):
             return RoundResult(epoch, index, False, 0, "own weights are not finite; not contributing")
         with self.averager.get_tensors() as buffers:
             for buffer, values in zip(buffers, snapshot):
@@ -200,6 +229,10 @@ class SpartaAverager:
             return RoundResult(epoch, index, False, len(group), problem)
         self.on_compute(lambda: self.partition.apply_delta(self.params, index, snapshot, averaged)).result()
         return RoundResult(epoch, index, True, len(group))
+
+    @staticmethod
+    def _may_contribute(snapshot: Sequence[torch.Tensor]) -> bool:
+        return all(bool(torch.isfinite(s).all()) for s in snapshot)
 
     def _implausible(self, snapshot: Sequence[torch.Tensor], averaged: Sequence[torch.Tensor]) -> str:
         for old, new in zip(snapshot, averaged):

@@ -46,7 +46,7 @@ class StageBackend:
     ):
         self.stage, self.config, self.device, self.emit = stage.to(device), config, device, emit
         self.optimizer = make_optimizer(stage, config.optimizer)
-        self.progress = progress or LocalProgress(config.samples_per_step)
+        self.progress = progress or LocalProgress(config.target_batch_size)
         self.after_epoch = after_epoch
         self.counters = BackendCounters()
         self._accumulated_samples = 0

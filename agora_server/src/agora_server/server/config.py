@@ -16,8 +16,9 @@ class ServerConfig(BaseModel):
     ``--batch_size_override`` may only lower it."""
     max_request_bytes: int = Field(256 * 2**20, gt=0)
     """Requests larger than this are refused before they are decoded."""
-    samples_per_step: int = Field(8, gt=0)
-    """Sequences whose gradients are accumulated before the local optimizer step."""
+    target_batch_size: int = Field(8, gt=0)
+    """Samples (sequences) the stage's workers process between them per epoch: when the stage's
+    progress record reaches it, every worker of the stage steps and the epoch advances."""
     optimizer: OptimizerConfig = OptimizerConfig()
     averaging: AveragingConfig = AveragingConfig()
     announce_period: float = Field(10.0, gt=0)

@@ -60,7 +60,7 @@ class StageWorker:
         self.peer_id = dht.peer_id.to_base58()
         self.checkpoint_file = checkpoint_path(server.checkpoint_dir, run, spec.name, self.peer_id)
         resumed = load_checkpoint(self.checkpoint_file)
-        self.progress = SwarmProgress(dht, run, spec.name, server.samples_per_step, epoch=resumed["epoch"] if resumed else 0)
+        self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0)
         self.backend = StageBackend(
             stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch
         )
@@ -83,6 +83,7 @@ class StageWorker:
                     [p for p in stage.parameters() if p.requires_grad],
                     server.averaging,
                     seed,
+                    epoch=self.progress.epoch,
                     on_compute=self._executor.submit,
                     on_result=self._report_round,
                 )
@@ -193,6 +194,7 @@ class StageWorker:
             for param, value in zip(params, tensors):
                 param.copy_(value)
         self.progress.jump_to(int(metadata["epoch"]))
+        self.averager.follow(self.progress.epoch)
 
     def _current_state(self) -> tuple[dict, list]:
         def read():

@@ -1,0 +1,72 @@
+"""Workers of one stage learn as one model: SPARTA averaging keeps their weights together."""
+
+from pathlib import Path
+
+import torch
+
+from agora_server.server.checkpoint import load_checkpoint
+from tests.integration.conftest import run_trainer_to_end
+
+STEPS = 80
+# epochs of 4 micro-batches (about 2 s here) and a round every 2 epochs: rounds (a 2 s matchmaking
+# window, then the all-reduce) end before the next is due, as they must in any real run
+SERVER = {"target_batch_size": 16}
+AVERAGING = {"fraction": 0.5, "average_every": 2, "matchmaking_time": 2.0, "request_timeout": 1.0, "averaging_timeout": 30.0}
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    diff = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a)
+    norm = sum(float(a[k].float().pow(2).sum()) for k in a)
+    return (diff / norm) ** 0.5
+
+
+def train_two_body_workers(swarm_harness, averaging: dict):
+    swarm = swarm_harness.create({"server": {**SERVER, "averaging": averaging}}, steps=STEPS, workers={"body1": 2})
+    swarm.start()
+    assert run_trainer_to_end(swarm, 400) == 0
+    assert swarm.stop() == []  # workers write their checkpoints as they stop
+    directory = swarm.config.server.checkpoint_dir
+    states = [load_checkpoint(path) for path in sorted((Path(directory) / swarm.config.run_name / "body1").glob("*.pt"))]
+    assert len(states) == 2, "each body1 worker keeps its own checkpoint"
+    return swarm, states
+
+
+def test_averaging_keeps_workers_of_a_stage_close(swarm_harness):
+    averaged_swarm, averaged = train_two_body_workers(swarm_harness, AVERAGING)
+    rounds_ok = sum("AveragingRound" in line and "ok=True" in line for line in (averaged_swarm.log_dir / "server_body1_0.log").read_text().splitlines())
+    _, independent = train_two_body_workers(swarm_harness, {"enabled": False})
+
+    with_averaging = relative_distance(averaged[0]["model"], averaged[1]["model"])
+    without = relative_distance(independent[0]["model"], independent[1]["model"])
+    assert rounds_ok >= 3, f"only {rounds_ok} successful averaging rounds"
+    assert without > 0, "without averaging two workers fed different micro-batches must differ"
+    assert with_averaging < 0.5 * without, f"averaged distance {with_averaging:.4g} vs independent {without:.4g}"
+    for state in averaged + independent:
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def event_lines(swarm, log_name: str, event: str) -> list[str]:
+    return [line for line in (swarm.log_dir / log_name).read_text().splitlines() if f"agora.events: {event} " in line]
+
+
+def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness):
+    swarm = swarm_harness.create({"server": {**SERVER, "averaging": AVERAGING}}, steps=160, workers={"body1": 2})
+    swarm.start()
+    assert swarm.wait_for_output("trainer", "[TRAINER] step 20 ", 240)
+
+    swarm.start_worker("body1", 2)
+    assert swarm.wait_for_output("body1#2", "[WARMUP] Node warmup started, catching up with other nodes", 120)
+    assert swarm.wait_for_output("body1#2", "[WARMUP] Loaded the stage's weights from a peer", 120)
+    assert swarm.wait_for_output("body1#2", "[WARMUP] Node warmup complete", 180)
+    (complete,) = event_lines(swarm, "server_body1_2.log", "WarmupComplete")
+    assert "requests_served=0" in complete, f"the trainer routed to a catching-up worker: {complete}"
+    assert "timed_out=False" in complete
+    assert swarm.wait_for_output("body1#2", "[TRAINING] Training step", 120)
+
+    assert run_trainer_to_end(swarm, 600) == 0
+    assert swarm.stop() == []
+    directory = Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1"
+    states = [load_checkpoint(path) for path in sorted(directory.glob("*.pt"))]
+    assert len(states) == 3
+    distances = [relative_distance(a["model"], b["model"]) for i, a in enumerate(states) for b in states[i + 1 :]]
+    assert max(distances) < 0.15, f"pairwise distances {distances}"
