@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import ipaddress
 import json
 import os
@@ -47,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import build_stages, composed_loss, evaluate, merge, run_swarm
 
 # The benchmark model: local-tiny's shape at hidden 256 (~8.5M parameters, 2.1M of them the LM head
 # and 2.1M the embedding), three stages of two layers, sequences of 128 tokens.
@@ -99,7 +98,6 @@ LINK_PREFIX = "agbw"  # bridge and veth names (at most 15 characters)
 BRIDGE = f"{LINK_PREFIX}-br0"
 SUBNET = "10.213.57.0/24"  # used only inside the namespaces created here
 
-REPORT_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ agora\.events: TrainerReport step=(\d+) ")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -163,41 +161,10 @@ def run_config(model: dict, stage_layers: list[int], boundary: dict, *, run_name
         },
         "data": {"source": "local", "tokenizer": "agora-bpe-8k", "seq_len": SEQ_LEN},
     }
-    return load_run_config("local-tiny", _merge(overrides, extra or {}))
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return load_run_config("local-tiny", merge(overrides, extra or {}))
 
 
 # --- (a) loss at equal tokens, one process ------------------------------------------------------------------
-
-
-def build_stages(config, boundary):
-    from agora_server.models import PipelineStage, build_boundary_codec
-
-    return [
-        PipelineStage(config.model, spec, build_boundary_codec(boundary, config.model, config.seed), config.seed)
-        for spec in config.stages
-    ]
-
-
-def composed_loss(stages, tokens, labels):
-    """Mean token loss of the stages composed through their boundaries (encode → decode at every seam)."""
-    boundary = None
-    for stage in stages[:-1]:
-        boundary = stage(tokens, boundary)
-    return stages[-1](tokens, boundary, labels).mean()
-
-
-def evaluate(stages, batches) -> float:
-    import torch
-
-    with torch.no_grad():
-        return sum(float(composed_loss(stages, t, l)) for t, l in batches) / len(batches)
 
 
 def train_variant(config, boundary, batches, val_batches, eval_every: int, lr: float) -> dict:
@@ -338,61 +305,6 @@ def run_loss(args) -> dict:
 
 
 # --- swarms -------------------------------------------------------------------------------------------------
-
-
-def run_swarm(config, steps: int, log_dir: Path, timeout: float, *, wrap=None, host=None) -> dict:
-    import yaml
-
-    from agora.local_swarm import LocalSwarm
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    config_path = log_dir / "run.yaml"
-    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    result: dict = {}
-    with open(log_dir / "swarm-console.log", "w", encoding="utf-8") as console:
-        swarm = LocalSwarm(str(config_path), config, workers_per_stage=1, steps=steps, log_dir=log_dir, output=console, wrap=wrap, host=host)
-        started = time.perf_counter()
-        try:
-            swarm.start()
-            result["trainer_exit_code"] = wait_for_trainer(swarm, timeout, result)
-            result["wall_seconds_with_startup"] = round(time.perf_counter() - started, 1)
-        finally:
-            result["leftover_processes"] = swarm.stop()
-    if result.get("trainer_exit_code") != 0 or not swarm.summary_path.is_file():
-        raise RuntimeError(f"the swarm's trainer did not finish cleanly ({result}); see {log_dir}")
-    summary = json.loads(swarm.summary_path.read_text())
-    result["summary"] = summary
-    result["reports"] = trainer_reports(log_dir / "trainer.log")
-    return result
-
-
-def wait_for_trainer(swarm, timeout: float, result: dict) -> int | None:
-    """The trainer's exit code; None (and result["died"]) if another child died first or ``timeout`` passed."""
-    trainer = swarm.process("trainer")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code = trainer.popen.poll()
-        if code is not None:
-            trainer.pump.join(5)
-            return code
-        died = {p.name: p.popen.returncode for p in swarm.processes if p.name != "trainer" and p.popen.poll() is not None}
-        if died:
-            result["died"] = died
-            return None
-        time.sleep(0.5)
-    result["timed_out_after_s"] = timeout
-    return None
-
-
-def trainer_reports(log_path: Path) -> list[tuple[float, int]]:
-    """(timestamp, completed micro-batches) of every TrainerReport line."""
-    reports = []
-    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = REPORT_RE.match(line)
-        if match:
-            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            reports.append((stamp, int(match.group(2))))
-    return reports
 
 
 def expected_bytes(boundary, hidden: int) -> dict:

@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import math
 import os
 import shutil
-import re
 import sys
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO, build_stages, count_events, trainer_reports
 
 # The benchmark model: ~25M parameters; one micro-batch of 4 x 256 tokens takes ~2.5 s of
 # forward+backward on one core, while a boundary tensor is 2 MiB: compute dominates messaging.
@@ -72,7 +70,6 @@ QUICK_MICRO_BATCH = 2
 QUICK_SEQ_LEN = 64
 QUICK_STEPS = 8
 
-REPORT_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ agora\.events: TrainerReport step=(\d+) ")
 SWARM_FILES = ("run.yaml", "seed.log", "trainer.log", "trainer-summary.json", "swarm-console.log")
 
 
@@ -224,16 +221,6 @@ class CpuMeter:
 # --- (a) one process ---------------------------------------------------------------------------------
 
 
-def build_stages(config):
-    from agora_server.models import PipelineStage, build_boundary_codec
-
-    codec_seed = config.seed
-    return [
-        PipelineStage(config.model, spec, build_boundary_codec(config.boundary, config.model, codec_seed), config.seed)
-        for spec in config.stages
-    ]
-
-
 def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
     """Train the composed stages in this process: forward head → … → tail, one backward, the workers' optimizer schedule."""
     import torch
@@ -360,24 +347,6 @@ def clear_swarm_files(log_dir: Path) -> None:
         path.unlink()
     for path in log_dir.glob("trainer.log.*"):
         path.unlink()
-
-
-def trainer_reports(log_path: Path) -> list[tuple[float, int]]:
-    """(timestamp, completed micro-batches) of every TrainerReport line."""
-    reports = []
-    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = REPORT_RE.match(line)
-        if match:
-            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            reports.append((stamp, int(match.group(2))))
-    return reports
-
-
-def count_events(log_path: Path, name: str) -> int:
-    if not log_path.is_file():
-        return 0
-    needle = f"agora.events: {name} "
-    return sum(needle in line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines())
 
 
 def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: float) -> dict:

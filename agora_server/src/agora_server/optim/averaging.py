@@ -45,6 +45,9 @@ class AveragingConfig(BaseModel):
     """Seconds a whole round may take before it counts as failed (production: 60-150)."""
     request_timeout: float = Field(3.0, gt=0)
     """Seconds to wait for one peer's answer before it is left out of the round."""
+    sender_timeout: float = Field(10.0, gt=0)
+    """Seconds a peer may fall silent mid-round before the group bans it from the round and finishes
+    without its part (results it owes: twice this)."""
     target_group_size: int | None = Field(None, ge=2)
     """Split large stages into groups of about this many peers per round; None averages with all."""
     max_update: float = Field(1.0, gt=0)
@@ -123,6 +126,7 @@ class SpartaAverager:
             min_matchmaking_time=config.matchmaking_time,
             request_timeout=config.request_timeout,
             allreduce_timeout=config.averaging_timeout,
+            sender_timeout=config.sender_timeout,
             target_group_size=config.target_group_size,
             min_group_size=2,
             initial_group_bits="0" * self._bits,

@@ -1,0 +1,130 @@
+"""What the benchmarks share: the model's stages composed in one process, and local swarms run to the end.
+
+Imports of the project's packages happen inside the functions, so that ``--help`` works without them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ agora\.events: TrainerReport step=(\d+) ")
+
+
+def merge(a: dict, b: dict) -> dict:
+    """``a`` with ``b``'s keys laid over it, nested dicts merged."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# --- the stages in one process ----------------------------------------------------------------------------
+
+
+def build_stages(config, boundary=None) -> list:
+    """The run's stages, initialised exactly as its workers initialise them; ``boundary`` overrides the run's codec."""
+    from agora_server.models import PipelineStage, build_boundary_codec
+
+    boundary = boundary or config.boundary
+    return [
+        PipelineStage(config.model, spec, build_boundary_codec(boundary, config.model, config.seed), config.seed)
+        for spec in config.stages
+    ]
+
+
+def composed_loss(stages, tokens, labels):
+    """The trainer's loss (mean over labelled tokens) of the stages composed through their boundaries
+    (encode → decode at every seam)."""
+    boundary = None
+    for stage in stages[:-1]:
+        boundary = stage(tokens, boundary)
+    per_token = stages[-1](tokens, boundary, labels)
+    valid = (labels != -100).float()
+    return (per_token * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def evaluate(stages, batches) -> float:
+    import torch
+
+    with torch.no_grad():
+        return sum(float(composed_loss(stages, t, l)) for t, l in batches) / len(batches)
+
+
+# --- local swarms -----------------------------------------------------------------------------------------
+
+
+def run_swarm(config, steps: int, log_dir: Path, timeout: float, *, workers_per_stage: int = 1, wrap=None, host=None) -> dict:
+    """Run a local swarm until its trainer has completed ``steps`` micro-batches, then stop it (the
+    workers write their checkpoints as they stop). Raises if the trainer did not finish cleanly."""
+    import yaml
+
+    from agora.local_swarm import LocalSwarm
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config_path = log_dir / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    result: dict = {}
+    with open(log_dir / "swarm-console.log", "w", encoding="utf-8") as console:
+        swarm = LocalSwarm(
+            str(config_path), config, workers_per_stage=workers_per_stage, steps=steps, log_dir=log_dir, output=console, wrap=wrap, host=host
+        )
+        started = time.perf_counter()
+        try:
+            swarm.start()
+            result["trainer_exit_code"] = wait_for_trainer(swarm, timeout, result)
+            result["wall_seconds_with_startup"] = round(time.perf_counter() - started, 1)
+        finally:
+            result["leftover_processes"] = swarm.stop()
+    if result.get("trainer_exit_code") != 0 or not swarm.summary_path.is_file():
+        raise RuntimeError(f"the swarm's trainer did not finish cleanly ({result}); see {log_dir}")
+    result["summary"] = json.loads(swarm.summary_path.read_text())
+    result["reports"] = trainer_reports(log_dir / "trainer.log")
+    return result
+
+
+def wait_for_trainer(swarm, timeout: float, result: dict) -> int | None:
+    """The trainer's exit code; None (and result["died"]) if another child died first or ``timeout`` passed."""
+    trainer = swarm.process("trainer")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        code = trainer.popen.poll()
+        if code is not None:
+            trainer.pump.join(5)
+            return code
+        died = {p.name: p.popen.returncode for p in swarm.processes if p.name != "trainer" and p.popen.poll() is not None}
+        if died:
+            result["died"] = died
+            return None
+        time.sleep(0.5)
+    result["timed_out_after_s"] = timeout
+    return None
+
+
+def trainer_reports(log_path: Path) -> list[tuple[float, int]]:
+    """(timestamp, completed micro-batches) of every TrainerReport line."""
+    reports = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        match = REPORT_RE.match(line)
+        if match:
+            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            reports.append((stamp, int(match.group(2))))
+    return reports
+
+
+def count_events(log_path: Path, name: str) -> int:
+    if not log_path.is_file():
+        return 0
+    needle = f"agora.events: {name} "
+    return sum(needle in line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines())
+
+
+def event_lines(log_path: Path, name: str) -> list[str]:
+    if not log_path.is_file():
+        return []
+    needle = f"agora.events: {name} "
+    return [line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if needle in line]
