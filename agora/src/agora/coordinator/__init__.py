@@ -1,0 +1,17 @@
+"""The coordinator: one HTTP service per run that admits nodes, assigns stages and signs access.
+
+- ``config.py``      CoordinatorConfig (YAML → typed settings), load_coordinator_config
+- ``db.py``          SQLAlchemy models (User, IdentityBinding, QueueRequest, ActiveNode, Contribution), Database
+- ``tokens.py``      TokenVerifier protocol; HuggingFaceVerifier, TokenFileVerifier, CachingVerifier, add_token
+- ``signing.py``     the coordinator's Ed25519 key (0600) and AccessSigner
+- ``peer_keys.py``   workers' hivemind/libp2p RSA identities: peer id check, heartbeat signatures, WorkerIdentity
+- ``queue.py``       capacity, admissions, wait estimate, poll interval
+- ``assignment.py``  choose_stage (least filled, with hysteresis), choose_move (refill an empty stage)
+- ``porttest.py``    probe (coordinator side) and PortTestListener (worker side)
+- ``errors.py``      Refusal: every refusal's HTTP status and message (the guide's strings)
+- ``schemas.py``     request and answer bodies of the HTTP API
+- ``service.py``     Coordinator: the rules, on top of the database
+- ``app.py``         create_app(config): the FastAPI routes
+
+The access-token format itself lives in ``agora_server.access`` because every worker checks tokens.
+"""

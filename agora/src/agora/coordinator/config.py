@@ -1,0 +1,118 @@
+"""The coordinator's settings: one YAML file → a validated CoordinatorConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class CoordinatorConfigError(ValueError):
+    """A coordinator config that cannot be used; the message names the file and the field."""
+
+
+class StageNeed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    need: int = Field(default=1, ge=1)
+    """Workers this stage should have; assignment fills the stage furthest below its need first."""
+
+
+class QueueConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    capacity: int = Field(default=64, ge=1)
+    """Active nodes the whole run admits; later joins wait in the queue."""
+    max_active_per_user: int = Field(default=8, ge=1)
+    """Nodes one account may have active or waiting at once; raise it for operators with many GPUs."""
+    poll_interval_s: float = Field(default=10.0, gt=0)
+    """What a queued worker is told to wait before its next status poll."""
+    joins_paused: bool = False
+    """Queue new joins but admit nobody, e.g. while the operators repair the run."""
+    initial_admission_interval_s: float = Field(default=300.0, gt=0)
+    """Assumed seconds between admissions until two have been observed; only feeds the wait estimate."""
+    admission_rate_window: int = Field(default=20, ge=2)
+    """How many recent admissions the observed admission rate is averaged over."""
+    abandon_after_s: float = Field(default=300.0, gt=0)
+    """A waiting request not polled for this long is dropped so it stops holding a place."""
+    download_deadline_s: float = Field(default=3600.0, gt=0)
+    """A queued node must have downloaded its stage's weights this long after joining, or it is dropped."""
+
+
+class PortTestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deadline_s: float = Field(default=5.0, gt=0)
+    """How long the connect-back may take, connect plus answer."""
+    only_source_address: bool = True
+    """Test only the address the join came from, so the coordinator cannot be used to probe other
+    hosts; turn off when it sits behind a reverse proxy that hides the workers' addresses."""
+
+
+class CoordinatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_name: str = Field(default="agora", pattern=r"^[A-Za-z0-9_-]+$")
+    database_url: str = "sqlite:///coordinator.db"
+    """Any SQLAlchemy URL; a PostgreSQL URL for a big run."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    stages: list[StageNeed] = Field(default_factory=lambda: [StageNeed(name="head"), StageNeed(name="tail")], min_length=1)
+    """The run's stages in pipeline order, each with the number of workers it needs."""
+    token_source: Literal["hf"] | Path = "hf"
+    """``hf``: check participants' tokens with Hugging Face ``whoami``; a path: an offline token file
+    (lines ``<sha256 of token> <username>``)."""
+    token_cache_s: float = Field(default=300.0, ge=0)
+    """How long a successful token check is reused; Hugging Face rate-limits ``whoami`` hard."""
+    key_path: Path = Path("coordinator.key")
+    """Ed25519 key that signs access tokens; created with mode 0600 if missing. Keep it across
+    restarts, or every access token issued before becomes worthless."""
+    access_token_lifetime_s: float = Field(default=1800.0, gt=0)
+    """Workers refresh before this runs out; a node that does not is dropped from the run."""
+    stage_hysteresis: float = Field(default=0.25, ge=0)
+    """A returning node keeps its previous stage unless another stage's capacity/need is lower by more than this."""
+    accepted_code_versions: list[str] = Field(default_factory=list)
+    """Code version hashes allowed to join; empty accepts any (local runs only)."""
+    checkpoint_url_template: str | None = None
+    """Where a node downloads its stage's weights, ``{stage}`` replaced; unset: nothing to download,
+    so a node may be admitted at once."""
+    max_heartbeat_skew_s: float = Field(default=300.0, gt=0)
+    """Heartbeats whose timestamp is further than this from the coordinator's clock are refused (replays)."""
+    queue: QueueConfig = QueueConfig()
+    port_test: PortTestConfig = PortTestConfig()
+
+    @model_validator(mode="after")
+    def _unique_stages(self) -> "CoordinatorConfig":
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names repeat: {names}")
+        if self.checkpoint_url_template is not None and "{stage}" not in self.checkpoint_url_template:
+            raise ValueError("checkpoint_url_template must contain {stage}")
+        return self
+
+    @property
+    def stage_needs(self) -> dict[str, int]:
+        return {s.name: s.need for s in self.stages}
+
+    def checkpoint_url(self, stage: str) -> str | None:
+        return None if self.checkpoint_url_template is None else self.checkpoint_url_template.replace("{stage}", stage)
+
+
+def load_coordinator_config(path: str | Path | None, overrides: dict | None = None) -> CoordinatorConfig:
+    """Read the YAML file (none: all defaults), apply top-level overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise CoordinatorConfigError(f"cannot read coordinator config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise CoordinatorConfigError(f"coordinator config {path} must be a mapping at the top level")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return CoordinatorConfig.model_validate(data)
+    except ValidationError as e:
+        raise CoordinatorConfigError(f"invalid coordinator config {path or '(defaults)'}:\n{e}") from e

@@ -1,0 +1,131 @@
+"""What the coordinator remembers across restarts: accounts, identity bindings, the queue, active
+nodes and contributions. SQLAlchemy 2.x models; times are unix seconds (floats) so any backend
+stores them the same way."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class IdentityBinding(Base):
+    """A libp2p peer id belongs to the first account that joined with it, for good."""
+
+    __tablename__ = "identity_bindings"
+
+    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    public_key: Mapped[str] = mapped_column(String(2048))
+    """base64 of the libp2p protobuf PublicKey the peer id is the hash of."""
+    last_stage: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class QueueRequest(Base):
+    """One join: waiting, then admitted or dropped. Queue order is the autoincrement ``seq``."""
+
+    __tablename__ = "queue_requests"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    session_token_sha256: Mapped[str] = mapped_column(String(64))
+    peer_id: Mapped[str] = mapped_column(ForeignKey("identity_bindings.peer_id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # waiting | admitted | dropped
+    stage: Mapped[str] = mapped_column(String(64))
+    drop_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    enqueued_at: Mapped[float] = mapped_column(Float)
+    last_poll_at: Mapped[float] = mapped_column(Float)
+    admitted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    waited: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Admitted out of a non-empty queue; only these admissions feed the wait estimate."""
+    download_complete: Mapped[bool] = mapped_column(Boolean, default=False)
+    download_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    download_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    device: Mapped[str] = mapped_column(String(128), default="")
+    vram_gb: Mapped[float] = mapped_column(Float, default=0.0)
+    ram_gb: Mapped[float] = mapped_column(Float, default=0.0)
+    bandwidth_mbps: Mapped[float] = mapped_column(Float, default=0.0)
+    latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    announce_ip: Mapped[str] = mapped_column(String(64))
+    announce_port: Mapped[int] = mapped_column(Integer)
+    code_version: Mapped[str] = mapped_column(String(128))
+    email: Mapped[str | None] = mapped_column(String(320), nullable=True)
+
+
+class ActiveNode(Base):
+    """A node holding access: it counts against capacity until it leaves or its access expires."""
+
+    __tablename__ = "active_nodes"
+
+    uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    peer_id: Mapped[str] = mapped_column(ForeignKey("identity_bindings.peer_id"), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(64), index=True)
+    granted_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reported_samples: Mapped[int] = mapped_column(Integer, default=0)
+    reported_tokens: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Contribution(Base):
+    """What one peer did on one stage, summed over all its sessions."""
+
+    __tablename__ = "contributions"
+    __table_args__ = (UniqueConstraint("peer_id", "stage"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    peer_id: Mapped[str] = mapped_column(ForeignKey("identity_bindings.peer_id"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    seconds_online: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Database:
+    """Engine and sessions for one database URL; tables are created on first use."""
+
+    def __init__(self, url: str):
+        sqlite = url.startswith("sqlite")
+        # FastAPI runs sync endpoints on a thread pool; the SQLite connection must be shareable
+        self.engine = create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
+        if sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends normally, rolled back on any exception."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # a commit is on disk before the answer leaves, so a crash right after loses nothing acknowledged
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()

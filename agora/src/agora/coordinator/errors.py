@@ -1,0 +1,45 @@
+"""Every refusal the coordinator can answer, in one table: code, HTTP status, message.
+
+Messages marked (guide) are the participant guide's exact strings; workers print them as they are.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Refusal(enum.Enum):
+    INVALID_TOKEN = (401, "Invalid HuggingFace token")  # (guide)
+    TOKEN_SERVICE_DOWN = (503, "The token could not be checked right now; try again in a minute.")
+    PEER_ID_TAKEN = (403, "This peer_id is already used by another user")  # (guide)
+    ALREADY_QUEUED = (409, "This node is already in the authorization queue. Please remove private key from the node and try again.")  # (guide)
+    DOWNLOAD_TOO_SLOW = (410, "Download is too slow, please ensure sufficient bandwidth and try again.")  # (guide)
+    VERSION_MISMATCH = (403, "Verification failed.")  # (guide)
+    PORT_TEST_FAILED = (400, "Port test failed. Make sure your port forwarding is correct")  # (guide)
+    TOO_MANY_NODES = (429, "This account already has {count} node(s) active or waiting, the most one account may have. Stop one of them before starting another.")
+    KEY_MISMATCH = (400, "public_key does not hash to peer_id: send the public key of the identity that peer_id comes from.")
+    BAD_PUBLIC_KEY = (400, "public_key is not a usable libp2p RSA public key: {reason}")
+    FOREIGN_ANNOUNCE_IP = (400, "announce_ip {announced} is not the address this request came from ({source}); announce the address the coordinator sees.")
+    UNKNOWN_REQUEST = (404, "No queue request with this request_id; join again.")
+    WRONG_SESSION = (403, "The session token does not match this queue request.")
+    ABANDONED = (410, "This request left the queue after going unpolled for too long; join again.")
+    ACCESS_EXPIRED = (410, "This node's access has expired or was withdrawn; join again.")
+    NOT_YOUR_NODE = (403, "This peer_id is not registered to this account.")
+    BAD_SIGNATURE = (401, "Heartbeat signature does not verify with this peer's public key.")
+    CLOCK_SKEW = (400, "Heartbeat sent_at is {skew:.0f}s away from the coordinator's clock; check the node's clock.")
+    STALE_HEARTBEAT = (409, "Heartbeat is not newer than the last one accepted from this node.")
+
+    @property
+    def status(self) -> int:
+        return self.value[0]
+
+
+class CoordinatorRefusal(Exception):
+    def __init__(self, refusal: Refusal, **details):
+        self.refusal = refusal
+        self.message = refusal.value[1].format(**details) if details else refusal.value[1]
+        super().__init__(self.message)
+
+    @property
+    def code(self) -> str:
+        return self.refusal.name.lower()

@@ -1,0 +1,52 @@
+"""Queue arithmetic: free slots, who is admitted next, how long a place in line will take."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """What the admission rule needs to know about one waiting request."""
+
+    request_id: str
+    ready: bool
+    """Its stage's weights are downloaded (or there is nothing to download)."""
+
+
+def free_slots(capacity: int, active: int) -> int:
+    return max(0, capacity - active)
+
+
+def pick_admissions(waiting: Sequence[Waiting], free: int, joins_paused: bool) -> list[str]:
+    """First come, first served among the ready: a slow download keeps its place but does not
+    hold up the ready nodes behind it."""
+    if joins_paused or free <= 0:
+        return []
+    return [w.request_id for w in waiting if w.ready][:free]
+
+
+def admission_interval(admission_times: Sequence[float], initial_interval_s: float) -> float:
+    """Mean seconds between recent admissions out of the queue; the configured guess until two are seen."""
+    times = sorted(admission_times)
+    if len(times) < 2:
+        return initial_interval_s
+    span = times[-1] - times[0]
+    return span / (len(times) - 1) if span > 0 else initial_interval_s
+
+
+def estimated_wait_s(position: int, interval_s: float, joins_paused: bool) -> float | None:
+    """Seconds until the node at ``position`` (1-based) is admitted; None while joins are paused
+    (no estimate is honest then)."""
+    if joins_paused:
+        return None
+    return max(0.0, position * interval_s)
+
+
+def next_poll_s(wait_s: float | None, poll_interval_s: float) -> float:
+    """Poll at the configured interval, sooner when admission is expected sooner, never faster than 1 s."""
+    if wait_s is None:
+        return poll_interval_s
+    return max(1.0, min(poll_interval_s, math.ceil(wait_s)))

@@ -1,0 +1,134 @@
+"""Request and answer bodies of the coordinator's HTTP API; FastAPI turns them into the OpenAPI spec.
+
+Requests tolerate unknown fields, so a newer worker can talk to an older coordinator.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_COUNT = Field(ge=0, le=2**53)
+_MEASURE = Field(default=0.0, ge=0, le=1e9)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class JoinRequest(_Request):
+    peer_id: str = Field(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
+    """base58 libp2p peer id of the worker's identity key."""
+    public_key: str = Field(min_length=1, max_length=6000)
+    """base64 of the libp2p PublicKey protobuf that peer_id is the multihash of."""
+    device: str = Field(default="", max_length=128)
+    vram_gb: float = _MEASURE
+    ram_gb: float = _MEASURE
+    bandwidth_mbps: float = _MEASURE
+    latency_ms: float = _MEASURE
+    announce_ip: IPv4Address | IPv6Address | None = None
+    """Public address to test; defaults to the address the request came from."""
+    announce_port: int = Field(ge=1, le=65535)
+    code_version: str = Field(min_length=1, max_length=128)
+    email: str | None = Field(default=None, max_length=320)
+
+
+class DownloadProgress(_Request):
+    bytes_done: int = Field(default=0, ge=0, le=2**53)
+    bytes_total: int | None = Field(default=None, ge=0, le=2**53)
+    complete: bool = False
+
+
+class StatusRequest(_Request):
+    request_id: str = Field(min_length=1, max_length=64)
+    session_token: str = Field(min_length=1, max_length=128)
+    download: DownloadProgress = DownloadProgress()
+
+
+class RefreshRequest(_Request):
+    peer_id: str = Field(min_length=1, max_length=128)
+    uid: str = Field(min_length=1, max_length=64)
+
+
+class HeartbeatRequest(_Request):
+    """Signed as sent: the X-Agora-Signature header carries base64 of the RSA-PSS signature of the
+    exact body bytes by the worker's identity key."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    uid: str = Field(min_length=1, max_length=64)
+    sent_at: float = Field(ge=0, le=1e11)
+    """Unix seconds; must grow from one heartbeat to the next."""
+    samples_processed: int = _COUNT
+    """Totals since this access was granted (not since the last heartbeat)."""
+    tokens_processed: int = _COUNT
+
+
+class AccessAnswer(BaseModel):
+    status: Literal["access"] = "access"
+    stage: str
+    uid: str
+    username: str
+    peer_id: str
+    access_token: str
+    expires_at: float
+    checkpoint_url: str | None
+    coordinator_public_key: str
+
+
+class QueuedAnswer(BaseModel):
+    status: Literal["queued"] = "queued"
+    request_id: str
+    session_token: str | None
+    """Only in the answer to the join; keep it to poll the request."""
+    position: int
+    estimated_wait_seconds: float | None
+    """None while joins are paused."""
+    next_poll_seconds: float
+    joins_paused: bool
+    stage: str
+    """Chosen at join so the node can download this stage's weights while it waits."""
+    download_required: bool
+    checkpoint_url: str | None
+
+
+JoinAnswer = Annotated[AccessAnswer | QueuedAnswer, Field(discriminator="status")]
+
+
+class HeartbeatAnswer(BaseModel):
+    expires_at: float
+    move_to_stage: str | None = None
+    """Set when the coordinator moves this node to another stage; access_token is then for that stage."""
+    access_token: str | None = None
+
+
+class StageInfo(BaseModel):
+    name: str
+    need: int
+    workers: int
+
+
+class RunInfo(BaseModel):
+    run_name: str
+    stages: list[StageInfo]
+    capacity: int
+    active_nodes: int
+    queue_length: int
+    estimated_wait_seconds: float | None
+    """For a node that joins now."""
+    joins_paused: bool
+
+
+class ContributionInfo(BaseModel):
+    username: str
+    peer_id: str
+    stage: str
+    samples: int
+    tokens: int
+    seconds_online: float
+
+
+class ErrorAnswer(BaseModel):
+    detail: str
+    error: str

@@ -1,0 +1,360 @@
+"""The coordinator's rules, independent of HTTP: join, poll, refresh, heartbeat, run info.
+
+Every state change happens inside one database transaction under one lock, so a single
+coordinator process never interleaves two admissions. The port test, the slow part of a join,
+runs outside the lock between a read-only check of the rules and the write that re-checks them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from typing import Callable
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from agora_server.access import AccessClaims
+
+from agora.coordinator import assignment, porttest, queue
+from agora.coordinator.config import CoordinatorConfig
+from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, QueueRequest, User
+from agora.coordinator.errors import CoordinatorRefusal, Refusal
+from agora.coordinator.peer_keys import PeerKeyError, load_public_key, peer_id_of, verify_signature
+from agora.coordinator.schemas import (
+    AccessAnswer,
+    ContributionInfo,
+    HeartbeatAnswer,
+    HeartbeatRequest,
+    JoinRequest,
+    QueuedAnswer,
+    RefreshRequest,
+    RunInfo,
+    StageInfo,
+    StatusRequest,
+)
+from agora.coordinator.signing import AccessSigner
+from agora.coordinator.tokens import InvalidToken, TokenServiceUnavailable, TokenVerifier
+
+WAITING, ADMITTED, DROPPED = "waiting", "admitted", "dropped"
+DROPPED_SLOW_DOWNLOAD, DROPPED_ABANDONED = "download_too_slow", "abandoned"
+PortProbe = Callable[[str, int, float], bool]
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, db: Database, verifier: TokenVerifier, signer: AccessSigner,
+                 probe: PortProbe = porttest.probe, clock: Callable[[], float] = time.time):
+        self.config, self.db, self.verifier, self.signer = config, db, verifier, signer
+        self._probe, self._clock = probe, clock
+        self._lock = threading.Lock()
+        self._forgive_downtime()
+
+    def _forgive_downtime(self) -> None:
+        # waiting nodes could not poll while we were down; that must not cost them their place
+        now = self._clock()
+        with self._lock, self.db.session() as s:
+            for request in s.scalars(select(QueueRequest).where(QueueRequest.status == WAITING)):
+                request.last_poll_at = max(request.last_poll_at, now)
+
+    # ---- who is calling
+
+    def authenticate(self, token: str | None) -> str:
+        if not token:
+            raise CoordinatorRefusal(Refusal.INVALID_TOKEN)
+        try:
+            return self.verifier.username(token)
+        except InvalidToken:
+            raise CoordinatorRefusal(Refusal.INVALID_TOKEN) from None
+        except TokenServiceUnavailable:
+            raise CoordinatorRefusal(Refusal.TOKEN_SERVICE_DOWN) from None
+
+    # ---- join
+
+    def join(self, token: str | None, body: JoinRequest, source_ip: str) -> AccessAnswer | QueuedAnswer:
+        username = self.authenticate(token)
+        if self.config.accepted_code_versions and body.code_version not in self.config.accepted_code_versions:
+            raise CoordinatorRefusal(Refusal.VERSION_MISMATCH)
+        public_key = self._check_public_key(body)
+        target_ip = self._port_test_address(body, source_ip)
+
+        with self._lock, self.db.session() as s:  # refuse cheaply before spending a port test
+            self._check_join_rules(s, username, body.peer_id)
+        if not self._probe(target_ip, body.announce_port, self.config.port_test.deadline_s):
+            raise CoordinatorRefusal(Refusal.PORT_TEST_FAILED)
+
+        with self._lock, self.db.session() as s:
+            now = self._clock()
+            user = self._check_join_rules(s, username, body.peer_id) or self._create_user(s, username, now)
+            binding = s.get(IdentityBinding, body.peer_id)
+            if binding is None:
+                binding = IdentityBinding(peer_id=body.peer_id, user_id=user.id, public_key=public_key, created_at=now)
+                s.add(binding)
+                s.flush()
+            # a node that restarts while it still holds access gives that slot back and joins afresh
+            old = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == body.peer_id))
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            self._expire(s, now)
+            session_token = secrets.token_urlsafe(32)
+            request = QueueRequest(
+                request_id=secrets.token_hex(16), session_token_sha256=_digest(session_token),
+                peer_id=body.peer_id, user_id=user.id, status=WAITING,
+                stage=self._stage_for(s, binding.last_stage), enqueued_at=now, last_poll_at=now,
+                download_complete=self.config.checkpoint_url_template is None,
+                device=body.device, vram_gb=body.vram_gb, ram_gb=body.ram_gb, bandwidth_mbps=body.bandwidth_mbps,
+                latency_ms=body.latency_ms, announce_ip=target_ip, announce_port=body.announce_port,
+                code_version=body.code_version, email=body.email,
+            )
+            s.add(request)
+            s.flush()
+            self._admit(s, now)
+            return self._answer(s, request, user, now, session_token)
+
+    def _check_public_key(self, body: JoinRequest) -> str:
+        try:
+            raw = base64.b64decode(body.public_key, validate=True)
+            load_public_key(raw)
+        except (binascii.Error, ValueError) as e:
+            reason = str(e) if isinstance(e, PeerKeyError) else "not base64"
+            raise CoordinatorRefusal(Refusal.BAD_PUBLIC_KEY, reason=reason) from None
+        if not hmac.compare_digest(peer_id_of(raw), body.peer_id):
+            raise CoordinatorRefusal(Refusal.KEY_MISMATCH)
+        return base64.b64encode(raw).decode("ascii")
+
+    def _port_test_address(self, body: JoinRequest, source_ip: str) -> str:
+        if body.announce_ip is None:
+            return source_ip
+        announced = str(body.announce_ip)
+        if self.config.port_test.only_source_address and announced != source_ip:
+            raise CoordinatorRefusal(Refusal.FOREIGN_ANNOUNCE_IP, announced=announced, source=source_ip)
+        return announced
+
+    def _check_join_rules(self, s: Session, username: str, peer_id: str) -> User | None:
+        """The account's row if it exists; CoordinatorRefusal if a rule forbids this join."""
+        user = s.scalar(select(User).where(User.username == username))
+        binding = s.get(IdentityBinding, peer_id)
+        if binding is not None and (user is None or binding.user_id != user.id):
+            raise CoordinatorRefusal(Refusal.PEER_ID_TAKEN)
+        if s.scalar(select(QueueRequest).where(QueueRequest.peer_id == peer_id, QueueRequest.status == WAITING)):
+            raise CoordinatorRefusal(Refusal.ALREADY_QUEUED)
+        if user is not None:
+            now = self._clock()
+            active = s.scalar(select(func.count()).select_from(ActiveNode).where(
+                ActiveNode.user_id == user.id, ActiveNode.expires_at > now, ActiveNode.peer_id != peer_id))
+            waiting = s.scalar(select(func.count()).select_from(QueueRequest).where(
+                QueueRequest.user_id == user.id, QueueRequest.status == WAITING))
+            if active + waiting >= self.config.queue.max_active_per_user:
+                raise CoordinatorRefusal(Refusal.TOO_MANY_NODES, count=active + waiting)
+        return user
+
+    @staticmethod
+    def _create_user(s: Session, username: str, now: float) -> User:
+        user = User(username=username, created_at=now)
+        s.add(user)
+        s.flush()
+        return user
+
+    # ---- queue
+
+    def authorization_status(self, token: str | None, body: StatusRequest) -> AccessAnswer | QueuedAnswer:
+        username = self.authenticate(token)
+        with self._lock, self.db.session() as s:
+            now = self._clock()
+            request = s.scalar(select(QueueRequest).where(QueueRequest.request_id == body.request_id))
+            if request is None:
+                raise CoordinatorRefusal(Refusal.UNKNOWN_REQUEST)
+            if not hmac.compare_digest(request.session_token_sha256, _digest(body.session_token)):
+                raise CoordinatorRefusal(Refusal.WRONG_SESSION)
+            user = s.get(User, request.user_id)
+            if user.username != username:
+                raise CoordinatorRefusal(Refusal.NOT_YOUR_NODE)
+            if request.status == WAITING:
+                request.last_poll_at = now
+                request.download_bytes = body.download.bytes_done
+                request.download_total = body.download.bytes_total
+                request.download_complete = request.download_complete or body.download.complete
+            self._expire(s, now)
+            self._admit(s, now)
+            return self._answer(s, request, user, now, None)
+
+    def _expire(self, s: Session, now: float) -> None:
+        for node in s.scalars(select(ActiveNode).where(ActiveNode.expires_at <= now)):
+            s.delete(node)
+        q = self.config.queue
+        for request in s.scalars(select(QueueRequest).where(QueueRequest.status == WAITING)):
+            if request.last_poll_at < now - q.abandon_after_s:
+                request.status, request.drop_reason = DROPPED, DROPPED_ABANDONED
+            elif not request.download_complete and request.enqueued_at < now - q.download_deadline_s:
+                request.status, request.drop_reason = DROPPED, DROPPED_SLOW_DOWNLOAD
+        s.flush()
+
+    def _admit(self, s: Session, now: float) -> None:
+        waiting = self._waiting(s)
+        active = s.scalar(select(func.count()).select_from(ActiveNode))
+        chosen = set(queue.pick_admissions(
+            [queue.Waiting(r.request_id, r.download_complete) for r in waiting],
+            queue.free_slots(self.config.queue.capacity, active), self.config.queue.joins_paused))
+        for request in waiting:
+            if request.request_id not in chosen:
+                continue
+            request.status, request.admitted_at, request.waited = ADMITTED, now, now > request.enqueued_at
+            s.add(ActiveNode(uid=secrets.token_hex(8), peer_id=request.peer_id, user_id=request.user_id,
+                             stage=request.stage, granted_at=now, expires_at=now + self.config.access_token_lifetime_s))
+            s.get(IdentityBinding, request.peer_id).last_stage = request.stage
+        s.flush()
+
+    def _waiting(self, s: Session) -> list[QueueRequest]:
+        return list(s.scalars(select(QueueRequest).where(QueueRequest.status == WAITING).order_by(QueueRequest.seq)))
+
+    def _stage_for(self, s: Session, previous: str | None) -> str:
+        workers = self._workers_per_stage(s)
+        for stage in s.scalars(select(QueueRequest.stage).where(QueueRequest.status == WAITING)):
+            workers[stage] = workers.get(stage, 0) + 1
+        return assignment.choose_stage(self.config.stage_needs, workers, previous, self.config.stage_hysteresis)
+
+    def _workers_per_stage(self, s: Session) -> dict[str, int]:
+        rows = s.execute(select(ActiveNode.stage, func.count()).group_by(ActiveNode.stage))
+        return {stage: count for stage, count in rows}
+
+    def _wait_estimate(self, s: Session, position: int) -> float | None:
+        recent = s.scalars(select(QueueRequest.admitted_at).where(QueueRequest.waited.is_(True))
+                           .order_by(QueueRequest.admitted_at.desc()).limit(self.config.queue.admission_rate_window))
+        interval = queue.admission_interval(list(recent), self.config.queue.initial_admission_interval_s)
+        return queue.estimated_wait_s(position, interval, self.config.queue.joins_paused)
+
+    def _answer(self, s: Session, request: QueueRequest, user: User, now: float,
+                session_token: str | None) -> AccessAnswer | QueuedAnswer:
+        if request.status == DROPPED:
+            raise CoordinatorRefusal(Refusal.DOWNLOAD_TOO_SLOW if request.drop_reason == DROPPED_SLOW_DOWNLOAD
+                                     else Refusal.ABANDONED)
+        if request.status == ADMITTED:
+            node = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == request.peer_id))
+            if node is None:
+                raise CoordinatorRefusal(Refusal.ACCESS_EXPIRED)
+            return self._access(node, user)
+        position = 1 + [r.seq for r in self._waiting(s)].index(request.seq)
+        wait = self._wait_estimate(s, position)
+        return QueuedAnswer(
+            request_id=request.request_id, session_token=session_token, position=position,
+            estimated_wait_seconds=wait, next_poll_seconds=queue.next_poll_s(wait, self.config.queue.poll_interval_s),
+            joins_paused=self.config.queue.joins_paused, stage=request.stage,
+            download_required=self.config.checkpoint_url_template is not None,
+            checkpoint_url=self.config.checkpoint_url(request.stage),
+        )
+
+    def _access(self, node: ActiveNode, user: User) -> AccessAnswer:
+        claims = AccessClaims(peer_id=node.peer_id, stage=node.stage, username=user.username, uid=node.uid,
+                              issued_at=self._clock(), expires_at=node.expires_at)
+        return AccessAnswer(stage=node.stage, uid=node.uid, username=user.username, peer_id=node.peer_id,
+                            access_token=self.signer.issue(claims), expires_at=node.expires_at,
+                            checkpoint_url=self.config.checkpoint_url(node.stage),
+                            coordinator_public_key=self.signer.public_key)
+
+    # ---- active nodes
+
+    def _own_active_node(self, s: Session, username: str, peer_id: str, uid: str, now: float) -> tuple[ActiveNode, User]:
+        binding = s.get(IdentityBinding, peer_id)
+        user = s.scalar(select(User).where(User.username == username))
+        if binding is None or user is None or binding.user_id != user.id:
+            raise CoordinatorRefusal(Refusal.NOT_YOUR_NODE)
+        node = s.get(ActiveNode, uid)
+        if node is None or node.peer_id != peer_id or node.expires_at <= now:
+            raise CoordinatorRefusal(Refusal.ACCESS_EXPIRED)
+        return node, user
+
+    def refresh(self, token: str | None, body: RefreshRequest) -> AccessAnswer:
+        username = self.authenticate(token)
+        with self._lock, self.db.session() as s:
+            now = self._clock()
+            node, user = self._own_active_node(s, username, body.peer_id, body.uid, now)
+            node.expires_at = now + self.config.access_token_lifetime_s
+            return self._access(node, user)
+
+    def heartbeat(self, token: str | None, raw_body: bytes, body: HeartbeatRequest, signature_b64: str) -> HeartbeatAnswer:
+        username = self.authenticate(token)
+        try:
+            signature = base64.b64decode(signature_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise CoordinatorRefusal(Refusal.BAD_SIGNATURE) from None
+        with self._lock, self.db.session() as s:
+            now = self._clock()
+            binding = s.get(IdentityBinding, body.peer_id)
+            if binding is None or not verify_signature(base64.b64decode(binding.public_key), raw_body, signature):
+                raise CoordinatorRefusal(Refusal.BAD_SIGNATURE)
+            node, user = self._own_active_node(s, username, body.peer_id, body.uid, now)
+            if abs(body.sent_at - now) > self.config.max_heartbeat_skew_s:
+                raise CoordinatorRefusal(Refusal.CLOCK_SKEW, skew=body.sent_at - now)
+            if node.last_sent_at is not None and body.sent_at <= node.last_sent_at:
+                raise CoordinatorRefusal(Refusal.STALE_HEARTBEAT)
+            self._record_contribution(s, node, body, now)
+            self._expire(s, now)  # a stage counts as empty only once its last node's access has run out
+            return self._maybe_move(s, node, user)
+
+    def _record_contribution(self, s: Session, node: ActiveNode, body: HeartbeatRequest, now: float) -> None:
+        record = s.scalar(select(Contribution).where(Contribution.peer_id == node.peer_id, Contribution.stage == node.stage))
+        if record is None:
+            record = Contribution(peer_id=node.peer_id, user_id=node.user_id, stage=node.stage,
+                                  samples=0, tokens=0, seconds_online=0.0, updated_at=now)
+            s.add(record)
+        # totals since access was granted; lower than last time means the worker restarted its counters
+        samples_delta = body.samples_processed - node.reported_samples if body.samples_processed >= node.reported_samples else body.samples_processed
+        tokens_delta = body.tokens_processed - node.reported_tokens if body.tokens_processed >= node.reported_tokens else body.tokens_processed
+        record.samples += samples_delta
+        record.tokens += tokens_delta
+        if node.last_heartbeat_at is not None:
+            # a long silence is not time online: cap it at one access lifetime
+            record.seconds_online += min(now - node.last_heartbeat_at, self.config.access_token_lifetime_s)
+        record.updated_at = now
+        node.reported_samples, node.reported_tokens = body.samples_processed, body.tokens_processed
+        node.last_heartbeat_at, node.last_sent_at = now, body.sent_at
+
+    def _maybe_move(self, s: Session, node: ActiveNode, user: User) -> HeartbeatAnswer:
+        nodes = [assignment.NodeOnStage(n.uid, n.stage, n.granted_at) for n in s.scalars(select(ActiveNode))]
+        move = assignment.choose_move(self.config.stage_needs, nodes)
+        if move is None or move.uid != node.uid:
+            return HeartbeatAnswer(expires_at=node.expires_at)
+        node.stage = move.to_stage
+        # counters restart on the new stage, so the next heartbeat's totals are all new work there
+        node.reported_samples = node.reported_tokens = 0
+        s.get(IdentityBinding, node.peer_id).last_stage = move.to_stage
+        return HeartbeatAnswer(expires_at=node.expires_at, move_to_stage=move.to_stage,
+                               access_token=self._access(node, user).access_token)
+
+    # ---- public read-only views
+
+    def run_info(self) -> RunInfo:
+        with self._lock, self.db.session() as s:
+            now = self._clock()
+            self._expire(s, now)
+            self._admit(s, now)
+            workers = self._workers_per_stage(s)
+            waiting = len(self._waiting(s))
+            return RunInfo(
+                run_name=self.config.run_name,
+                stages=[StageInfo(name=st.name, need=st.need, workers=workers.get(st.name, 0)) for st in self.config.stages],
+                capacity=self.config.queue.capacity, active_nodes=sum(workers.values()), queue_length=waiting,
+                estimated_wait_seconds=self._newcomer_wait(s, waiting, sum(workers.values())),
+                joins_paused=self.config.queue.joins_paused,
+            )
+
+    def _newcomer_wait(self, s: Session, waiting: int, active: int) -> float | None:
+        if not waiting and not self.config.queue.joins_paused and queue.free_slots(self.config.queue.capacity, active):
+            return 0.0
+        return self._wait_estimate(s, waiting + 1)
+
+    def contributions(self) -> list[ContributionInfo]:
+        with self.db.session() as s:
+            rows = s.execute(select(Contribution, User.username).join(User, Contribution.user_id == User.id)
+                             .order_by(Contribution.id))
+            return [ContributionInfo(username=name, peer_id=c.peer_id, stage=c.stage, samples=c.samples,
+                                     tokens=c.tokens, seconds_online=c.seconds_online) for c, name in rows]

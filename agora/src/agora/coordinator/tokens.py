@@ -1,0 +1,135 @@
+"""Who is calling: turn a participant's Bearer token into a username.
+
+- ``HuggingFaceVerifier``  production: Hugging Face ``whoami`` through huggingface_hub
+- ``TokenFileVerifier``    offline and local runs: a file of ``<sha256 of token> <username>`` lines
+- ``CachingVerifier``      remembers successful checks for a while (``whoami`` is rate-limited)
+
+Tokens are secrets: nothing here logs them or puts them in an exception message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+TOKEN_FILE_MODE = 0o600
+
+
+class InvalidToken(Exception):
+    """The token does not identify anyone."""
+
+
+class TokenServiceUnavailable(Exception):
+    """The token could not be checked right now (e.g. Hugging Face unreachable); retry later."""
+
+
+class TokenVerifier(Protocol):
+    def username(self, token: str) -> str:
+        """The account the token belongs to; InvalidToken or TokenServiceUnavailable otherwise."""
+        ...
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class HuggingFaceVerifier:
+    def __init__(self, endpoint: str | None = None):
+        from huggingface_hub import HfApi
+
+        self._api = HfApi(endpoint=endpoint)
+
+    def username(self, token: str) -> str:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            info = self._api.whoami(token=token)
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status in (401, 403):
+                raise InvalidToken() from None
+            raise TokenServiceUnavailable(f"Hugging Face answered {status} to the token check") from None
+        except Exception as e:  # network failures surface as the HTTP client's own exception types
+            raise TokenServiceUnavailable(f"Hugging Face could not be reached for the token check ({type(e).__name__})") from None
+        name = info.get("name") if isinstance(info, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidToken()
+        return name
+
+
+class TokenFileVerifier:
+    """Reads the file on every check, so tokens can be added while the coordinator runs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def username(self, token: str) -> str:
+        digest = token_digest(token)
+        for known, name in read_token_file(self.path).items():
+            if hmac.compare_digest(known, digest):
+                return name
+        raise InvalidToken()
+
+
+def read_token_file(path: Path) -> dict[str, str]:
+    """digest → username; blank lines and ``#`` comments are skipped."""
+    entries = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise ValueError(f"{path}:{number}: expected '<sha256 hex of token> <username>'")
+        entries[parts[0].lower()] = parts[1]
+    return entries
+
+
+def add_token(path: str | Path, username: str, token: str | None = None) -> str:
+    """Append a token for ``username`` (a fresh random one if none is given) and return it.
+
+    The file is created with mode 0600 and only ever holds digests.
+    """
+    if not username or any(c.isspace() for c in username):
+        raise ValueError("a username must be non-empty and contain no whitespace")
+    token = token or f"agora_{secrets.token_urlsafe(32)}"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, TOKEN_FILE_MODE)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(f"{token_digest(token)} {username}\n")
+    os.chmod(path, TOKEN_FILE_MODE)
+    return token
+
+
+class CachingVerifier:
+    """Successful checks are reused for ``ttl_s``; failures are always re-checked."""
+
+    def __init__(self, inner: TokenVerifier, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self._inner, self._ttl, self._clock = inner, ttl_s, clock
+        self._cache: dict[str, tuple[str, float]] = {}  # digest, never the token itself
+        self._lock = threading.Lock()
+
+    def username(self, token: str) -> str:
+        digest = token_digest(token)
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(digest)
+            if hit is not None and hit[1] > now:
+                return hit[0]
+        name = self._inner.username(token)
+        with self._lock:
+            self._cache[digest] = (name, now + self._ttl)
+        return name
+
+
+def build_verifier(token_source: str | Path, cache_s: float) -> TokenVerifier:
+    if str(token_source) != "hf":
+        return TokenFileVerifier(token_source)  # cheap to read, and a removed line takes effect at once
+    return CachingVerifier(HuggingFaceVerifier(), cache_s) if cache_s > 0 else HuggingFaceVerifier()

@@ -1,0 +1,37 @@
+"""Agora coordinator: the run's admission service over HTTP (OpenAPI at /docs).
+
+Example:
+    python3 -m agora.run_coordinator --config coordinator.yaml --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="coordinator YAML (see agora.coordinator.config); defaults apply without one")
+    parser.add_argument("--host", default=None, help="overrides the config's host")
+    parser.add_argument("--port", type=int, default=None, help="overrides the config's port; 0 picks a free one")
+    parser.add_argument("--database", default=None, help="SQLAlchemy URL; overrides the config's database_url")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+
+    from agora.coordinator.app import create_app
+    from agora.coordinator.config import CoordinatorConfigError, load_coordinator_config
+
+    try:
+        config = load_coordinator_config(args.config, {"host": args.host, "port": args.port, "database_url": args.database})
+    except CoordinatorConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    # uvicorn handles SIGINT/SIGTERM itself and runs the app's shutdown (database close) on the way out
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Access tokens: the coordinator's signed statement that a peer may serve a stage until a deadline.
+
+The coordinator issues them; every peer checks them (DHT records, stage RPCs, averaging) with
+the coordinator's public key alone, so this module depends on nothing but ``cryptography`` and
+must never import the ``agora`` application.
+
+Format (all ASCII, safe in HTTP headers and DHT values)::
+
+    agora-access-v1.<base64url(claims JSON)>.<base64url(Ed25519 signature)>
+
+The signature covers the exact bytes of the claims part as it appears in the token (the
+base64url text), so nobody has to re-serialise JSON identically to check it.
+Claims: ``peer_id`` (base58 libp2p id), ``stage``, ``username``, ``uid``, ``issued_at`` and
+``expires_at`` (unix seconds). Unknown extra claims are tolerated so older peers can check
+tokens from a newer coordinator.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+PREFIX = "agora-access-v1"
+
+
+class AccessTokenError(ValueError):
+    """An access token that must not be honoured; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessClaims:
+    peer_id: str
+    stage: str
+    username: str
+    uid: str
+    issued_at: float
+    expires_at: float
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode_public_key(key: Ed25519PublicKey) -> str:
+    """The coordinator public key as it travels in answers and configs: base64url of the 32 raw bytes."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return _b64encode(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def decode_public_key(key: str | bytes | Ed25519PublicKey) -> Ed25519PublicKey:
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    try:
+        raw = key if isinstance(key, bytes) else _b64decode(key)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, binascii.Error) as e:
+        raise AccessTokenError("the coordinator public key is not a 32-byte Ed25519 key in base64url") from e
+
+
+def issue_access_token(claims: AccessClaims, private_key: Ed25519PrivateKey) -> str:
+    body = _b64encode(json.dumps(dataclasses.asdict(claims), sort_keys=True, separators=(",", ":")).encode())
+    signature = private_key.sign(f"{PREFIX}.{body}".encode("ascii"))
+    return f"{PREFIX}.{body}.{_b64encode(signature)}"
+
+
+def verify_access_token(token: str, coordinator_public_key: str | bytes | Ed25519PublicKey, now: float) -> AccessClaims:
+    """The token's claims if the coordinator signed it and it has not expired at ``now``; else AccessTokenError."""
+    public_key = decode_public_key(coordinator_public_key)
+    if not isinstance(token, str):
+        raise AccessTokenError("malformed access token: expected a string")
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != PREFIX:
+        raise AccessTokenError(f"malformed access token: expected {PREFIX}.<claims>.<signature>")
+    try:
+        signature = _b64decode(parts[2])
+    except (ValueError, binascii.Error) as e:
+        raise AccessTokenError("malformed access token: the signature is not base64url") from e
+    try:
+        public_key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"))
+    except (InvalidSignature, UnicodeEncodeError):
+        raise AccessTokenError("access token signature does not match the coordinator key") from None
+    claims = _parse_claims(parts[1])
+    if now >= claims.expires_at:
+        raise AccessTokenError(f"access token for peer {claims.peer_id} expired {now - claims.expires_at:.0f}s ago")
+    return claims
+
+
+def _parse_claims(body: str) -> AccessClaims:
+    # only reached after a valid signature, so a failure here means a coordinator bug, still reported clearly
+    try:
+        data = json.loads(_b64decode(body))
+        return AccessClaims(
+            peer_id=str(data["peer_id"]),
+            stage=str(data["stage"]),
+            username=str(data["username"]),
+            uid=str(data["uid"]),
+            issued_at=float(data["issued_at"]),
+            expires_at=float(data["expires_at"]),
+        )
+    except (ValueError, KeyError, TypeError, binascii.Error) as e:
+        raise AccessTokenError(f"malformed access token claims: {e}") from e
