@@ -4,10 +4,11 @@ stores them the same way."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, event
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -106,6 +107,8 @@ class Database:
 
     def __init__(self, url: str):
         sqlite = url.startswith("sqlite")
+        if sqlite:
+            _create_private_file(make_url(url).database)
         # FastAPI runs sync endpoints on a thread pool; the SQLite connection must be shareable
         self.engine = create_engine(url, connect_args={"check_same_thread": False} if sqlite else {})
         if sqlite:
@@ -121,6 +124,13 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _create_private_file(path: str | None) -> None:
+    """The database holds e-mail addresses and session digests: owner-only, like the key files."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -1,0 +1,152 @@
+"""The coordinator's parts on their own: config, token file, keys, queue arithmetic, stage choice, port test."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+
+from agora.coordinator import assignment, queue
+from agora.coordinator.config import CoordinatorConfigError, load_coordinator_config
+from agora.coordinator.peer_keys import WorkerIdentity, verify_signature
+from agora.coordinator.porttest import PortTestListener, probe
+from agora.coordinator.signing import load_or_create_key
+from agora.coordinator.tokens import HuggingFaceVerifier, InvalidToken, TokenFileVerifier, TokenServiceUnavailable, add_token
+
+
+def test_config_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "head", "need": 3}, {"name": "tail"}], "queue": {"capacity": 5}}))
+    config = load_coordinator_config(path, {"port": 9100, "database_url": None})
+    assert config.stage_needs == {"head": 3, "tail": 1}
+    assert (config.queue.capacity, config.port, config.database_url) == (5, 9100, "sqlite:///coordinator.db")
+    assert str(config.token_source) == "hf"
+
+
+@pytest.mark.parametrize("bad", [{"stages": [{"name": "a"}, {"name": "a"}]}, {"queue": {"capacity": 0}},
+                                 {"checkpoint_url_template": "http://x/no-stage"}, {"unknown_field": 1}])
+def test_config_errors_name_the_file(tmp_path, bad):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(CoordinatorConfigError, match="c.yaml"):
+        load_coordinator_config(path)
+
+
+def test_token_file_keeps_digests_only_and_is_private(tmp_path):
+    path = tmp_path / "tokens.txt"
+    token = add_token(path, "alice")
+    assert token not in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    verifier = TokenFileVerifier(path)
+    assert verifier.username(token) == "alice"
+    with pytest.raises(InvalidToken):
+        verifier.username(token + "x")
+    with pytest.raises(InvalidToken) as info:
+        verifier.username("wrong-secret")
+    assert "wrong-secret" not in repr(info.value) + str(info.value)
+
+
+class _WhoAmI(BaseHTTPRequestHandler):
+    """Stands in for the Hub's /api/whoami-v2 (no Hub here): one known token, 401 for the rest."""
+
+    def do_GET(self):
+        known = self.path == "/api/whoami-v2" and self.headers.get("Authorization") == "Bearer hf_known"
+        body = json.dumps({"name": "alice", "type": "user"} if known else {"error": "Invalid credentials"}).encode()
+        self.send_response(200 if known else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_hugging_face_verifier_through_huggingface_hub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _WhoAmI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        verifier = HuggingFaceVerifier(endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+        assert verifier.username("hf_known") == "alice"
+        with pytest.raises(InvalidToken) as info:
+            verifier.username("hf_unknown")
+        assert "hf_unknown" not in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    with pytest.raises(TokenServiceUnavailable):  # the Hub unreachable is not the participant's fault
+        verifier.username("hf_known")
+
+
+def test_signing_key_is_private_and_stable(tmp_path):
+    path = tmp_path / "keys" / "coordinator.key"
+    first = load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)
+    again = load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert again.public_key().public_bytes_raw() == first.public_key().public_bytes_raw()
+
+
+def test_worker_identity_matches_hivemind(tmp_path):
+    """Keys made by hivemind's own generate_identity give the same peer id and signatures hivemind accepts."""
+    from hivemind.p2p import P2P
+    from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID
+    from hivemind.utils.crypto import RSAPublicKey
+
+    path = tmp_path / "private.key"
+    P2P.generate_identity(str(path))
+    identity = WorkerIdentity.load(path)
+    assert identity.peer_id == PeerID.from_identity(path.read_bytes()).to_base58()
+    signature = identity.sign(b"heartbeat body")
+    assert verify_signature(identity.public_key_protobuf, b"heartbeat body", signature)
+    assert not verify_signature(identity.public_key_protobuf, b"heartbeat bodY", signature)
+    hivemind_key = RSAPublicKey(identity._key.public_key())
+    assert hivemind_key.verify(b"heartbeat body", base64.b64encode(signature))
+
+
+def test_queue_arithmetic():
+    waiting = [queue.Waiting("a", False), queue.Waiting("b", True), queue.Waiting("c", True)]
+    assert queue.pick_admissions(waiting, free=1, joins_paused=False) == ["b"]
+    assert queue.pick_admissions(waiting, free=5, joins_paused=True) == []
+    assert queue.admission_interval([100.0], 300) == 300
+    assert queue.admission_interval([10.0, 70.0, 40.0], 300) == 30
+    assert queue.estimated_wait_s(3, 30, joins_paused=False) == 90
+    assert queue.estimated_wait_s(3, 30, joins_paused=True) is None
+    assert queue.next_poll_s(4.2, 10) == 5 and queue.next_poll_s(600, 10) == 10 and queue.next_poll_s(0, 10) == 1
+
+
+def test_stage_choice_with_hysteresis():
+    needs = {"head": 2, "body1": 2, "tail": 2}
+    assert assignment.choose_stage(needs, {"head": 1, "body1": 0, "tail": 1}, None, 0.25) == "body1"
+    # head is 0.5 filled vs body1's 0: a returning head node leaves for body1 only beyond the margin
+    assert assignment.choose_stage(needs, {"head": 1, "body1": 0, "tail": 1}, "head", 0.25) == "body1"
+    assert assignment.choose_stage(needs, {"head": 1, "body1": 0, "tail": 1}, "head", 0.5) == "head"
+    assert assignment.choose_stage(needs, {}, None, 0.25) == "head", "ties go to the earlier stage"
+
+
+def test_move_takes_the_newest_worker_of_the_fullest_stage():
+    needs = {"head": 1, "body1": 1, "tail": 1}
+    nodes = [assignment.NodeOnStage("h1", "head", 1.0), assignment.NodeOnStage("h2", "head", 5.0),
+             assignment.NodeOnStage("b1", "body1", 2.0)]
+    assert assignment.choose_move(needs, nodes) == assignment.Move("h2", "head", "tail")
+    assert assignment.choose_move(needs, nodes[:1] + nodes[2:]) is None, "no stage can spare a worker"
+    assert assignment.choose_move(needs, nodes + [assignment.NodeOnStage("t1", "tail", 3.0)]) is None
+
+
+def test_port_probe_needs_our_listener_to_answer():
+    with PortTestListener("127.0.0.1", 0) as listener:
+        assert probe("127.0.0.1", listener.port, 2.0)
+    with socket.socket() as silent:  # something holds the port but never answers: fails at the deadline
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        assert not probe("127.0.0.1", silent.getsockname()[1], 0.3)
+    assert not probe("127.0.0.1", listener.port, 0.3), "a closed listener must not answer"
