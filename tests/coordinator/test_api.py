@@ -216,7 +216,10 @@ def test_stages_fill_by_need_and_an_emptied_stage_is_refilled(harness, listener)
     coord = harness.start(access_token_lifetime_s=100, queue={"max_active_per_user": 10},
                           stages=[{"name": "head", "need": 2}, {"name": "body1", "need": 1}, {"name": "tail", "need": 1}])
     nodes = [harness.node("alice") for _ in range(4)]
-    stages = [join(coord, n, listener.port).json() for n in nodes]
+    stages = []
+    for node in nodes:  # one second apart, so "the newest worker" is well defined
+        stages.append(join(coord, node, listener.port).json())
+        harness.clock.advance(1)
     assert [a["stage"] for a in stages] == ["head", "body1", "tail", "head"]
     assert [s["workers"] for s in coord.http.get("/api/run_info").json()["stages"]] == [2, 1, 1]
 
