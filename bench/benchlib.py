@@ -5,10 +5,13 @@ Imports of the project's packages happen inside the functions, so that ``--help`
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +24,20 @@ def merge(a: dict, b: dict) -> dict:
     for key, value in b.items():
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def run_and_print(run: Callable[[], dict], output_path: Path | None) -> dict:
+    """Run a benchmark and print its JSON on stdout (and to ``output_path``); everything else the run
+    prints, libraries included, goes to stderr so that stdout stays one JSON object."""
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        output = run()
+    text = json.dumps(output, indent=2)
+    if output_path:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        output_path.write_text(text + "\n", encoding="utf-8")
+    print(text, file=real_stdout, flush=True)
+    return output
 
 
 # --- the stages in one process ----------------------------------------------------------------------------
@@ -46,6 +63,25 @@ def composed_loss(stages, tokens, labels):
     per_token = stages[-1](tokens, boundary, labels)
     valid = (labels != -100).float()
     return (per_token * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def step_stages(stages, optimizers, optimizer_config, epoch: int, accumulated_batches: int) -> None:
+    """End an epoch as every StageBackend does, for all stages at once: the mean of the accumulated
+    gradients, clipped per stage, a step at the epoch's learning rate (none if the norm is not finite)."""
+    import math
+
+    from agora_server.optim import clip_and_check, learning_rate
+
+    lr = learning_rate(epoch, optimizer_config)
+    for stage, optimizer in zip(stages, optimizers):
+        for param in stage.parameters():
+            if param.grad is not None:
+                param.grad.div_(accumulated_batches)
+        if math.isfinite(clip_and_check(stage, optimizer_config.clip_grad_norm)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def evaluate(stages, batches) -> float:

@@ -33,7 +33,6 @@ them elsewhere), never to stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import json
 import os
@@ -46,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import build_stages, composed_loss, evaluate, merge, run_swarm
+from benchlib import build_stages, composed_loss, evaluate, merge, run_and_print, run_swarm
 
 # The benchmark model: local-tiny's shape at hidden 256 (~8.5M parameters, 2.1M of them the LM head
 # and 2.1M the embedding), three stages of two layers, sequences of 128 tokens.
@@ -740,14 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl+C: the finally blocks stop the swarms and remove the namespaces, and the
     # JSON still comes out with the parts finished so far
     signal.signal(signal.SIGTERM, _on_sigterm)
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries must not mix with the JSON
-        output = run(args)
-    text = json.dumps(output, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
-    print(text, file=real_stdout, flush=True)
+    output = run_and_print(lambda: run(args), args.output)
     bw = output.get("bandwidth") or {}
     leftovers = bw.get("teardown", {}).get("namespaces_left") or bw.get("teardown", {}).get("links_left")
     return 1 if leftovers or "interrupted" in output else 0

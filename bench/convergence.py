@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
@@ -37,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import build_stages, composed_loss, count_events, evaluate, event_lines, merge, run_swarm
+from benchlib import build_stages, composed_loss, count_events, evaluate, event_lines, merge, run_and_print, run_swarm, step_stages
 
 MICRO_BATCH = 4
 SEQ_LEN = 128
@@ -93,7 +92,7 @@ def train_sync(config, batches: list, val_batches: list, eval_every: int) -> dic
     """(a): one optimizer per stage, each step on the mean gradient of ``target_batch_size`` samples."""
     import torch
 
-    from agora_server.optim import clip_and_check, learning_rate, make_optimizer
+    from agora_server.optim import make_optimizer
 
     torch.manual_seed(config.seed)
     stages = build_stages(config)
@@ -109,16 +108,7 @@ def train_sync(config, batches: list, val_batches: list, eval_every: int) -> dic
         tokens += tokens_batch.numel()
         if samples < config.server.target_batch_size:
             continue
-        lr = learning_rate(epoch, optimizer_config)
-        for stage, optimizer in zip(stages, optimizers):
-            for param in stage.parameters():
-                if param.grad is not None:
-                    param.grad.div_(batches_in_epoch)
-            if math.isfinite(clip_and_check(stage, optimizer_config.clip_grad_norm)):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step_stages(stages, optimizers, optimizer_config, epoch, batches_in_epoch)
         samples = batches_in_epoch = 0
         epoch += 1
         if epoch % eval_every == 0:
@@ -193,14 +183,7 @@ def run_swarm_variant(config, steps: int, val_batches: list, log_dir: Path, time
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries must not mix with the JSON
-        output = run(args)
-    text = json.dumps(output, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
-    print(text, file=real_stdout, flush=True)
+    output = run_and_print(lambda: run(args), args.output)
     leftovers = any(v.get("leftover_processes") for v in output["runs"].values() if isinstance(v, dict))
     return 1 if leftovers or any("error" in v for v in output["runs"].values()) else 0
 

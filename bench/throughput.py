@@ -27,10 +27,8 @@ The swarm's console output and logs go to ``--log-dir`` (default logs/bench-thro
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
-import math
 import os
 import shutil
 import sys
@@ -38,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import REPO, build_stages, count_events, trainer_reports
+from benchlib import REPO, build_stages, count_events, run_and_print, step_stages, trainer_reports
 
 # The benchmark model: ~25M parameters; one micro-batch of 4 x 256 tokens takes ~2.5 s of
 # forward+backward on one core, while a boundary tensor is 2 MiB: compute dominates messaging.
@@ -225,7 +223,7 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
     """Train the composed stages in this process: forward head → … → tail, one backward, the workers' optimizer schedule."""
     import torch
 
-    from agora_server.optim import clip_and_check, learning_rate, make_optimizer
+    from agora_server.optim import make_optimizer
 
     if threads:
         torch.set_num_threads(threads)
@@ -249,16 +247,7 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
         accumulated_samples += tokens.shape[0]
         accumulated_batches += 1
         if accumulated_samples >= target_batch_size:  # each stage steps on its own, as StageBackend does
-            lr = learning_rate(epoch, optimizer_config)
-            for stage, optimizer in zip(stages, optimizers):
-                for param in stage.parameters():
-                    if param.grad is not None:
-                        param.grad.div_(accumulated_batches)
-                if math.isfinite(clip_and_check(stage, optimizer_config.clip_grad_norm)):
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            step_stages(stages, optimizers, optimizer_config, epoch, accumulated_batches)
             accumulated_samples = accumulated_batches = 0
             epoch += 1
         losses.append(float(loss.detach()))
@@ -416,14 +405,7 @@ def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):  # stray prints from libraries must not mix with the JSON
-        output = run(args)
-    text = json.dumps(output, indent=2)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n", encoding="utf-8")
-    print(text, file=real_stdout, flush=True)
+    output = run_and_print(lambda: run(args), args.output)
     failed = "swarm_error" in output or output.get("swarm", {}).get("leftover_processes")
     return 1 if failed else 0
 

@@ -21,11 +21,12 @@ class FaultyAverager(SpartaAverager):
 
 
 class Peer:
-    def __init__(self, dht: DHT, params: list[torch.Tensor], config: AveragingConfig, epoch: int = 0, faulty: bool = False):
+    def __init__(self, dht: DHT, params: list[torch.Tensor], config: AveragingConfig, epoch: int = 0, faulty: bool = False, alone: bool = False):
         self.params, self.results = params, []
         self.compute = ThreadPoolExecutor(max_workers=1)  # stands in for the worker's compute thread
         self.averager = (FaultyAverager if faulty else SpartaAverager)(
-            dht, "test.body1", params, config, seed=7, epoch=epoch, on_compute=self.compute.submit, on_result=self.results.append
+            dht, "test.body1", params, config, seed=7, epoch=epoch, on_compute=self.compute.submit, on_result=self.results.append,
+            has_partners=lambda: not alone,
         )
 
     def close(self):
@@ -46,8 +47,8 @@ def dhts():
 def make_peer():
     peers = []
 
-    def make(dht, params, config=CONFIG, epoch=0, faulty=False):
-        peers.append(Peer(dht, params, config, epoch, faulty))
+    def make(dht, params, config=CONFIG, epoch=0, faulty=False, alone=False):
+        peers.append(Peer(dht, params, config, epoch, faulty, alone))
         return peers[-1]
 
     yield make
@@ -97,7 +98,7 @@ def test_a_peer_with_non_finite_weights_does_not_contribute(dhts, make_peer):
 
 
 def test_one_round_per_window_and_a_due_round_while_busy_is_counted_as_skipped(dhts, make_peer):
-    alone = make_peer(dhts[0], [torch.zeros(8)], AveragingConfig(fraction=1.0, average_every=2, matchmaking_time=1.0))
+    alone = make_peer(dhts[0], [torch.zeros(8)], AveragingConfig(fraction=1.0, average_every=2, matchmaking_time=1.0, request_timeout=0.5))
     assert alone.averager.maybe_start_round(1, 1) is None, "epoch 1 is still in window 0"
     running = alone.averager.maybe_start_round(2, 1)
     assert running is not None
@@ -109,3 +110,11 @@ def test_one_round_per_window_and_a_due_round_while_busy_is_counted_as_skipped(d
     assert alone.averager.rounds_failed == 2
     alone.averager.follow(9)  # state downloaded from a peer at epoch 9: window 4 is past
     assert alone.averager.maybe_start_round(9, 1) is None
+
+
+def test_a_worker_alone_on_its_stage_runs_no_round_and_counts_no_failure(dhts, make_peer):
+    alone = make_peer(dhts[0], [torch.zeros(8)], alone=True)
+    for epoch in (4, 8):  # the second window starts: the first did not keep the averager busy
+        future = alone.averager.maybe_start_round(epoch, 1)
+        assert future is not None and future.result(timeout=10) is None
+    assert (alone.averager.rounds_ok, alone.averager.rounds_failed, alone.results) == (0, 0, [])

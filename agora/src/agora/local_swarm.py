@@ -73,8 +73,10 @@ class LocalSwarm:
         grace_seconds: float = 15.0,
         wrap: Callable[[str], list[str]] | None = None,
         host: Callable[[str], str] | None = None,
+        prom_gateway: str | None = None,
     ):
         self.config_ref, self.config, self.steps = config_ref, config, steps
+        self.prom_gateway = prom_gateway
         self.workers = {spec.name: workers_per_stage for spec in config.stages} | (workers or {})
         self.log_dir, self.output, self.grace_seconds = Path(log_dir), output or sys.stdout, grace_seconds
         self.wrap, self.host = wrap, host
@@ -182,8 +184,12 @@ class LocalSwarm:
                 "--initial_peers", *self.seed_maddrs,
                 "--identity_path", str(self.keys_dir / f"private_{tag}.key"),
                 "--log_file", str(self.log_dir / f"server_{tag}.log"),
+                *self._metrics_args(),
             ],
         )
+
+    def _metrics_args(self) -> list[str]:
+        return ["--prom_gateway", self.prom_gateway] if self.prom_gateway else []
 
     def _trainer_args(self) -> list[str]:
         return [
@@ -193,6 +199,7 @@ class LocalSwarm:
             "--steps", str(self.steps),
             "--summary_path", str(self.summary_path),
             "--log_file", str(self.log_dir / "trainer.log"),
+            *self._metrics_args(),
             *self._host_args("trainer"),
         ]
 

@@ -40,3 +40,17 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGINT, _handle)
     signal.signal(signal.SIGTERM, _handle)
     return stop
+
+
+def start_metrics_push(events, gateway: str | None, config, stage: str, peer_id: str):
+    """Push this process's metrics to the run's Pushgateway, if it has one."""
+    if not gateway:
+        return None
+    from agora_server.telemetry.metrics import MetricsCollector, MetricsPusher
+
+    collector = MetricsCollector()
+    events.subscribe(collector)
+    grouping = {"run": config.run_name, "stage": stage, "peer": peer_id}
+    pusher = MetricsPusher(gateway, grouping, collector.registry(), interval=config.server.stats_interval)
+    pusher.start()
+    return pusher

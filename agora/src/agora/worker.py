@@ -8,7 +8,7 @@ import torch
 
 from agora.config import ConfigError, RunConfig, load_run_config
 from agora.identity import default_identity_path, ensure_identity
-from agora.processes import setup_process, stop_on_signals
+from agora.processes import setup_process, start_metrics_push, stop_on_signals
 
 DEFAULT_PORT = 49200
 
@@ -49,7 +49,6 @@ def build_worker(**kwargs):
 def run_worker(args: argparse.Namespace) -> int:
     from hivemind import DHT
 
-
     log_file = args.log_file or f"logs/server_gpu{args.gpu_id}.log"
     events = setup_process(log_file)
     try:
@@ -74,7 +73,7 @@ def run_worker(args: argparse.Namespace) -> int:
         start=True,
         startup_timeout=60,
     )
-    worker = None
+    worker = pusher = None
     try:
         worker = build_worker(
             run=config.run_name,
@@ -87,10 +86,16 @@ def run_worker(args: argparse.Namespace) -> int:
             device=device,
             events=events,
         )
+        pusher = start_metrics_push(events, args.prom_gateway, config, worker.spec.name, worker.peer_id)
         worker.start()
         worker.serve(stop)
     finally:
         if worker is not None:
-            worker.shutdown("signal received" if stop.is_set() else "error")
+            verdict = worker.halted
+            reason = verdict.message if verdict else "signal received" if stop.is_set() else "error"
+            worker.shutdown(reason)
+        if pusher is not None:
+            pusher.stop()
         dht.shutdown()
-    return 0
+    return 1 if worker.halted else 0
+

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_tests(pytest_args: list[str]) -> int:
+    from agora.cli.system_tools import ensure_test_tools
+
+    ensure_test_tools()
     return subprocess.call([sys.executable, "-m", "pytest", *(pytest_args or ["tests"])], cwd=REPO)
 
 

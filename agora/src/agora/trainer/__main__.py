@@ -20,6 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host_maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"])
     parser.add_argument("--summary_path", default=None, help="write the final ledger and loss curve here as JSON")
     parser.add_argument("--log_file", default=None)
+    parser.add_argument("--prom_gateway", default=None, help="Prometheus Pushgateway address (host:port) for the trainer's metrics")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error("--rank must be in [0, world_size)")

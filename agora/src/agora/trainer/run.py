@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from agora.config import ConfigError, load_run_config
-from agora.processes import setup_process
+from agora.processes import setup_process, start_metrics_push
 
 
 def run_trainer(args: argparse.Namespace) -> int:
@@ -44,6 +44,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         boundary_width=config.boundary_width,
         events=events,
     )
+    pusher = start_metrics_push(events, args.prom_gateway, config, "trainer", dht.peer_id.to_base58())
     steps = args.steps or sys.maxsize
 
     async def _train():
@@ -59,6 +60,8 @@ def run_trainer(args: argparse.Namespace) -> int:
         print(f"[TRAINER] {e}", file=sys.stderr)
         return 1
     finally:
+        if pusher is not None:
+            pusher.stop()
         dht.shutdown()
     if args.summary_path:
         Path(args.summary_path).write_text(json.dumps(summary.to_json()))

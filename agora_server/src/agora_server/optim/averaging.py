@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 from hivemind import DHT
@@ -92,6 +92,7 @@ class RoundResult:
     ok: bool
     group_size: int
     reason: str = ""
+    attempted: bool = True
 
 
 class SpartaAverager:
@@ -111,8 +112,10 @@ class SpartaAverager:
         on_compute: Callable[[Callable[[], object]], Future],
         on_result: Callable[[RoundResult], None] = lambda result: None,
         epoch: int = 0,
+        has_partners: Callable[[], bool] = lambda: True,
     ):
         self.params, self.config, self.on_compute, self.on_result = list(params), config, on_compute, on_result
+        self.has_partners = has_partners
         self.partition = SpartaPartition([p.numel() for p in self.params], config.fraction, seed)
         slices = self.partition.slices
         self._lengths = [[len(self.partition.indices(i, r)) for r in range(slices)] for i in range(len(self.params))]
@@ -132,13 +135,12 @@ class SpartaAverager:
             initial_group_bits="0" * self._bits,
             allow_state_sharing=False,  # until this worker holds the stage's current weights
         )
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparta")
         self._round_running = threading.Event()
         self.averager.round_running = self._round_running
         self._control = None
         self._closed = False
         self._busy = threading.Lock()
-        self.rounds_ok = self.rounds_failed = 0
+        self.rounds_ok = self.rounds_failed = self.last_group_size = 0
         self._last_window = epoch // config.average_every  # a resumed worker does not redo its last window
 
     def share_state(self, provider: StateProvider) -> None:
@@ -176,13 +178,26 @@ class SpartaAverager:
         if not self._busy.acquire(blocking=False):
             self.rounds_failed += 1
             index = slice_for_epoch(epoch, self.config.average_every, self.partition.slices)
-            self.on_result(RoundResult(epoch, index, False, 0, "skipped: the previous round was still running"))
+            self.on_result(RoundResult(epoch, index, False, 0, "skipped: the previous round was still running", attempted=False))
             return None
-        return self._pool.submit(self._round_and_release, epoch, weight)
+        # a daemon thread, not a pool: a round blocked on an averager that is shutting down must not
+        # hold up the process's exit (pool threads are joined at interpreter exit)
+        future: Future = Future()
 
-    def _round_and_release(self, epoch: int, weight: float) -> RoundResult:
-        self._round_running.set()
+        def run() -> None:
+            try:
+                future.set_result(self._round_and_release(epoch, weight))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=run, name=f"sparta-{epoch}", daemon=True).start()
+        return future
+
+    def _round_and_release(self, epoch: int, weight: float) -> RoundResult | None:
         try:
+            if not self.has_partners():  # a worker alone on its stage has nobody to average with: no round, no failure
+                return None
+            self._round_running.set()
             result = self.run_round(epoch, weight)
         except Exception as e:  # a failed round must never take the worker down
             logger.warning("averaging round at epoch %d failed", epoch, exc_info=True)
@@ -192,6 +207,7 @@ class SpartaAverager:
             self._busy.release()
         if result.ok:
             self.rounds_ok += 1
+            self.last_group_size = result.group_size
         else:
             self.rounds_failed += 1
         self.on_result(result)
@@ -251,5 +267,4 @@ class SpartaAverager:
         control = self._control
         if control is not None:
             control.cancel()  # else the round's thread, and so the process's exit, waits out its deadline
-        self._pool.shutdown(wait=False, cancel_futures=True)
         self.averager.shutdown()

@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agora_server.optim.averaging import AveragingConfig
 from agora_server.optim.config import OptimizerConfig
+from agora_server.telemetry.health import HealthConfig
 
 
 class ServerConfig(BaseModel):
@@ -25,6 +26,9 @@ class ServerConfig(BaseModel):
     """Seconds between DHT announcements; records expire after twice this."""
     progress_interval: float = Field(60.0, gt=0)
     """Seconds between ``[PROGRESS]`` reports."""
+    stats_interval: float = Field(15.0, gt=0)
+    """Seconds between counter snapshots (``WorkerStats``): metrics pushes and the RAM and idle health checks."""
+    health: HealthConfig = HealthConfig()
     cpu_threads: int | None = Field(None, gt=0)
     """torch intra-op threads; set to 1 when several workers share one CPU (local swarm)."""
     checkpoint_dir: str = "checkpoints"

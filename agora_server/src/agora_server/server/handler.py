@@ -22,7 +22,7 @@ from hivemind.proto import runtime_pb2
 from agora_server.server.backend import StageBackend
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
 from agora_server.server.validation import BadRequest, StageSignature
-from agora_server.telemetry.events import Event, RequestRefused
+from agora_server.telemetry.events import ComputeFailed, Event, RequestRefused
 from agora_server.models.config import StageKind
 from agora_server.wire import RequestMeta, Rpc, gradient_to_wire, pack_boundary, pack_error, pack_ok
 
@@ -79,6 +79,7 @@ class StageServicer(ServicerBase):
             outputs = await asyncio.get_running_loop().run_in_executor(self.executor, compute, inputs)
         except Exception as e:
             logger.exception("stage %s failed to run %s", self.stage, rpc.value)
+            self.emit(ComputeFailed(stage=self.stage, rpc=rpc.value, error=f"{type(e).__name__}: {e}", cuda=is_cuda_failure(e)))
             yield runtime_pb2.ExpertResponse(metadata=pack_error(f"failed: {type(e).__name__}: {e}"))
             return
 
@@ -105,3 +106,15 @@ class StageServicer(ServicerBase):
             raise BadRequest(f"this worker serves stage {self.stage!r}, not {meta.stage!r}")
         if meta.rpc is not rpc:
             raise BadRequest(f"metadata says {meta.rpc.value}, but {rpc.value} was called")
+
+
+def is_cuda_failure(error: BaseException) -> bool:
+    """The device or its driver failed, as opposed to running out of memory (a smaller batch fixes
+    that) or a bug in the request."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(mark in text for mark in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "NCCL error"))

@@ -24,18 +24,23 @@ from agora_server.server.checkpoint import CheckpointError, checkpoint_path, loa
 from agora_server.server.config import ServerConfig
 from agora_server.server.handler import StageServicer
 from agora_server.server.validation import RequestLimits, StageSignature
+from agora_server.telemetry.contribution import contribution, heartbeat_counters
 from agora_server.telemetry.events import (
     AveragingRound,
     CheckpointFailed,
     CheckpointLoaded,
     EventBus,
+    HealthStop,
     ProgressReport,
     ServerStarted,
     ServerStopping,
     StateDownloaded,
     WarmupComplete,
     WarmupStarted,
+    WorkerStats,
 )
+from agora_server.telemetry.health import HealthMonitor
+from agora_server.telemetry.resources import sample_resources
 from agora_server.wire import ServerPhase, StageServerInfo, stage_key
 
 
@@ -54,6 +59,10 @@ class StageWorker:
         events: EventBus,
     ):
         self.run, self.spec, self.server_config, self.dht, self.events = run, spec, server, dht, events
+        self.device = device
+        self.health = HealthMonitor(server.health, events.emit, on_stop=self._on_health_stop)
+        events.subscribe(self.health)
+        self._halted = threading.Event()
         self.boundary = boundary
         codec = build_boundary_codec(boundary, model, seed)
         stage = PipelineStage(model, spec, codec, seed)
@@ -64,6 +73,8 @@ class StageWorker:
         self.backend = StageBackend(
             stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch
         )
+        self._online_before = float(resumed.get("online_seconds", 0.0)) if resumed else 0.0
+        self._started_at = time.monotonic()
         if resumed:
             self.backend.load_state_dict(resumed)
             events.emit(CheckpointLoaded(stage=spec.name, epoch=resumed["epoch"], path=str(self.checkpoint_file)))
@@ -86,6 +97,7 @@ class StageWorker:
                     epoch=self.progress.epoch,
                     on_compute=self._executor.submit,
                     on_result=self._report_round,
+                    has_partners=lambda: bool(self._online_peers()),
                 )
             except BaseException:
                 self.progress.shutdown()  # its thread is already running
@@ -117,9 +129,47 @@ class StageWorker:
     def save_checkpoint(self) -> None:
         """Write the stage state (call on the compute thread). A failure keeps the last good file."""
         try:
-            save_checkpoint(self.checkpoint_file, self.backend.state_dict())
+            save_checkpoint(self.checkpoint_file, {**self.backend.state_dict(), "online_seconds": self.online_seconds()})
         except CheckpointError as e:
             self.events.emit(CheckpointFailed(stage=self.spec.name, reason=str(e)))
+
+    def online_seconds(self) -> float:
+        """Time this identity has served, across restarts."""
+        return self._online_before + time.monotonic() - self._started_at
+
+    def stats(self) -> WorkerStats:
+        counters = self.backend.snapshot()
+        resources = sample_resources(self.device)
+        averager = self.averager
+        return WorkerStats(
+            stage=self.spec.name,
+            peer_id=self.peer_id,
+            epoch=self.progress.epoch,
+            forward_batches=counters.forward_batches,
+            backward_batches=counters.backward_batches,
+            samples=counters.samples,
+            tokens=counters.tokens,
+            optimizer_steps=counters.optimizer_steps,
+            skipped_steps=counters.skipped_steps,
+            throughput=self.backend.throughput(),
+            rounds_ok=averager.rounds_ok if averager else 0,
+            rounds_failed=averager.rounds_failed if averager else 0,
+            last_group_size=averager.last_group_size if averager else 0,
+            bytes_received=dict(self.servicer.bytes_received),
+            bytes_sent=dict(self.servicer.bytes_sent),
+            ram_used_percent=resources.ram_used_percent,
+            process_rss_bytes=resources.process_rss_bytes,
+            vram_allocated_bytes=resources.vram_allocated_bytes,
+            online_seconds=self.online_seconds(),
+        )
+
+    def _on_health_stop(self, verdict: HealthStop) -> None:
+        self._halted.set()
+
+    @property
+    def halted(self) -> HealthStop | None:
+        """The health rule that stopped this worker, if one did."""
+        return self.health.verdict
 
     def _report_round(self, result: RoundResult) -> None:
         self.events.emit(
@@ -130,6 +180,7 @@ class StageWorker:
                 ok=result.ok,
                 group_size=result.group_size,
                 reason=result.reason,
+                attempted=result.attempted,
             )
         )
 
@@ -158,14 +209,17 @@ class StageWorker:
         elif self.averager is not None:
             self.averager.share_state(self._current_state)
 
-    def _joins_a_running_stage(self) -> bool:
-        """Others already train this stage, and this worker has no state of its own that is current."""
+    def _online_peers(self) -> list[str]:
+        """Other workers of this stage announced as online in the DHT."""
         found = self.dht.get(stage_key(self.run, self.spec.name), latest=True)
-        others = [
+        return [
             peer for peer, entry in (found.value.items() if found and isinstance(found.value, dict) else ())
             if peer != self.peer_id and isinstance(entry.value, dict) and entry.value.get("phase") == ServerPhase.ONLINE.value
         ]
-        if not others or self.averager is None or self.progress.stage_epoch == 0:
+
+    def _joins_a_running_stage(self) -> bool:
+        """Others already train this stage, and this worker has no state of its own that is current."""
+        if not self._online_peers() or self.averager is None or self.progress.stage_epoch == 0:
             return False  # alone, or the stage has not trained yet: nothing to catch up on
         return not self._resumed or self.progress.epoch + self.server_config.averaging.average_every < self.progress.stage_epoch
 
@@ -232,9 +286,15 @@ class StageWorker:
         and report progress every ``progress_interval`` seconds."""
         interval = self.server_config.progress_interval
         last, last_report = self.backend.snapshot(), time.monotonic()
-        while not stop.wait(tick):
+        last_stats = -float("inf")
+        while not stop.wait(tick) and not self._halted.is_set():
             self._executor.submit(self.backend.maybe_step)  # on the compute thread: never beside a backward
             self._finish_warmup_if_caught_up()
+            if time.monotonic() - last_stats >= self.server_config.stats_interval:
+                last_stats = time.monotonic()
+                self.events.emit(self.stats())
+            else:
+                self.health.check_idle()
             if time.monotonic() - last_report < interval:
                 continue
             last_report = time.monotonic()
@@ -246,6 +306,7 @@ class StageWorker:
                     forward_batches=now.forward_batches - last.forward_batches,
                     backward_batches=now.backward_batches - last.backward_batches,
                     total_samples=now.samples,
+                    contribution_samples=contribution(heartbeat_counters(self.stats())).samples,
                 )
             )
             self.announcer.trigger()  # fresh throughput for the trainers' balancers
@@ -265,6 +326,7 @@ class StageWorker:
             self._loop_thread.join(10)
         if self.averager is not None:
             self.averager.shutdown()
+        self.events.emit(self.stats())  # the final counters, for the last metrics push
         try:
             self._executor.submit(self.save_checkpoint).result(60)
         except Exception:

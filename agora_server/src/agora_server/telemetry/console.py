@@ -73,7 +73,13 @@ def _(event: ev.ProgressReport) -> list[str]:
         f"[PROGRESS] Processed {total} batches in the last {event.window_seconds:.0f}s",
         f"[PROGRESS] Forward pass: {event.forward_batches} batches",
         f"[PROGRESS] Backward pass: {event.backward_batches} batches",
+        f"[PROGRESS] Your contribution: {event.contribution_samples} samples",
     ]
+
+
+@console_lines.register
+def _(event: ev.HealthStop) -> list[str]:
+    return [f"[SERVER] {event.message}", f"[SERVER] Reason: {event.detail}"]
 
 
 @console_lines.register

@@ -85,6 +85,8 @@ class AveragingRound(Event):
     ok: bool
     group_size: int
     reason: str
+    attempted: bool = True
+    """False for a round skipped because the previous one was still running (not a network failure)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,6 +96,64 @@ class ProgressReport(Event):
     forward_batches: int
     backward_batches: int
     total_samples: int
+    contribution_samples: int
+    """This identity's contribution as the dashboard counts it (``telemetry.contribution``)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerStats(Event):
+    """A worker's cumulative counters and resource use, every ``telemetry.stats_interval`` seconds:
+    what metrics, health rules and contribution reports read."""
+
+    stage: str
+    peer_id: str
+    epoch: int
+    forward_batches: int
+    backward_batches: int
+    samples: int
+    tokens: int
+    optimizer_steps: int
+    skipped_steps: int
+    throughput: float
+    """Tokens per second of forward+backward work (moving average)."""
+    rounds_ok: int
+    rounds_failed: int
+    last_group_size: int
+    bytes_received: dict[str, int]
+    bytes_sent: dict[str, int]
+    """Per RPC kind (forward, backward, info)."""
+    ram_used_percent: float
+    """System RAM in use, percent (what the RAM health rule compares)."""
+    process_rss_bytes: int
+    vram_allocated_bytes: int | None
+    """None without a CUDA device."""
+    online_seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComputeFailed(Event):
+    """A forward or backward raised; ``cuda`` when the device itself failed."""
+
+    stage: str
+    rpc: str
+    error: str
+    cuda: bool
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CoordinatorStop(Event):
+    """The coordinator told this worker to leave the run."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HealthStop(Event):
+    """A health rule fired: the worker stops and exits non-zero with ``message``."""
+
+    rule: str
+    message: str
+    detail: str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
