@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke test, not a measurement")
     parser.add_argument("--steps", type=int, default=None, help=f"micro-batches of {MICRO_BATCH} x {SEQ_LEN} tokens per run (default {STEPS})")
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate of every run (default {LR})")
+    parser.add_argument("--fraction", type=float, default=AVERAGING["fraction"], help=f"SPARTA fraction p per round (default {AVERAGING['fraction']})")
+    parser.add_argument("--average-every", type=int, default=AVERAGING["average_every"], help=f"epochs between rounds (default {AVERAGING['average_every']})")
     parser.add_argument("--only", choices=["sync_adamw", "swarm_adamw", "swarm_nesterov"], action="append", help="run only these (repeatable)")
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
     parser.add_argument("--log-dir", type=Path, help="keep the swarms' logs and checkpoints here (default: a temporary directory, removed)")
@@ -79,7 +81,7 @@ def run_config(args, optimizer: dict, run_name: str):
             "announce_period": 2,
             "progress_interval": 30,
             "checkpoint_every": 10**6,  # only the checkpoint written at the stop
-            "averaging": AVERAGING,
+            "averaging": {**AVERAGING, "fraction": args.fraction, "average_every": args.average_every},
             "optimizer": merge({"lr": args.lr, "warmup_steps": warmup, "decay_steps": epochs - warmup, "weight_decay": 0.01}, optimizer),
         },
         "trainer": {"micro_batch_size": MICRO_BATCH, "max_in_flight": 6, "request_timeout": 120, "refresh_period": 1, "report_every": 10},
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         "micro_batches": steps,
         "target_batch_size": TARGET_BATCH,
         "workers_per_stage": WORKERS_PER_STAGE,
-        "averaging": AVERAGING,
+        "averaging": adamw_config.server.averaging.model_dump(mode="json"),
         "optimizers": {"adamw": adamw_config.server.optimizer.model_dump(mode="json"), "nesterov": nesterov_config.server.optimizer.model_dump(mode="json")},
         "validation": {"batches": len(val), "tokens": sum(t.numel() for t, _ in val)},
         "runs": {},
