@@ -11,11 +11,12 @@ EXAMPLES_PER_OPERATION = 25  # per operation and mode (valid, invalid): well und
 
 def test_no_generated_request_makes_the_coordinator_fail(harness):
     # a short deadline: generated joins that pass validation probe closed ports on 127.0.0.1
-    coord = harness.start(port_test={"deadline_s": 0.3})
+    coord = harness.start(port_test={"deadline_s": 0.3}, checkpoints={"directory": str(harness.tmp_path / "checkpoints")})
     schema = schemathesis.openapi.from_url(f"{coord.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/api/join", "/api/authorization_status", "/api/refresh_token",
-                                              "/api/heartbeat", "/api/run_info", "/api/contributions"}
+                                              "/api/heartbeat", "/api/run_info", "/api/contributions",
+                                              "/api/checkpoints/{stage}", "/metrics"}
     auth = {"Authorization": f"Bearer {harness.tokens['alice']}"}
     calls = []
 

@@ -11,6 +11,7 @@ import sys
 # executable -> Debian package that provides it
 TEST_TOOLS = {
     "prometheus-pushgateway": "prometheus-pushgateway",
+    "chromium": "chromium",
 }
 
 

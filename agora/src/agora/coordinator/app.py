@@ -1,26 +1,31 @@
 """The coordinator's HTTP face: FastAPI routes that hand each call to ``Coordinator``.
 
 ``create_app(config)`` builds everything from the config; tests and the local swarm may pass
-their own token verifier, port probe or clock. The OpenAPI spec is at ``/openapi.json``.
+their own token verifier, port probe or clock. The OpenAPI spec is at ``/openapi.json``, the
+dashboard at ``/``, Prometheus metrics at ``/metrics``.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import asynccontextmanager
+from importlib import resources
 from typing import Callable
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from agora.coordinator import porttest
+from agora.coordinator.checkpoints import CheckpointStore
 from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import Database
-from agora.coordinator.errors import CoordinatorRefusal
+from agora.coordinator.errors import CoordinatorRefusal, Refusal
+from agora.coordinator.metrics import CoordinatorMetrics
 from agora.coordinator.schemas import (
     AccessAnswer,
+    CheckpointAnswer,
     ContributionInfo,
     ErrorAnswer,
     HeartbeatAnswer,
@@ -36,15 +41,28 @@ from agora.coordinator.signing import AccessSigner, load_or_create_key
 from agora.coordinator.tokens import TokenVerifier, build_verifier
 
 _bearer = HTTPBearer(auto_error=False, description="The participant's Hugging Face token (or a token from the run's token file).")
+_access_bearer = HTTPBearer(auto_error=False, scheme_name="AccessToken",
+                            description="The node's access token, as signed by this coordinator.")
 _REFUSALS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 409, 410, 429, 503)}
+_STAGE = Path(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
+_OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
 
 def _token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str | None:
     return credentials.credentials if credentials else None
 
 
+def _access_token(credentials: HTTPAuthorizationCredentials | None = Depends(_access_bearer)) -> str | None:
+    return credentials.credentials if credentials else None
+
+
 def _source_ip(request: Request) -> str:
     return request.client.host if request.client else ""
+
+
+def _content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
 
 
 def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = None, probe: PortProbe | None = None,
@@ -65,25 +83,30 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     app = FastAPI(title=f"Agora coordinator ({config.run_name})", version="1", lifespan=lifespan,
                   description="Admission, stage assignment and signed access for one Agora run.")
     app.state.coordinator = coordinator
+    metrics = CoordinatorMetrics(coordinator)
+    store = None if config.checkpoints.directory is None else CheckpointStore(
+        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock)
+    dashboard = resources.files("agora.coordinator").joinpath("dashboard.html").read_text(encoding="utf-8")
 
     @app.exception_handler(CoordinatorRefusal)
     async def _refused(_request: Request, exc: CoordinatorRefusal) -> JSONResponse:
+        metrics.refusals.labels(exc.code).inc()
         return JSONResponse(status_code=exc.refusal.status, content={"detail": exc.message, "error": exc.code})
 
     @app.put("/api/join", response_model=JoinAnswer, responses=_REFUSALS)
     def join(body: JoinRequest, request: Request, token: str | None = Depends(_token)):
         """Ask to serve in the run. The coordinator first connects back to announce_ip:announce_port."""
-        return coordinator.join(token, body, _source_ip(request))
+        return coordinator.join(token, body, _source_ip(request), str(request.base_url))
 
     @app.put("/api/authorization_status", response_model=JoinAnswer, responses=_REFUSALS)
-    def authorization_status(body: StatusRequest, token: str | None = Depends(_token)):
+    def authorization_status(body: StatusRequest, request: Request, token: str | None = Depends(_token)):
         """Poll a queued join; also reports how far the node's weight download has come."""
-        return coordinator.authorization_status(token, body)
+        return coordinator.authorization_status(token, body, str(request.base_url))
 
     @app.put("/api/refresh_token", response_model=AccessAnswer, responses=_REFUSALS)
-    def refresh_token(body: RefreshRequest, token: str | None = Depends(_token)):
+    def refresh_token(body: RefreshRequest, request: Request, token: str | None = Depends(_token)):
         """Extend a node's access before it expires."""
-        return coordinator.refresh(token, body)
+        return coordinator.refresh(token, body, str(request.base_url))
 
     @app.put("/api/heartbeat", response_model=HeartbeatAnswer, responses=_REFUSALS)
     async def heartbeat(body: HeartbeatRequest, request: Request, token: str | None = Depends(_token),
@@ -91,7 +114,57 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
                                                 description="base64 RSA-PSS/SHA-256 signature of the body bytes")):
         """Report the node's counters; the answer may move the node to another stage."""
         raw = await request.body()  # the signature covers these exact bytes, not a re-serialisation
-        return await run_in_threadpool(coordinator.heartbeat, token, raw, body, signature)
+        answer = await run_in_threadpool(coordinator.heartbeat, token, raw, body, signature)
+        metrics.heartbeats.inc()
+        return answer
+
+    def _store() -> CheckpointStore:
+        if store is None:
+            raise CoordinatorRefusal(Refusal.CHECKPOINTS_NOT_SERVED)
+        return store
+
+    @app.put("/api/checkpoints/{stage}", response_model=CheckpointAnswer, responses={**_REFUSALS, 413: {"model": ErrorAnswer}},
+             openapi_extra={"requestBody": {"required": True, "content": _OCTETS}})
+    async def upload_checkpoint(
+        request: Request, stage: str = _STAGE, access_token: str | None = Depends(_access_token),
+        epoch: int | None = Header(None, alias="X-Checkpoint-Epoch", ge=0, le=2**53,
+                                   description="The stage epoch this state was saved at."),
+        sha256: str | None = Header(None, alias="X-Checkpoint-SHA256", pattern=r"^[0-9a-fA-F]{64}$",
+                                    description="sha256 of the body; a mismatch refuses the upload."),
+    ):
+        """Replace the stage's checkpoint with the body's bytes. Only a node holding access to this stage may.
+
+        The current checkpoint keeps being served until the new one has arrived complete."""
+        checkpoints = _store()
+        uploader = await run_in_threadpool(coordinator.authorize_upload, access_token, stage)
+        info = await checkpoints.receive(stage, request.stream(), uploader, epoch=epoch,
+                                         expected_size=_content_length(request), expected_sha256=sha256)
+        metrics.checkpoint_uploads.labels(stage).inc()
+        return CheckpointAnswer(stage=stage, sha256=info.sha256, size=info.size, epoch=info.epoch,
+                                uploader=info.uploader_username, uploaded_at=info.uploaded_at)
+
+    @app.get("/api/checkpoints/{stage}", response_class=FileResponse, responses={
+        **_REFUSALS, 200: {"content": _OCTETS}, 206: {"description": "The requested byte range", "content": _OCTETS},
+        416: {"description": "The range starts beyond the end of the file"}})
+    def download_checkpoint(
+        stage: str = _STAGE,
+        range_: str | None = Header(None, alias="Range", max_length=256, description="bytes=<start>- to resume a download"),
+        if_range: str | None = Header(None, alias="If-Range", max_length=256,
+                                      description="The ETag of the partial file: if it changed, the whole new file comes (200)"),
+    ):
+        """The stage's latest checkpoint. ETag and X-Checkpoint-SHA256 carry its sha256, for resuming and checking."""
+        checkpoints = _store()
+        if stage not in config.stage_needs:
+            raise CoordinatorRefusal(Refusal.UNKNOWN_STAGE, stage=stage)
+        info = checkpoints.current(stage)
+        if info is None:
+            raise CoordinatorRefusal(Refusal.NO_CHECKPOINT, stage=stage)
+        headers = {"ETag": f'"{info.sha256}"', "X-Checkpoint-SHA256": info.sha256, "Cache-Control": "no-cache"}
+        if info.epoch is not None:
+            headers["X-Checkpoint-Epoch"] = str(info.epoch)
+        # FileResponse answers Range and If-Range itself, against the ETag given here
+        return FileResponse(info.path, headers=headers, media_type="application/octet-stream",
+                            filename=f"{config.run_name}-{stage}.ckpt")
 
     @app.get("/api/run_info", response_model=RunInfo)
     def run_info():
@@ -102,5 +175,15 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     def contributions():
         """What each participant's node has done, per stage."""
         return coordinator.contributions()
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def prometheus_metrics():
+        """Prometheus text format: nodes per stage, queue, admissions, refusals, heartbeats, work done."""
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard_page():
+        return HTMLResponse(dashboard)
 
     return app

@@ -52,6 +52,19 @@ class PortTestConfig(BaseModel):
     hosts; turn off when it sits behind a reverse proxy that hides the workers' addresses."""
 
 
+class CheckpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    directory: Path | None = None
+    """Where the coordinator keeps each stage's latest uploaded checkpoint (and the one before it), served
+    at ``/api/checkpoints/{stage}``. Unset: the coordinator accepts and serves no checkpoints."""
+    max_upload_bytes: int = Field(default=64 * 2**30, ge=1)
+    """Largest checkpoint upload accepted; larger ones get 413. Size it to one stage's state, with room to grow."""
+    public_url: str | None = Field(default=None, pattern=r"^https?://")
+    """Base URL nodes reach the coordinator at (e.g. behind a reverse proxy), for the checkpoint URL in
+    answers. Unset: the URL the node's own request came to."""
+
+
 class CoordinatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -77,12 +90,13 @@ class CoordinatorConfig(BaseModel):
     accepted_code_versions: list[str] = Field(default_factory=list)
     """Code version hashes allowed to join; empty accepts any (local runs only)."""
     checkpoint_url_template: str | None = None
-    """Where a node downloads its stage's weights, ``{stage}`` replaced; unset: nothing to download,
-    so a node may be admitted at once."""
+    """Where a node downloads its stage's weights when they are hosted elsewhere, ``{stage}`` replaced.
+    Unset and ``checkpoints.directory`` unset: nothing to download, so a node may be admitted at once."""
     max_heartbeat_skew_s: float = Field(default=300.0, gt=0)
     """Heartbeats whose timestamp is further than this from the coordinator's clock are refused (replays)."""
     queue: QueueConfig = QueueConfig()
     port_test: PortTestConfig = PortTestConfig()
+    checkpoints: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _unique_stages(self) -> "CoordinatorConfig":
@@ -91,14 +105,27 @@ class CoordinatorConfig(BaseModel):
             raise ValueError(f"stage names repeat: {names}")
         if self.checkpoint_url_template is not None and "{stage}" not in self.checkpoint_url_template:
             raise ValueError("checkpoint_url_template must contain {stage}")
+        if self.checkpoint_url_template is not None and self.checkpoints.directory is not None:
+            raise ValueError("set checkpoint_url_template (weights hosted elsewhere) or checkpoints.directory "
+                             "(the coordinator serves them), not both")
         return self
 
     @property
     def stage_needs(self) -> dict[str, int]:
         return {s.name: s.need for s in self.stages}
 
-    def checkpoint_url(self, stage: str) -> str | None:
-        return None if self.checkpoint_url_template is None else self.checkpoint_url_template.replace("{stage}", stage)
+    @property
+    def serves_checkpoints(self) -> bool:
+        return self.checkpoints.directory is not None
+
+    def checkpoint_url(self, stage: str, base_url: str | None = None) -> str | None:
+        """Where a node of ``stage`` downloads weights; ``base_url``: the URL the asking request came to."""
+        if self.checkpoint_url_template is not None:
+            return self.checkpoint_url_template.replace("{stage}", stage)
+        if not self.serves_checkpoints:
+            return None
+        base = self.checkpoints.public_url or base_url or f"http://{self.host}:{self.port}"
+        return f"{base.rstrip('/')}/api/checkpoints/{stage}"
 
 
 def load_coordinator_config(path: str | Path | None, overrides: dict | None = None) -> CoordinatorConfig:

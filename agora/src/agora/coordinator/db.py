@@ -1,5 +1,5 @@
 """What the coordinator remembers across restarts: accounts, identity bindings, the queue, active
-nodes and contributions. SQLAlchemy 2.x models; times are unix seconds (floats) so any backend
+nodes, contributions and which checkpoint each stage serves. SQLAlchemy 2.x models; times are unix seconds (floats) so any backend
 stores them the same way."""
 
 from __future__ import annotations
@@ -100,6 +100,22 @@ class Contribution(Base):
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     seconds_online: Mapped[float] = mapped_column(Float, default=0.0)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class StageCheckpoint(Base):
+    """The checkpoint a stage's newcomers download: the latest complete upload. Files are named by sha256."""
+
+    __tablename__ = "stage_checkpoints"
+
+    stage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    previous_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Kept on disk one upload longer, so a download that looked it up just before a replacement still finds it."""
+    uploader_peer_id: Mapped[str] = mapped_column(String(128))
+    uploader_username: Mapped[str] = mapped_column(String(255))
+    epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    uploaded_at: Mapped[float] = mapped_column(Float)
 
 
 class Database:

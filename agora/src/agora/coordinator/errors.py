@@ -28,6 +28,17 @@ class Refusal(enum.Enum):
     BAD_SIGNATURE = (401, "Heartbeat signature does not verify with this peer's public key.")
     CLOCK_SKEW = (400, "Heartbeat sent_at is {skew:.0f}s away from the coordinator's clock; check the node's clock.")
     STALE_HEARTBEAT = (409, "Heartbeat is not newer than the last one accepted from this node.")
+    NO_ACCESS_TOKEN = (401, "Checkpoint uploads need the node's access token: send 'Authorization: Bearer <access token>'.")
+    BAD_ACCESS_TOKEN = (401, "The access token was not accepted: {reason}")
+    WRONG_STAGE = (403, "This access token is for stage {token_stage}, not {stage}.")
+    ACCESS_WITHDRAWN = (403, "This node no longer holds access to stage {stage}; join again.")
+    UNKNOWN_STAGE = (404, "This run has no stage named {stage}.")
+    CHECKPOINTS_NOT_SERVED = (404, "This coordinator does not keep checkpoints.")
+    NO_CHECKPOINT = (404, "No checkpoint has been uploaded for stage {stage} yet.")
+    CHECKPOINT_TOO_LARGE = (413, "The checkpoint is larger than the {limit} bytes this coordinator accepts.")
+    EMPTY_CHECKPOINT = (400, "The checkpoint upload is empty.")
+    CHECKPOINT_INCOMPLETE = (400, "The upload ended after {received} of the {expected} bytes announced; upload again.")
+    CHECKPOINT_MISMATCH = (400, "The uploaded bytes have sha256 {actual}, not the {expected} sent in X-Checkpoint-SHA256; upload again.")
 
     @property
     def status(self) -> int:

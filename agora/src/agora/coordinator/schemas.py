@@ -132,3 +132,14 @@ class ContributionInfo(BaseModel):
 class ErrorAnswer(BaseModel):
     detail: str
     error: str
+
+
+class CheckpointAnswer(BaseModel):
+    """The checkpoint a stage now serves, as stored after an upload."""
+
+    stage: str
+    sha256: str
+    size: int
+    epoch: int | None
+    uploader: str
+    uploaded_at: float

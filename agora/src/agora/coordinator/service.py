@@ -1,4 +1,4 @@
-"""The coordinator's rules, independent of HTTP: join, poll, refresh, heartbeat, run info.
+"""The coordinator's rules, independent of HTTP: join, poll, refresh, heartbeat, checkpoint uploads, run info.
 
 Every state change happens inside one database transaction under one lock, so a single
 coordinator process never interleaves two admissions. The port test, the slow part of a join,
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import secrets
@@ -19,11 +20,12 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from agora_server.access import AccessClaims
+from agora_server.access import AccessClaims, AccessTokenError, verify_access_token
 
 from agora.coordinator import assignment, porttest, queue
+from agora.coordinator.checkpoints import Uploader
 from agora.coordinator.config import CoordinatorConfig
-from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, QueueRequest, User
+from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, QueueRequest, StageCheckpoint, User
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 from agora.coordinator.peer_keys import PeerKeyError, load_public_key, peer_id_of, verify_signature
 from agora.coordinator.schemas import (
@@ -44,6 +46,18 @@ from agora.coordinator.tokens import InvalidToken, TokenServiceUnavailable, Toke
 WAITING, ADMITTED, DROPPED = "waiting", "admitted", "dropped"
 DROPPED_SLOW_DOWNLOAD, DROPPED_ABANDONED = "download_too_slow", "abandoned"
 PortProbe = Callable[[str, int, float], bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTotals:
+    """Counts since the run began, read from the database so a restart does not reset them."""
+
+    admissions: dict[str, int]
+    """Per stage."""
+    queue_drops: dict[str, int]
+    """Per reason (download_too_slow, abandoned)."""
+    samples: dict[str, int]
+    tokens: dict[str, int]
 
 
 def _digest(secret: str) -> str:
@@ -79,7 +93,8 @@ class Coordinator:
 
     # ---- join
 
-    def join(self, token: str | None, body: JoinRequest, source_ip: str) -> AccessAnswer | QueuedAnswer:
+    def join(self, token: str | None, body: JoinRequest, source_ip: str,
+             base_url: str | None = None) -> AccessAnswer | QueuedAnswer:
         username = self.authenticate(token)
         if self.config.accepted_code_versions and body.code_version not in self.config.accepted_code_versions:
             raise CoordinatorRefusal(Refusal.VERSION_MISMATCH)
@@ -106,11 +121,12 @@ class Coordinator:
                 s.flush()
             self._expire(s, now)
             session_token = secrets.token_urlsafe(32)
+            stage = self._stage_for(s, binding.last_stage)
             request = QueueRequest(
                 request_id=secrets.token_hex(16), session_token_sha256=_digest(session_token),
                 peer_id=body.peer_id, user_id=user.id, status=WAITING,
-                stage=self._stage_for(s, binding.last_stage), enqueued_at=now, last_poll_at=now,
-                download_complete=self.config.checkpoint_url_template is None,
+                stage=stage, enqueued_at=now, last_poll_at=now,
+                download_complete=not self._download_required(s, stage),
                 device=body.device, vram_gb=body.vram_gb, ram_gb=body.ram_gb, bandwidth_mbps=body.bandwidth_mbps,
                 latency_ms=body.latency_ms, announce_ip=target_ip, announce_port=body.announce_port,
                 code_version=body.code_version, email=body.email,
@@ -118,7 +134,7 @@ class Coordinator:
             s.add(request)
             s.flush()
             self._admit(s, now)
-            return self._answer(s, request, user, now, session_token)
+            return self._answer(s, request, user, now, session_token, base_url)
 
     def _check_public_key(self, body: JoinRequest) -> str:
         try:
@@ -166,7 +182,8 @@ class Coordinator:
 
     # ---- queue
 
-    def authorization_status(self, token: str | None, body: StatusRequest) -> AccessAnswer | QueuedAnswer:
+    def authorization_status(self, token: str | None, body: StatusRequest,
+                             base_url: str | None = None) -> AccessAnswer | QueuedAnswer:
         username = self.authenticate(token)
         with self._lock, self.db.session() as s:
             now = self._clock()
@@ -185,7 +202,7 @@ class Coordinator:
                 request.download_complete = request.download_complete or body.download.complete
             self._expire(s, now)
             self._admit(s, now)
-            return self._answer(s, request, user, now, None)
+            return self._answer(s, request, user, now, None, base_url)
 
     def _expire(self, s: Session, now: float) -> None:
         for node in s.scalars(select(ActiveNode).where(ActiveNode.expires_at <= now)):
@@ -232,8 +249,14 @@ class Coordinator:
         interval = queue.admission_interval(list(recent), self.config.queue.initial_admission_interval_s)
         return queue.estimated_wait_s(position, interval, self.config.queue.joins_paused)
 
+    def _download_required(self, s: Session, stage: str) -> bool:
+        if self.config.checkpoint_url_template is not None:
+            return True
+        # a coordinator that serves checkpoints has nothing to hand out before a stage's first upload
+        return self.config.serves_checkpoints and s.get(StageCheckpoint, stage) is not None
+
     def _answer(self, s: Session, request: QueueRequest, user: User, now: float,
-                session_token: str | None) -> AccessAnswer | QueuedAnswer:
+                session_token: str | None, base_url: str | None) -> AccessAnswer | QueuedAnswer:
         if request.status == DROPPED:
             raise CoordinatorRefusal(Refusal.DOWNLOAD_TOO_SLOW if request.drop_reason == DROPPED_SLOW_DOWNLOAD
                                      else Refusal.ABANDONED)
@@ -241,23 +264,23 @@ class Coordinator:
             node = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == request.peer_id))
             if node is None:
                 raise CoordinatorRefusal(Refusal.ACCESS_EXPIRED)
-            return self._access(node, user)
+            return self._access(node, user, base_url)
         position = 1 + [r.seq for r in self._waiting(s)].index(request.seq)
         wait = self._wait_estimate(s, position)
         return QueuedAnswer(
             request_id=request.request_id, session_token=session_token, position=position,
             estimated_wait_seconds=wait, next_poll_seconds=queue.next_poll_s(wait, self.config.queue.poll_interval_s),
             joins_paused=self.config.queue.joins_paused, stage=request.stage,
-            download_required=self.config.checkpoint_url_template is not None,
-            checkpoint_url=self.config.checkpoint_url(request.stage),
+            download_required=self._download_required(s, request.stage),
+            checkpoint_url=self.config.checkpoint_url(request.stage, base_url),
         )
 
-    def _access(self, node: ActiveNode, user: User) -> AccessAnswer:
+    def _access(self, node: ActiveNode, user: User, base_url: str | None = None) -> AccessAnswer:
         claims = AccessClaims(peer_id=node.peer_id, stage=node.stage, username=user.username, uid=node.uid,
                               issued_at=self._clock(), expires_at=node.expires_at)
         return AccessAnswer(stage=node.stage, uid=node.uid, username=user.username, peer_id=node.peer_id,
                             access_token=self.signer.issue(claims), expires_at=node.expires_at,
-                            checkpoint_url=self.config.checkpoint_url(node.stage),
+                            checkpoint_url=self.config.checkpoint_url(node.stage, base_url),
                             coordinator_public_key=self.signer.public_key)
 
     # ---- active nodes
@@ -272,13 +295,13 @@ class Coordinator:
             raise CoordinatorRefusal(Refusal.ACCESS_EXPIRED)
         return node, user
 
-    def refresh(self, token: str | None, body: RefreshRequest) -> AccessAnswer:
+    def refresh(self, token: str | None, body: RefreshRequest, base_url: str | None = None) -> AccessAnswer:
         username = self.authenticate(token)
         with self._lock, self.db.session() as s:
             now = self._clock()
             node, user = self._own_active_node(s, username, body.peer_id, body.uid, now)
             node.expires_at = now + self.config.access_token_lifetime_s
-            return self._access(node, user)
+            return self._access(node, user, base_url)
 
     def heartbeat(self, token: str | None, raw_body: bytes, body: HeartbeatRequest, signature_b64: str) -> HeartbeatAnswer:
         username = self.authenticate(token)
@@ -330,6 +353,27 @@ class Coordinator:
         return HeartbeatAnswer(expires_at=node.expires_at, move_to_stage=move.to_stage,
                                access_token=self._access(node, user).access_token)
 
+    # ---- checkpoints
+
+    def authorize_upload(self, access_token: str | None, stage: str) -> Uploader:
+        """Who may replace ``stage``'s checkpoint: a node holding unexpired access to that very stage."""
+        if stage not in self.config.stage_needs:
+            raise CoordinatorRefusal(Refusal.UNKNOWN_STAGE, stage=stage)
+        if not access_token:
+            raise CoordinatorRefusal(Refusal.NO_ACCESS_TOKEN)
+        try:
+            claims = verify_access_token(access_token, self.signer.public_key, now=self._clock())
+        except AccessTokenError as e:
+            raise CoordinatorRefusal(Refusal.BAD_ACCESS_TOKEN, reason=str(e)) from None
+        if claims.stage != stage:
+            raise CoordinatorRefusal(Refusal.WRONG_STAGE, token_stage=claims.stage, stage=stage)
+        # the signature alone outlives a move to another stage or a lapse; the database knows better
+        with self._lock, self.db.session() as s:
+            node = s.get(ActiveNode, claims.uid)
+            if node is None or node.peer_id != claims.peer_id or node.stage != stage or node.expires_at <= self._clock():
+                raise CoordinatorRefusal(Refusal.ACCESS_WITHDRAWN, stage=stage)
+        return Uploader(username=claims.username, peer_id=claims.peer_id)
+
     # ---- public read-only views
 
     def run_info(self) -> RunInfo:
@@ -351,6 +395,18 @@ class Coordinator:
         if not waiting and not self.config.queue.joins_paused and queue.free_slots(self.config.queue.capacity, active):
             return 0.0
         return self._wait_estimate(s, waiting + 1)
+
+    def totals(self) -> RunTotals:
+        with self.db.session() as s:
+            admissions = s.execute(select(QueueRequest.stage, func.count()).where(QueueRequest.status == ADMITTED)
+                                   .group_by(QueueRequest.stage))
+            drops = s.execute(select(QueueRequest.drop_reason, func.count()).where(QueueRequest.status == DROPPED)
+                              .group_by(QueueRequest.drop_reason))
+            work = list(s.execute(select(Contribution.stage, func.sum(Contribution.samples), func.sum(Contribution.tokens))
+                                  .group_by(Contribution.stage)))
+            return RunTotals(admissions=dict(admissions.all()), queue_drops=dict(drops.all()),
+                             samples={stage: int(samples) for stage, samples, _ in work},
+                             tokens={stage: int(tokens) for stage, _, tokens in work})
 
     def contributions(self) -> list[ContributionInfo]:
         with self.db.session() as s:
