@@ -30,7 +30,8 @@ def test_config_from_yaml_with_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"stages": [{"name": "a"}, {"name": "a"}]}, {"queue": {"capacity": 0}},
-                                 {"checkpoint_url_template": "http://x/no-stage"}, {"unknown_field": 1}])
+                                 {"checkpoint_url_template": "http://x/no-stage"}, {"unknown_field": 1},
+                                 {"checkpoint_url_template": "http://x/{stage}", "checkpoints": {"directory": "ckpt"}}])
 def test_config_errors_name_the_file(tmp_path, bad):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(bad))

@@ -10,8 +10,13 @@
 - ``porttest.py``    probe (coordinator side) and PortTestListener (worker side)
 - ``errors.py``      Refusal: every refusal's HTTP status and message (the guide's strings)
 - ``schemas.py``     request and answer bodies of the HTTP API
-- ``service.py``     Coordinator: the rules, on top of the database
+- ``service.py``     Coordinator: the rules, on top of the database (who may upload a checkpoint included)
+- ``checkpoints.py`` CheckpointStore: each stage's latest checkpoint on disk, atomic uploads named by sha256
+- ``metrics.py``     CoordinatorMetrics: the Prometheus registry behind ``/metrics``
+- ``dashboard.html`` the self-contained live dashboard page served at ``/``
 - ``app.py``         create_app(config): the FastAPI routes
+
+Newcomers download checkpoints with ``agora.checkpoint_download.download_checkpoint``.
 
 The access-token format itself lives in ``agora_server.access`` because every worker checks tokens.
 """
