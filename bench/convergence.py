@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate of every run (default {LR})")
     parser.add_argument("--fraction", type=float, default=AVERAGING["fraction"], help=f"SPARTA fraction p per round (default {AVERAGING['fraction']})")
     parser.add_argument("--average-every", type=int, default=AVERAGING["average_every"], help=f"epochs between rounds (default {AVERAGING['average_every']})")
+    parser.add_argument("--nesterov-betas", default="0.99,0.999", help="β1,β2 of run (c) (default 0.99,0.999, as in Ajanthan et al.)")
     parser.add_argument("--only", choices=["sync_adamw", "swarm_adamw", "swarm_nesterov"], action="append", help="run only these (repeatable)")
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
     parser.add_argument("--log-dir", type=Path, help="keep the swarms' logs and checkpoints here (default: a temporary directory, removed)")
@@ -196,7 +197,8 @@ def run(args: argparse.Namespace) -> dict:
     wanted = args.only or ["sync_adamw", "swarm_adamw", "swarm_nesterov"]
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="agora-bench-convergence-"))
     adamw_config, steps = run_config(args, {"name": "adamw"}, "bench-convergence-adamw")
-    nesterov_config, _ = run_config(args, NESTEROV, "bench-convergence-nesterov")
+    betas = [float(b) for b in args.nesterov_betas.split(",")]
+    nesterov_config, _ = run_config(args, {**NESTEROV, "betas": betas}, "bench-convergence-nesterov")
     val = validation_batches(adamw_config.data, MICRO_BATCH, VAL_BATCHES)
     output: dict = {
         "benchmark": "convergence",

@@ -74,9 +74,15 @@ class LocalSwarm:
         wrap: Callable[[str], list[str]] | None = None,
         host: Callable[[str], str] | None = None,
         prom_gateway: str | None = None,
+        coordinator: bool = False,
+        coordinator_settings: dict | None = None,
     ):
         self.config_ref, self.config, self.steps = config_ref, config, steps
         self.prom_gateway = prom_gateway
+        self.coordinator = coordinator
+        self.coordinator_settings = coordinator_settings or {}
+        self.coordinator_url: str | None = None
+        self._token: str | None = None  # the local participants' token; only in this process and its children's environment
         self.workers = {spec.name: workers_per_stage for spec in config.stages} | (workers or {})
         self.log_dir, self.output, self.grace_seconds = Path(log_dir), output or sys.stdout, grace_seconds
         self.wrap, self.host = wrap, host
@@ -91,8 +97,8 @@ class LocalSwarm:
 
     # --- children -----------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], on_line=None) -> SwarmProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def _spawn(self, name: str, args: list[str], on_line=None, env_extra: dict | None = None) -> SwarmProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
         prefix = self.wrap(name) if self.wrap is not None else []
         popen = subprocess.Popen(
             [*prefix, sys.executable, *args],
@@ -162,23 +168,82 @@ class LocalSwarm:
         while not self._seed_ready.wait(0.2):
             if seed.popen.poll() is not None or time.monotonic() > deadline:
                 raise SwarmError(f"the seed DHT did not start; see {self.log_dir / 'seed.log'}")
+        if self.coordinator:
+            self._start_coordinator(time.monotonic() + timeout)
         for spec in self.config.stages:
             for index in range(self.workers.get(spec.name, 0)):
-                self.start_worker(spec.name, index)
+                worker = self.start_worker(spec.name, index)
+                if self.coordinator:
+                    # one join at a time: the coordinator fills the least-filled stage, ties in pipeline
+                    # order, so sequential joins give exactly the planned layout
+                    self._wait_for_access(worker, time.monotonic() + timeout)
         if trainer:
             self._spawn("trainer", self._trainer_args())
 
     def worker_name(self, stage: str, index: int) -> str:
         return f"{stage}#{index}"
 
+    def _start_coordinator(self, deadline: float) -> None:
+        import hashlib
+        import secrets
+        import socket
+        import urllib.request
+
+        import yaml
+
+        self._token = secrets.token_urlsafe(24)
+        token_file = self.keys_dir / "tokens.txt"
+        token_file.write_text(f"{hashlib.sha256(self._token.encode()).hexdigest()} local-participant\n")
+        os.chmod(token_file, 0o600)
+        with socket.socket() as probe:
+            probe.bind((DEFAULT_HOST, 0))
+            port = probe.getsockname()[1]
+        total = sum(self.workers.values())
+        settings = {
+            "run_name": self.config.run_name,
+            "database_url": f"sqlite:///{(self.log_dir / 'coordinator.db').resolve()}",
+            "host": DEFAULT_HOST,
+            "port": port,
+            "stages": [{"name": spec.name, "need": max(1, self.workers.get(spec.name, 0))} for spec in self.config.stages],
+            "token_source": str(token_file),
+            "key_path": str(self.keys_dir / "coordinator.key"),
+            "queue": {"capacity": max(1, total), "max_active_per_user": max(1, total) + 4},
+            "checkpoints": {"directory": str((self.log_dir / "coordinator-checkpoints").resolve())},
+        }
+        config_path = self.keys_dir / "coordinator.yaml"
+        config_path.write_text(yaml.safe_dump(_merge(settings, self.coordinator_settings)))
+        coordinator = self._spawn("coordinator", ["-m", "agora.run_coordinator", "--config", str(config_path), "--log_level", "warning"])
+        self.coordinator_url = f"http://{DEFAULT_HOST}:{port}"
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.coordinator_url}/api/run_info", timeout=2):
+                    return
+            except OSError:
+                if coordinator.popen.poll() is not None or time.monotonic() > deadline:
+                    said = " | ".join(self.lines.get("coordinator", [])[-5:]) or "nothing"
+                    raise SwarmError(f"the coordinator did not start; its last lines: {said}") from None
+                time.sleep(0.2)
+
+    def _wait_for_access(self, worker: SwarmProcess, deadline: float) -> None:
+        with self._seen:
+            while not any("[AUTH] Access granted" in line for line in self.lines.get(worker.name, [])):
+                if worker.popen.poll() is not None or time.monotonic() > deadline:
+                    raise SwarmError(f"{worker.name} was not admitted by the coordinator; see {self.log_dir}")
+                self._seen.wait(0.5)
+
     def start_worker(self, stage: str, index: int) -> SwarmProcess:
         tag, name = f"{stage}_{index}", self.worker_name(stage, index)
+        if self.coordinator:
+            placement = ["--auth_server", self.coordinator_url, "--heartbeat_interval", "5"]
+            env = {"AGORA_TOKEN": self._token}
+        else:
+            placement, env = ["--stage", stage], None
         return self._spawn(
             name,
             [
                 "-m", "agora.run_server",
                 "--config", self.config_ref,
-                "--stage", stage,
+                *placement,
                 "--gpu_id", str(index),
                 "--host_maddrs", f"/ip4/{self.listen_host(name)}/tcp/0",
                 "--initial_peers", *self.seed_maddrs,
@@ -186,6 +251,7 @@ class LocalSwarm:
                 "--log_file", str(self.log_dir / f"server_{tag}.log"),
                 *self._metrics_args(),
             ],
+            env_extra=env,
         )
 
     def _metrics_args(self) -> list[str]:
@@ -240,8 +306,8 @@ class LocalSwarm:
         Returns descriptions of anything still alive afterwards (empty when clean)."""
         tiers = [
             [p for p in self.processes if p.name == "trainer"],
-            [p for p in self.processes if p.name not in ("trainer", "seed")],
-            [p for p in self.processes if p.name == "seed"],
+            [p for p in self.processes if p.name not in ("trainer", "seed", "coordinator")],
+            [p for p in self.processes if p.name in ("seed", "coordinator")],
         ]
         for tier in tiers:
             self._stop_tier(tier)
@@ -291,3 +357,10 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=None, help="overrides the config's host")
     parser.add_argument("--port", type=int, default=None, help="overrides the config's port; 0 picks a free one")
     parser.add_argument("--database", default=None, help="SQLAlchemy URL; overrides the config's database_url")
+    parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"], help="uvicorn's log level (info logs every request)")
     args = parser.parse_args(argv)
 
     import uvicorn
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     # uvicorn handles SIGINT/SIGTERM itself and runs the app's shutdown (database close) on the way out
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level)
     return 0
 
 

@@ -26,8 +26,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log_file", default=None, help="verbose log file (default logs/server_gpu<ID>.log)")
     parser.add_argument("--identity_path", default=None, help="private key file (default private_gpu<ID>.key)")
     parser.add_argument("--batch_size_override", type=int, default=None, help="lower the micro-batch limit (e.g. after CUDA out of memory)")
-    parser.add_argument("--stage", default=None, help="stage to host (local runs, until the coordinator assigns stages)")
+    parser.add_argument("--stage", default=None, help="stage to host in a run without a coordinator (with --auth_server the coordinator assigns it)")
+    parser.add_argument("--auth_timeout", type=float, default=4 * 3600, help="seconds to wait in the authorization queue")
+    parser.add_argument("--heartbeat_interval", type=float, default=30.0, help="seconds between progress reports to the coordinator")
     args = parser.parse_args(argv)
+    if args.auth_server and args.stage:
+        parser.error("--stage is for runs without a coordinator; with --auth_server the coordinator assigns the stage")
     if args.batch_size_override is not None and args.batch_size_override < 1:
         parser.error("--batch_size_override must be at least 1")
     return args

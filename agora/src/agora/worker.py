@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+from pathlib import Path
 
 import torch
 
@@ -55,9 +58,6 @@ def run_worker(args: argparse.Namespace) -> int:
         config = effective_server_config(load_run_config(args.config), args.batch_size_override)
     except ConfigError as e:
         raise WorkerLaunchError(str(e)) from None
-    if args.stage is None:
-        raise WorkerLaunchError("no stage assigned: pass --stage <name> (stage assignment by the coordinator is not available yet)")
-    spec = config.stage(args.stage)
     device = pick_device(config)
     if config.server.cpu_threads:
         torch.set_num_threads(config.server.cpu_threads)
@@ -65,6 +65,15 @@ def run_worker(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     identity = ensure_identity(args.identity_path or default_identity_path(args.gpu_id))
     host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT + args.gpu_id}"]
+    session = weights = None
+    if args.auth_server:
+        host_maddrs, access, weights, session = join_run(args, config, identity, host_maddrs, events, stop)
+        stage = access.stage
+    elif args.stage is None:
+        raise WorkerLaunchError("no stage to serve: pass --auth_server (the coordinator assigns one) or --stage <name> for a run without a coordinator")
+    else:
+        stage = args.stage
+    spec = config.stage(stage)
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=host_maddrs,
@@ -85,11 +94,18 @@ def run_worker(args: argparse.Namespace) -> int:
             dht=dht,
             device=device,
             events=events,
+            initial_state=weights,
+            on_checkpoint=session.upload_checkpoint if session is not None else None,
         )
         pusher = start_metrics_push(events, args.prom_gateway, config, worker.spec.name, worker.peer_id)
+        if session is not None:
+            events.subscribe(session)
+            session.start(worker.stats())  # before any request can arrive
         worker.start()
         worker.serve(stop)
     finally:
+        if session is not None:
+            session.stop()
         if worker is not None:
             verdict = worker.halted
             reason = verdict.message if verdict else "signal received" if stop.is_set() else "error"
@@ -99,3 +115,49 @@ def run_worker(args: argparse.Namespace) -> int:
         dht.shutdown()
     return 1 if worker.halted else 0
 
+
+def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_maddrs: list[str], events, stop):
+    """Get admitted by the coordinator before the p2p daemon starts; returns the maddrs to listen on
+    (a free port chosen if none was given: the port test needs the real one), the access, the stage
+    weights downloaded while queued (None if this identity has its own checkpoint) and the session."""
+    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, admit
+    from agora.coordinator.peer_keys import WorkerIdentity
+    from agora_server.server.checkpoint import checkpoint_path
+
+    token = args.token or os.environ.get("AGORA_TOKEN")
+    if not token:
+        raise WorkerLaunchError("--auth_server needs your HuggingFace token: pass --token or set AGORA_TOKEN")
+    host, port = tcp_listen_address(host_maddrs[0])
+    if port == 0:
+        port = free_tcp_port(host)
+        host_maddrs = [host_maddrs[0].replace("/tcp/0", f"/tcp/{port}", 1), *host_maddrs[1:]]
+    identity = WorkerIdentity.load(identity_path)
+
+    def weights_for(stage: str) -> Path | None:
+        own = checkpoint_path(config.server.checkpoint_dir, config.run_name, stage, identity.peer_id)
+        return None if own.exists() else own.with_name("from-coordinator.pt")
+
+    client = CoordinatorClient(args.auth_server, token)
+    try:
+        access, weights = admit(
+            client, identity, host=host, port=port, emit=events.emit, timeout=args.auth_timeout, email=args.email, weights_for=weights_for, stop=stop
+        )
+    except AdmissionError as e:
+        client.close()
+        raise WorkerLaunchError(str(e)) from None
+    session = CoordinatorSession(client, identity, access, events.emit, heartbeat_interval=args.heartbeat_interval)
+    return host_maddrs, access, weights, session
+
+
+def tcp_listen_address(maddr: str) -> tuple[str, int]:
+    parts = maddr.strip("/").split("/")
+    try:
+        return parts[parts.index("ip4") + 1], int(parts[parts.index("tcp") + 1])
+    except (ValueError, IndexError):
+        raise WorkerLaunchError(f"--host_maddrs {maddr} is not /ip4/<address>/tcp/<port>; the coordinator's port test needs one") from None
+
+
+def free_tcp_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

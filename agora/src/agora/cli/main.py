@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="local-tiny", help="run config for --local (default: local-tiny)")
     parser.add_argument("--steps", type=int, default=0, help="with --local: stop after N completed micro-batches (0: until Ctrl+C)")
     parser.add_argument("--workers-per-stage", type=int, default=1, help="with --local: workers serving each stage")
+    parser.add_argument("--no-coordinator", action="store_true", help="with --local: assign stages directly instead of through a local coordinator")
     return parser
 
 
@@ -45,12 +46,12 @@ def run_local(args: argparse.Namespace) -> int:
         return 2
     stages = ", ".join(s.name for s in config.stages)
     print(
-        f"[LOCAL] Starting a local swarm of run {config.run_name}: seed, {args.workers_per_stage} worker(s) per stage"
+        f"[LOCAL] Starting a local swarm of run {config.run_name}: seed, {'' if args.no_coordinator else 'coordinator, '}{args.workers_per_stage} worker(s) per stage"
         f" ({stages}), one trainer. Logs: logs/local/. Stop with Ctrl+C.",
         flush=True,
     )
     stop = stop_on_signals()
-    swarm = LocalSwarm(args.config, config, workers_per_stage=args.workers_per_stage, steps=args.steps)
+    swarm = LocalSwarm(args.config, config, workers_per_stage=args.workers_per_stage, steps=args.steps, coordinator=not args.no_coordinator)
     code = 1
     try:
         swarm.start()

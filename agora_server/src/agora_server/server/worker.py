@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from hivemind import DHT
@@ -57,7 +59,12 @@ class StageWorker:
         dht: DHT,
         device: torch.device,
         events: EventBus,
+        initial_state: Path | None = None,
+        on_checkpoint: Callable[[Path, int], None] | None = None,
     ):
+        """``initial_state``: the stage's weights from elsewhere (the coordinator's checkpoint), used
+        when this identity has no checkpoint of its own. ``on_checkpoint(path, epoch)`` is told of
+        every periodic checkpoint (to upload it); it runs on the compute thread, so it must only queue."""
         self.run, self.spec, self.server_config, self.dht, self.events = run, spec, server, dht, events
         self.device = device
         self.health = HealthMonitor(server.health, events.emit, on_stop=self._on_health_stop)
@@ -69,6 +76,11 @@ class StageWorker:
         self.peer_id = dht.peer_id.to_base58()
         self.checkpoint_file = checkpoint_path(server.checkpoint_dir, run, spec.name, self.peer_id)
         resumed = load_checkpoint(self.checkpoint_file)
+        shared = load_checkpoint(initial_state) if resumed is None and initial_state is not None else None
+        if shared is not None:
+            # the weights, optimizer and epoch of the stage; never another identity's counters
+            resumed = {key: shared[key] for key in ("model", "optimizer", "epoch")}
+        self.on_checkpoint = on_checkpoint
         self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0)
         self.backend = StageBackend(
             stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch
@@ -116,8 +128,8 @@ class StageWorker:
         self._p2p: P2P | None = None
 
     def _after_epoch(self, epoch: int) -> None:
-        if epoch % self.server_config.checkpoint_every == 0:
-            self.save_checkpoint()
+        if epoch % self.server_config.checkpoint_every == 0 and self.save_checkpoint() and self.on_checkpoint:
+            self.on_checkpoint(self.checkpoint_file, epoch)
         if self.averager is None:
             return
         samples = self.backend.counters.samples
@@ -126,12 +138,14 @@ class StageWorker:
         if self.averager.maybe_start_round(epoch, weight=weight):
             self._samples_at_last_round = samples
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> bool:
         """Write the stage state (call on the compute thread). A failure keeps the last good file."""
         try:
             save_checkpoint(self.checkpoint_file, {**self.backend.state_dict(), "online_seconds": self.online_seconds()})
         except CheckpointError as e:
             self.events.emit(CheckpointFailed(stage=self.spec.name, reason=str(e)))
+            return False
+        return True
 
     def online_seconds(self) -> float:
         """Time this identity has served, across restarts."""

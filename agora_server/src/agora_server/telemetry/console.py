@@ -77,6 +77,48 @@ def _(event: ev.ProgressReport) -> list[str]:
     ]
 
 
+def format_wait(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown (joins are paused)"
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes // 60}h {minutes % 60}m" if minutes >= 60 else f"{minutes}m"
+
+
+@console_lines.register
+def _(event: ev.AuthQueued) -> list[str]:
+    return [f"[AUTH] Authorization queue: position {event.position}, estimated wait: {format_wait(event.estimated_wait_seconds)}"]
+
+
+@console_lines.register
+def _(event: ev.AccessGranted) -> list[str]:
+    return [f"[AUTH] Access granted for {event.username}"]
+
+
+@console_lines.register
+def _(event: ev.DownloadProgress) -> list[str]:
+    if event.bytes_done == 0:
+        return ["[DOWNLOAD] Downloading model weights..."]
+    mib = event.bytes_done / 2**20
+    if not event.bytes_total:
+        return [f"[DOWNLOAD] {mib:.1f} MiB"]
+    return [f"[DOWNLOAD] {100 * event.bytes_done / event.bytes_total:.0f}% ({mib:.1f} of {event.bytes_total / 2**20:.1f} MiB)"]
+
+
+@console_lines.register
+def _(event: ev.DownloadComplete) -> list[str]:
+    return ["[DOWNLOAD] Model weights downloaded. Waiting for authorization..."]
+
+
+@console_lines.register
+def _(event: ev.CheckpointUploaded) -> list[str]:
+    return [] if event.ok else [f"[SERVER] Could not upload the stage checkpoint to the coordinator: {event.detail}"]
+
+
+@console_lines.register
+def _(event: ev.CoordinatorUnreachable) -> list[str]:
+    return [f"[AUTH] Could not reach the coordinator to {event.action} ({event.error}); retrying in {event.retry_in:.0f}s"]
+
+
 @console_lines.register
 def _(event: ev.HealthStop) -> list[str]:
     return [f"[SERVER] {event.message}", f"[SERVER] Reason: {event.detail}"]

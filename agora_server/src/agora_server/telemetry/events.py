@@ -141,6 +141,52 @@ class ComputeFailed(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class AuthQueued(Event):
+    position: int
+    estimated_wait_seconds: float | None
+    """None while the coordinator has paused joins."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AccessGranted(Event):
+    username: str
+    stage: str
+    expires_at: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DownloadProgress(Event):
+    """The stage's weights arriving from the coordinator while the node waits in the queue."""
+
+    bytes_done: int
+    bytes_total: int | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DownloadComplete(Event):
+    path: str
+    size: int
+    resumed_from: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointUploaded(Event):
+    stage: str
+    epoch: int
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CoordinatorUnreachable(Event):
+    """A heartbeat or token refresh failed on the network; the worker retries with backoff."""
+
+    action: str
+    error: str
+    retry_in: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CoordinatorStop(Event):
     """The coordinator told this worker to leave the run."""
 

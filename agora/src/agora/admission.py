@@ -1,0 +1,279 @@
+"""The worker's side of the coordinator: join → queue → access, then heartbeats and token refreshes.
+
+``admit`` runs before the worker's p2p daemon takes its port: the port-test listener answers the
+coordinator's connect-back on that port while the join is in flight. ``CoordinatorSession`` runs
+beside the worker: it reports the worker's counters in signed heartbeats, refreshes the access token
+before it expires (retrying with backoff while the coordinator is unreachable) and, when the
+coordinator refuses the node or its access runs out, emits ``CoordinatorStop`` so that the health
+rules stop the worker with a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from agora.checkpoint_download import CheckpointDownloadError, download_checkpoint
+from agora.code_version import code_version
+from agora.coordinator.peer_keys import WorkerIdentity
+from agora.coordinator.porttest import PortTestListener
+from agora_server.telemetry import events as ev
+from agora_server.telemetry.contribution import contribution, heartbeat_counters
+
+AUTH_TIMEOUT_MESSAGE = "Authorization timeout after {seconds:.0f}s"
+
+
+class AdmissionError(RuntimeError):
+    """The coordinator refused this node, or could not be reached; the message says which (never the token)."""
+
+
+class CoordinatorUnavailable(AdmissionError):
+    """The coordinator did not answer (network, 5xx): worth another try."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    stage: str
+    uid: str
+    username: str
+    peer_id: str
+    access_token: str
+    expires_at: float
+    checkpoint_url: str | None
+    coordinator_public_key: str
+
+    @classmethod
+    def from_answer(cls, answer: dict) -> Access:
+        return cls(**{field.name: answer[field.name] for field in dataclasses.fields(cls)})
+
+
+class CoordinatorClient:
+    """PUT calls with the participant's token; refusals become AdmissionError with the coordinator's message."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0):
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers={"Authorization": f"Bearer {token}"})
+
+    def put(self, path: str, body: dict | None = None, *, content: bytes | None = None, headers: dict | None = None) -> dict:
+        try:
+            answer = self._http.put(path, json=body if content is None else None, content=content, headers=headers)
+        except httpx.HTTPError as e:
+            raise CoordinatorUnavailable(f"the coordinator at {self._http.base_url} did not answer: {type(e).__name__}") from None
+        if answer.status_code >= 500:
+            raise CoordinatorUnavailable(f"the coordinator answered {answer.status_code}: {_detail(answer)}")
+        if answer.status_code >= 400:
+            raise AdmissionError(_detail(answer))
+        return answer.json()
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _detail(answer: httpx.Response) -> str:
+    try:
+        detail = answer.json().get("detail")
+    except ValueError:
+        detail = None
+    return detail if isinstance(detail, str) else f"HTTP {answer.status_code}"
+
+
+def admit(
+    client: CoordinatorClient,
+    identity: WorkerIdentity,
+    *,
+    host: str,
+    port: int,
+    emit: Callable[[ev.Event], None],
+    timeout: float,
+    email: str | None = None,
+    weights_for: Callable[[str], Path | None] = lambda stage: None,
+    stop: threading.Event | None = None,
+) -> tuple[Access, Path | None]:
+    """Join, wait in the queue if told to (downloading the stage's weights meanwhile), and return the
+    access and the downloaded weights; AdmissionError if refused or timed out.
+
+    ``weights_for(stage)`` says where to put that stage's weights, or None if this node already has
+    its own state for it (then nothing is downloaded)."""
+    request = {
+        "peer_id": identity.peer_id,
+        "public_key": base64.b64encode(identity.public_key_protobuf).decode(),
+        "announce_port": port,
+        "code_version": code_version(),
+        "email": email,
+    }
+    with PortTestListener(host, port):  # closed before the p2p daemon binds the same port
+        answer = client.put("/api/join", request)
+    deadline = time.monotonic() + timeout
+    ticket = {"request_id": answer.get("request_id"), "session_token": answer.get("session_token")}
+    weights: Path | None = None
+    progress = {"complete": True}  # nothing to download unless the coordinator says so
+    while answer["status"] == "queued":
+        emit(ev.AuthQueued(position=answer["position"], estimated_wait_seconds=answer["estimated_wait_seconds"]))
+        if answer.get("download_required") and answer.get("checkpoint_url") and weights is None:
+            dest = weights_for(answer["stage"])
+            if dest is not None:
+                weights, progress = _fetch_weights(answer["checkpoint_url"], dest, emit)
+        pause = float(answer["next_poll_seconds"])
+        if time.monotonic() + pause > deadline:
+            raise AdmissionError(AUTH_TIMEOUT_MESSAGE.format(seconds=timeout))
+        if stop is not None and stop.wait(pause):  # the coordinator says when to ask again
+            raise AdmissionError("stopped while waiting in the authorization queue")
+        if stop is None:
+            time.sleep(pause)
+        answer = client.put("/api/authorization_status", {**ticket, "download": progress})
+    access = Access.from_answer(answer)
+    emit(ev.AccessGranted(username=access.username, stage=access.stage, expires_at=access.expires_at))
+    return access, weights
+
+
+def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tuple[Path | None, dict]:
+    """Download while queued; a failure leaves the partial file for the next poll to resume."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    emit(ev.DownloadProgress(bytes_done=0, bytes_total=None))
+    reported = [0.0]
+
+    def on_progress(done: int, total: int | None) -> None:
+        if time.monotonic() - reported[0] >= 5.0:  # a line every few seconds, not per chunk
+            reported[0] = time.monotonic()
+            emit(ev.DownloadProgress(bytes_done=done, bytes_total=total))
+
+    try:
+        result = download_checkpoint(url, dest, on_progress=on_progress)
+    except CheckpointDownloadError as e:
+        emit(ev.CoordinatorUnreachable(action="download the stage's weights", error=str(e), retry_in=0))
+        done = dest.with_name(dest.name + ".part")
+        return None, {"complete": False, "bytes_done": done.stat().st_size if done.exists() else 0}
+    emit(ev.DownloadComplete(path=str(result.path), size=result.size, resumed_from=result.resumed_from))
+    return result.path, {"complete": True, "bytes_done": result.size, "bytes_total": result.size}
+
+
+class CoordinatorSession:
+    """Heartbeats and token refreshes for an admitted worker, on a thread of their own."""
+
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        identity: WorkerIdentity,
+        access: Access,
+        emit: Callable[[ev.Event], None],
+        *,
+        heartbeat_interval: float = 30.0,
+        refresh_margin: float = 300.0,
+        max_backoff: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.client, self.identity, self.access, self.emit = client, identity, access, emit
+        self.heartbeat_interval, self.refresh_margin, self.max_backoff, self.clock = heartbeat_interval, refresh_margin, max_backoff, clock
+        self._stats: ev.WorkerStats | None = None
+        self._baseline: dict[str, float] = {}  # counters when this access began: heartbeats report what came after
+        self._last_sent_at = 0.0
+        self._upload: tuple[Path, int] | None = None  # the newest checkpoint not yet uploaded
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="coordinator-session", daemon=True)
+        self.heartbeats = 0
+
+    def __call__(self, event: ev.Event) -> None:
+        if isinstance(event, ev.WorkerStats):
+            self._stats = event
+
+    def start(self, counters_at_access: ev.WorkerStats) -> None:
+        """Begin reporting; ``counters_at_access`` is the worker's state before it served anything
+        under this access (heartbeats report the work done since)."""
+        self._stats, self._baseline = counters_at_access, heartbeat_counters(counters_at_access)
+        self._thread.start()
+
+    def upload_checkpoint(self, path: Path, epoch: int) -> None:
+        """Queue the stage state just saved for upload (only the newest waiting one is kept)."""
+        self._upload = (path, epoch)
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(15)
+        self.client.close()
+
+    def _loop(self) -> None:
+        backoff = 1.0
+        while True:
+            self._wake.wait(self._next_wait(backoff))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if self.access.expires_at - self.clock() < self.refresh_margin:
+                    self._refresh()
+                self._heartbeat()
+                self._send_upload()
+                backoff = 1.0
+            except CoordinatorUnavailable as e:
+                if self.clock() >= self.access.expires_at:
+                    self.emit(ev.CoordinatorStop(reason=f"the access token expired while the coordinator was unreachable ({e})"))
+                    return
+                backoff = min(self.max_backoff, backoff * 2)
+                self.emit(ev.CoordinatorUnreachable(action="report progress", error=str(e), retry_in=backoff))
+            except AdmissionError as e:
+                self.emit(ev.CoordinatorStop(reason=str(e)))
+                return
+
+    def _next_wait(self, backoff: float) -> float:
+        if backoff > 1.0:
+            return backoff
+        until_refresh = self.access.expires_at - self.refresh_margin - self.clock()
+        return max(0.5, min(self.heartbeat_interval, until_refresh))
+
+    def _send_upload(self) -> None:
+        pending, self._upload = self._upload, None
+        if pending is None:
+            return
+        path, epoch = pending
+        headers = {"Authorization": f"Bearer {self.access.access_token}", "X-Checkpoint-Epoch": str(epoch),
+                   "Content-Type": "application/octet-stream"}
+        try:
+            with open(path, "rb") as f:  # checkpoints are replaced by rename: this handle keeps the file it opened
+                self.client.put(f"/api/checkpoints/{self.access.stage}", content=f, headers=headers)
+        except AdmissionError as e:
+            if isinstance(e, CoordinatorUnavailable) and self._upload is None:
+                self._upload = pending  # try again with the next heartbeat
+            self.emit(ev.CheckpointUploaded(stage=self.access.stage, epoch=epoch, ok=False, detail=str(e)))
+            return
+        except OSError as e:
+            self.emit(ev.CheckpointUploaded(stage=self.access.stage, epoch=epoch, ok=False, detail=f"{path}: {e}"))
+            return
+        self.emit(ev.CheckpointUploaded(stage=self.access.stage, epoch=epoch, ok=True, detail=""))
+
+    def _refresh(self) -> None:
+        answer = self.client.put("/api/refresh_token", {"peer_id": self.access.peer_id, "uid": self.access.uid})
+        self.access = Access.from_answer(answer)
+
+    def _heartbeat(self) -> None:
+        stats = self._stats
+        if stats is None:
+            return
+        counters = heartbeat_counters(stats)
+        done = contribution({key: counters[key] - self._baseline.get(key, 0) for key in counters})
+        sent_at = max(self.clock(), self._last_sent_at + 1e-3)
+        body = json.dumps(
+            {
+                "peer_id": self.access.peer_id,
+                "uid": self.access.uid,
+                "sent_at": sent_at,
+                "samples_processed": done.samples,
+                "tokens_processed": done.tokens,
+            }
+        ).encode()
+        signature = base64.b64encode(self.identity.sign(body)).decode()
+        answer = self.client.put("/api/heartbeat", content=body, headers={"Content-Type": "application/json", "X-Agora-Signature": signature})
+        self._last_sent_at = sent_at
+        self.heartbeats += 1
+        if answer.get("access_token"):
+            self.access = dataclasses.replace(self.access, access_token=answer["access_token"], expires_at=answer["expires_at"])
+        elif answer.get("expires_at"):
+            self.access = dataclasses.replace(self.access, expires_at=answer["expires_at"])

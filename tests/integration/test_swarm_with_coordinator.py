@@ -1,0 +1,80 @@
+"""A local swarm admitted by its own coordinator: join → access with the port test, stages assigned
+by need, signed heartbeats, and the coordinator's contribution record equal to each worker's own count."""
+
+import json
+import time
+import urllib.request
+
+from pathlib import Path
+
+from tests.coordinator.test_dashboard import rendered_dom
+from tests.integration.conftest import run_trainer_to_end
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def last_stats_samples(swarm, log_name: str) -> tuple[str, int]:
+    lines = [line for line in (swarm.log_dir / log_name).read_text().splitlines() if "agora.events: WorkerStats " in line]
+    last = lines[-1]
+    return last.split("peer_id='")[1].split("'")[0], int(last.split(" samples=")[1].split()[0])
+
+
+def test_coordinator_admits_assigns_and_counts_what_each_worker_counts(swarm_harness):
+    swarm = swarm_harness.create({"server": {"stats_interval": 1}}, steps=24, coordinator=True)
+    swarm.start()
+    for spec in swarm.config.stages:
+        name = swarm.worker_name(spec.name, 0)
+        assert swarm.wait_for_output(name, "[AUTH] Access granted for local-participant", 5)
+        assert swarm.wait_for_output(name, f"[SERVER] Serving stage {spec.name} as", 60), "the coordinator fills stages in pipeline order"
+    info = get_json(f"{swarm.coordinator_url}/api/run_info")
+    assert {s["name"]: s["workers"] for s in info["stages"]} == {spec.name: 1 for spec in swarm.config.stages}
+    assert run_trainer_to_end(swarm, 300) == 0
+
+    expected = {}
+    for spec in swarm.config.stages:
+        peer, samples = last_stats_samples(swarm, f"server_{spec.name}_0.log")
+        assert samples >= 24 * swarm.config.trainer.micro_batch_size
+        expected[peer] = samples
+    deadline = time.monotonic() + 60
+    while True:  # the work is over; the next heartbeats carry the final counts
+        recorded = {c["peer_id"]: c["samples"] for c in get_json(f"{swarm.coordinator_url}/api/contributions")}
+        if recorded == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert recorded == expected, "the dashboard's contribution must equal the worker's own"
+
+    dom = rendered_dom(f"{swarm.coordinator_url}/?refresh=1", swarm.log_dir / "chromium-profile")
+    for spec in swarm.config.stages:
+        assert spec.name in dom
+    for samples in expected.values():
+        assert f"{samples:,}" in dom, f"{samples:,} samples are not on the rendered dashboard"
+    assert "local-participant" in dom
+    assert swarm.stop() == []
+
+
+def test_a_queued_newcomer_downloads_the_stage_checkpoint_while_it_waits(swarm_harness):
+    # one place per stage: a fourth worker has to wait in the queue; the workers upload their state every 2 epochs
+    swarm = swarm_harness.create({"server": {"checkpoint_every": 2}}, steps=400, coordinator=True, coordinator_settings={"queue": {"poll_interval_s": 1}})
+    swarm.start()
+    deadline = time.monotonic() + 240
+    while not all(uploaded(swarm, spec.name) for spec in swarm.config.stages):
+        assert time.monotonic() < deadline, "the workers never uploaded a checkpoint of every stage"
+        time.sleep(1)
+    newcomer = swarm.start_worker("tail", 1)
+    assert swarm.wait_for_output(newcomer.name, "[AUTH] Authorization queue: position 1, estimated wait:", 120)
+    assert swarm.wait_for_output(newcomer.name, "[DOWNLOAD] Downloading model weights...", 60)
+    assert swarm.wait_for_output(newcomer.name, "[DOWNLOAD] Model weights downloaded. Waiting for authorization...", 120)
+    assert list(Path(swarm.config.server.checkpoint_dir).glob("*/*/from-coordinator.pt")), "the weights were saved for the stage it will serve"
+    assert newcomer.popen.poll() is None, "still waiting for a place"
+
+
+def uploaded(swarm, stage: str) -> bool:
+    try:
+        probe = urllib.request.Request(f"{swarm.coordinator_url}/api/checkpoints/{stage}", headers={"Range": "bytes=0-0"})
+        with urllib.request.urlopen(probe, timeout=5) as answer:
+            return answer.status == 206
+    except OSError:
+        return False
