@@ -1,6 +1,12 @@
 """Agora command line (run through ``python3 agora_cli.py``).
 
 Examples:
+  python3 agora_cli.py                              # guided setup, checks, then join the run (settings reused next time)
+  python3 agora_cli.py --gpu_id 1                   # a second instance for GPU 1 (port 49201, its own key and log)
+  python3 agora_cli.py --skip_input --token hf_...  # no questions (for scripts and agents)
+  python3 agora_cli.py --reconfigure                # answer every question again
+  python3 agora_cli.py status                       # the workers on this machine
+  python3 agora_cli.py stop [--gpu_id N]            # stop them
   python3 agora_cli.py --local                      # a whole swarm on this machine, until Ctrl+C
   python3 agora_cli.py --local --steps 300          # stop after 300 trained micro-batches
   python3 agora_cli.py --local --workers-per-stage 2
@@ -19,12 +25,41 @@ REPO = Path(__file__).resolve().parents[4]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agora_cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    participant = parser.add_argument_group("joining a run (flags of the participant guide)")
+    participant.add_argument("--gpu_id", type=int, default=None, help="GPU to use (default: 0)")
+    participant.add_argument("--token", default=None, help="HuggingFace token (saved with mode 0600, never printed)")
+    participant.add_argument("--email", default=None, help="email address (optional)")
+    participant.add_argument("--host_port", type=_port, default=None, help="listening port (default: 49200 + gpu_id)")
+    participant.add_argument("--announce_port", type=_port, default=None, help="external port, if different from host_port (e.g. on RunPod)")
+    participant.add_argument("--use_docker", action="store_true", help="run inside Docker")
+    participant.add_argument("--log_file", default=None, help="log file path (default: logs/server_gpu<ID>.log)")
+    participant.add_argument("--identity_path", default=None, help="identity key path (default: private_gpu<ID>.key)")
+    participant.add_argument("--batch_size_override", type=_positive, default=None, help="lower the batch size (only after CUDA out of memory)")
+    participant.add_argument("--skip_input", action="store_true", help="never prompt: values come from flags or saved settings")
+    participant.add_argument("--reconfigure", action="store_true", help="ask every question again")
+    participant.add_argument("--preflight_only", action="store_true", help="set up and run the checks, then stop without starting the worker")
+    participant.add_argument("--run_json", default=None, help="the run to join (default: run.json in the repository)")
     parser.add_argument("--local", action="store_true", help="run a seed, workers and a trainer on 127.0.0.1 (CPU)")
     parser.add_argument("--config", default="local-tiny", help="run config for --local (default: local-tiny)")
     parser.add_argument("--steps", type=int, default=0, help="with --local: stop after N completed micro-batches (0: until Ctrl+C)")
     parser.add_argument("--workers-per-stage", type=int, default=1, help="with --local: workers serving each stage")
     parser.add_argument("--no-coordinator", action="store_true", help="with --local: assign stages directly instead of through a local coordinator")
     return parser
+
+
+def _port(text: str) -> int:
+    from agora.cli.ports import parse_port
+
+    try:
+        return parse_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
 
 
 def run_tests(pytest_args: list[str]) -> int:
@@ -72,12 +107,16 @@ def run_local(args: argparse.Namespace) -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["test"]:
         return run_tests(argv[1:])
+    if argv[:1] in (["status"], ["stop"]):
+        from agora.cli.manage import main as manage_main
+
+        return manage_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers_per_stage < 1:
         parser.error("--workers-per-stage must be at least 1")
     if args.local:
         return run_local(args)
-    parser.print_help()
-    print("\nThe guided participant setup is not available yet; try --local for a swarm on this machine.")
-    return 0
+    from agora.cli.participate import participate
+
+    return participate(args)
