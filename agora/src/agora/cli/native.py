@@ -44,6 +44,7 @@ class NativeRun:
         self.proc = proc
         instances.record(instances.Instance(self.gpu_id, instances.NATIVE, str(self.log_file), pid=proc.pid, pgid=proc.pid))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.say(f"[SERVER] Started the worker on GPU {self.gpu_id} (pid {proc.pid}). Log: {self.log_file}. Stop with Ctrl+C.")
         relay = threading.Thread(target=self._relay, daemon=True)
         relay.start()
         threading.Thread(target=self._wait_exit, daemon=True).start()
@@ -55,14 +56,15 @@ class NativeRun:
                     self.killed_after_grace = True
                     self._exited.wait()
             relay.join(timeout=5)  # the pipe closes when the group is gone; do not hang on a grandchild
+            # still under our handlers: a late Ctrl+C must not turn the explanation into a traceback
+            return self.explain(proc.returncode)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if proc.poll() is None:  # e.g. the CLI itself failed: never leave the worker behind
                 self._kill()
                 proc.wait()
             instances.forget(self.gpu_id)
-        return self.explain(proc.returncode)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
         self._signals.append(signum)

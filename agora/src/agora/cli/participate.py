@@ -30,8 +30,6 @@ def show_check(result: preflight.CheckResult) -> None:
 
 
 def participate(args: argparse.Namespace) -> int:
-    from agora.config import ConfigError, load_run_config
-
     try:
         run = load_run_info(args.run_json or DEFAULT_RUN_FILE)
         settings = resolve(args, say)
@@ -42,6 +40,8 @@ def participate(args: argparse.Namespace) -> int:
         fix = _fix_for(e)
         error(f"[SETUP] {e}" + (f"\n[SETUP] {fix}" if fix else ""))
         return 2
+    from agora.config import ConfigError, load_run_config  # slow (torch): only once the questions are answered
+
     try:
         config = load_run_config(run.config_ref)
     except ConfigError as e:
@@ -90,7 +90,6 @@ def participate(args: argparse.Namespace) -> int:
 
     plan = worker_plan(settings, run, run.config_ref, report.batch_size, config.server.max_batch_size, public_ip)
     log_file = (workdir / settings.log_path).resolve()
-    say(f"[SERVER] Starting the worker on GPU {settings.gpu_id}, port {settings.port}. Log: {log_file}. Stop with Ctrl+C.")
     return NativeRun(plan, settings.gpu_id, log_file, workdir, REPO, say=say).run()
 
 

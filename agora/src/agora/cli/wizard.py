@@ -12,7 +12,7 @@ import questionary
 from agora.cli import settings as store
 from agora.cli import troubleshooting as known
 from agora.cli.ports import parse_port, port_is_free
-from agora.cli.settings import Settings, SettingsError, mask_token
+from agora.cli.settings import Settings, SettingsError
 
 # Settings fields a flag of the same name can set directly.
 FLAG_FIELDS = ("token", "email", "host_port", "announce_port", "log_file", "identity_path", "batch_size_override")
@@ -203,5 +203,3 @@ def summary_menu(s: Settings, say: Callable[[str], None]) -> Settings:
             raise SetupCancelled("Quit; nothing was saved.")
         changes[choice](s)
 
-
-__all__ = ["MissingValues", "SetupCancelled", "mask_token", "resolve"]
