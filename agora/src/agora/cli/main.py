@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     participant.add_argument("--use_docker", action="store_true", help="run inside Docker")
     participant.add_argument("--log_file", default=None, help="log file path (default: logs/server_gpu<ID>.log)")
     participant.add_argument("--identity_path", default=None, help="identity key path (default: private_gpu<ID>.key)")
-    participant.add_argument("--batch_size_override", type=_positive, default=None, help="lower the batch size (only after CUDA out of memory)")
+    participant.add_argument("--batch_size_override", type=_positive, default=None, help="lower the batch size (only if the GPU runs out of memory)")
     participant.add_argument("--skip_input", action="store_true", help="never prompt: values come from flags or saved settings")
     participant.add_argument("--reconfigure", action="store_true", help="ask every question again")
     participant.add_argument("--preflight_only", action="store_true", help="set up and run the checks, then stop without starting the worker")

@@ -108,7 +108,7 @@ def _apply_override(name: str, message: str, tier: int, override: int | None) ->
         return CheckResult(name, OK, message), tier
     if override > tier:
         return CheckResult(name, FAIL, f"--batch_size_override {override} is above this machine's batch size {tier}",
-                           "It may only lower the batch size (after CUDA out of memory); pass a smaller value or leave it out."), None
+                           "It may only lower the batch size (when the GPU runs out of memory); pass a smaller value or leave it out."), None
     return CheckResult(name, OK, f"{message}, lowered to {override} by --batch_size_override"), override
 
 
