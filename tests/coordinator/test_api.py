@@ -252,3 +252,22 @@ def test_malformed_requests_get_clear_4xx_answers(harness, listener):
     mismatch = join(coord, node, listener.port, public_key=other_key)
     assert mismatch.status_code == 400 and "peer_id" in mismatch.json()["detail"]
     assert join(coord, node, 70000).status_code == 422
+
+
+def test_only_operators_stop_nodes_and_the_node_learns_why(harness, listener):
+    coord = harness.start(operators=["bob"])
+    node = harness.node("alice")
+    uid = join(coord, node, listener.port).json()["uid"]
+    stop = {"peer_id": node.peer_id, "reason": "disk full on the host"}
+
+    refused = coord.http.post("/api/admin/stop_node", json=stop, headers=node.auth)
+    assert refused.status_code == 403 and refused.json()["detail"] == "Only the run's operators may stop nodes."
+    operator = harness.node("bob").auth
+    assert coord.http.post("/api/admin/stop_node", json=stop, headers=operator).json() == {"peer_id": node.peer_id, "was_active": True}
+
+    raw, headers = node.signed_heartbeat(uid, harness.clock.now, samples=1, tokens=1)
+    answer = coord.http.put("/api/heartbeat", content=raw, headers=headers)
+    assert answer.status_code == 410 and answer.json()["detail"] == "The run's operators stopped this node: disk full on the host"
+    assert coord.http.put("/api/refresh_token", json={"peer_id": node.peer_id, "uid": uid}, headers=node.auth).status_code == 410
+    assert coord.http.get("/api/run_info").json()["active_nodes"] == 0, "its place is free at once"
+    assert join(coord, node, listener.port).json()["status"] == "access", "joining again starts a new session"

@@ -1,6 +1,7 @@
 """Helpers that run real swarms on 127.0.0.1 and always take them down, even when a test fails."""
 
 import io
+import re
 import threading
 from pathlib import Path
 
@@ -70,3 +71,14 @@ def run_trainer_to_end(swarm: LocalSwarm, timeout: float) -> int:
 
 def ports_in_use(ports: set[int]) -> set[int]:
     return {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port in ports and c.status == psutil.CONN_LISTEN}
+
+
+def wait_for_trainer_step(swarm: LocalSwarm, step: int, timeout: float) -> bool:
+    """The trainer reported at least ``step`` completed micro-batches (reports land on the first count
+    past each multiple of report_every, so the exact number may be higher)."""
+
+    def reached(line: str) -> bool:
+        found = re.search(r"\[TRAINER\] step (\d+) ", line)
+        return found is not None and int(found.group(1)) >= step
+
+    return swarm.wait_for_line("trainer", reached, timeout)

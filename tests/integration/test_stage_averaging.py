@@ -5,13 +5,14 @@ from pathlib import Path
 import torch
 
 from agora_server.server.checkpoint import load_checkpoint
-from tests.integration.conftest import run_trainer_to_end
+from tests.integration.conftest import run_trainer_to_end, wait_for_trainer_step
 
-STEPS = 80
-# epochs of 4 micro-batches (about 2 s here) and a round every 2 epochs: rounds (a 2 s matchmaking
-# window, then the all-reduce) end before the next is due, as they must in any real run
-SERVER = {"target_batch_size": 16}
-AVERAGING = {"fraction": 0.5, "average_every": 2, "matchmaking_time": 2.0, "request_timeout": 1.0, "averaging_timeout": 30.0}
+STEPS = 96
+# epochs of 6 micro-batches (a few seconds here) and a round every 2 epochs: rounds (a 3 s matchmaking
+# window, then the all-reduce) end before the next is due, as they must in any real run, even with
+# the CPU shared by every process of the swarm
+SERVER = {"target_batch_size": 24}
+AVERAGING = {"fraction": 0.5, "average_every": 2, "matchmaking_time": 3.0, "request_timeout": 1.5, "averaging_timeout": 30.0}
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -52,7 +53,7 @@ def event_lines(swarm, log_name: str, event: str) -> list[str]:
 def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness):
     swarm = swarm_harness.create({"server": {**SERVER, "averaging": AVERAGING}}, steps=160, workers={"body1": 2})
     swarm.start()
-    assert swarm.wait_for_output("trainer", "[TRAINER] step 20 ", 240)
+    assert wait_for_trainer_step(swarm, 20, 240)
 
     swarm.start_worker("body1", 2)
     assert swarm.wait_for_output("body1#2", "[WARMUP] Node warmup started, catching up with other nodes", 120)

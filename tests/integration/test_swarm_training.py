@@ -3,7 +3,7 @@
 import json
 import signal
 
-from tests.integration.conftest import ports_in_use, run_trainer_to_end
+from tests.integration.conftest import ports_in_use, run_trainer_to_end, wait_for_trainer_step
 
 STEPS = 60
 LOSS_DROP = 1.0  # nats between the mean of the first and last 10 micro-batches; we measure ~2.3
@@ -34,7 +34,7 @@ def test_swarm_trains_and_leaves_nothing_behind(swarm_harness):
 def test_training_survives_a_killed_worker(swarm_harness):
     swarm = swarm_harness.create(steps=STEPS, workers={"body1": 2})
     swarm.start()
-    assert swarm.wait_for_output("trainer", "[TRAINER] step 10 ", 180)
+    assert wait_for_trainer_step(swarm, 10, 180)
     for name in ("body1#0", "body1#1"):
         assert swarm.wait_for_output(name, "[TRAINING] Training step", 60), f"{name} never trained: not load-balanced"
 

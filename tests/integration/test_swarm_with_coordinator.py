@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.coordinator.test_dashboard import rendered_dom
-from tests.integration.conftest import run_trainer_to_end
+from tests.integration.conftest import run_trainer_to_end, wait_for_trainer_step
 
 
 def get_json(url: str):
@@ -78,3 +78,27 @@ def uploaded(swarm, stage: str) -> bool:
             return answer.status == 206
     except OSError:
         return False
+
+
+def test_an_operator_stops_a_worker_through_the_coordinator(swarm_harness):
+    swarm = swarm_harness.create(
+        {"server": {"stats_interval": 1}}, steps=400, coordinator=True, coordinator_settings={"operators": ["local-participant"]}
+    )
+    swarm.start()
+    assert wait_for_trainer_step(swarm, 10, 240)
+    peer = last_stats_samples(swarm, "server_body1_0.log")[0]
+    request = urllib.request.Request(
+        f"{swarm.coordinator_url}/api/admin/stop_node",
+        data=json.dumps({"peer_id": peer, "reason": "maintenance of stage body1"}).encode(),
+        headers={"Authorization": f"Bearer {swarm._token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    assert get_json_from(request) == {"peer_id": peer, "was_active": True}
+    assert swarm.wait_for_output("body1#0", "[SERVER] The coordinator asked this node to leave the run. Exiting run.", 60)
+    assert swarm.wait_for_output("body1#0", "[SERVER] Reason: The run's operators stopped this node: maintenance of stage body1", 5)
+    assert swarm.process("body1#0").popen.wait(60) == 1
+
+
+def get_json_from(request):
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())

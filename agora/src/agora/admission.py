@@ -11,7 +11,6 @@ rules stop the worker with a message.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import threading
 import time
@@ -24,6 +23,7 @@ from agora.checkpoint_download import CheckpointDownloadError, download_checkpoi
 from agora.code_version import code_version
 from agora.coordinator.peer_keys import WorkerIdentity
 from agora.coordinator.porttest import PortTestListener
+from agora.coordinator.schemas import AccessAnswer as Access
 from agora_server.telemetry import events as ev
 from agora_server.telemetry.contribution import contribution, heartbeat_counters
 
@@ -36,22 +36,6 @@ class AdmissionError(RuntimeError):
 
 class CoordinatorUnavailable(AdmissionError):
     """The coordinator did not answer (network, 5xx): worth another try."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Access:
-    stage: str
-    uid: str
-    username: str
-    peer_id: str
-    access_token: str
-    expires_at: float
-    checkpoint_url: str | None
-    coordinator_public_key: str
-
-    @classmethod
-    def from_answer(cls, answer: dict) -> Access:
-        return cls(**{field.name: answer[field.name] for field in dataclasses.fields(cls)})
 
 
 class CoordinatorClient:
@@ -127,7 +111,7 @@ def admit(
         if stop is None:
             time.sleep(pause)
         answer = client.put("/api/authorization_status", {**ticket, "download": progress})
-    access = Access.from_answer(answer)
+    access = Access.model_validate(answer)
     emit(ev.AccessGranted(username=access.username, stage=access.stage, expires_at=access.expires_at))
     return access, weights
 
@@ -251,7 +235,7 @@ class CoordinatorSession:
 
     def _refresh(self) -> None:
         answer = self.client.put("/api/refresh_token", {"peer_id": self.access.peer_id, "uid": self.access.uid})
-        self.access = Access.from_answer(answer)
+        self.access = Access.model_validate(answer)
 
     def _heartbeat(self) -> None:
         stats = self._stats
@@ -274,6 +258,6 @@ class CoordinatorSession:
         self._last_sent_at = sent_at
         self.heartbeats += 1
         if answer.get("access_token"):
-            self.access = dataclasses.replace(self.access, access_token=answer["access_token"], expires_at=answer["expires_at"])
+            self.access = self.access.model_copy(update={"access_token": answer["access_token"], "expires_at": answer["expires_at"]})
         elif answer.get("expires_at"):
-            self.access = dataclasses.replace(self.access, expires_at=answer["expires_at"])
+            self.access = self.access.model_copy(update={"expires_at": answer["expires_at"]})

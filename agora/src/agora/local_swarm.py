@@ -127,8 +127,12 @@ class LocalSwarm:
 
     def wait_for_output(self, name: str, text: str, timeout: float) -> bool:
         """Wait until a child has printed a line containing ``text``."""
+        return self.wait_for_line(name, lambda line: text in line, timeout)
+
+    def wait_for_line(self, name: str, matches: Callable[[str], bool], timeout: float) -> bool:
+        """Wait until a child has printed a line for which ``matches`` is true."""
         with self._seen:
-            return self._seen.wait_for(lambda: any(text in line for line in self.lines.get(name, ())), timeout)
+            return self._seen.wait_for(lambda: any(matches(line) for line in self.lines.get(name, ())), timeout)
 
     def _print(self, line: str) -> None:
         with self._output_lock:

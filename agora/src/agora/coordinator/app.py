@@ -35,6 +35,8 @@ from agora.coordinator.schemas import (
     RefreshRequest,
     RunInfo,
     StatusRequest,
+    StopNodeAnswer,
+    StopNodeRequest,
 )
 from agora.coordinator.service import Coordinator, PortProbe
 from agora.coordinator.signing import AccessSigner, load_or_create_key
@@ -117,6 +119,11 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         answer = await run_in_threadpool(coordinator.heartbeat, token, raw, body, signature)
         metrics.heartbeats.inc()
         return answer
+
+    @app.post("/api/admin/stop_node", response_model=StopNodeAnswer, responses=_REFUSALS)
+    def stop_node(body: StopNodeRequest, token: str | None = Depends(_token)):
+        """Operators only: withdraw a node's access now; the node stops at its next heartbeat and logs the reason."""
+        return coordinator.stop_node(token, body)
 
     def _store() -> CheckpointStore:
         if store is None:

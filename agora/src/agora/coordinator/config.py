@@ -87,6 +87,8 @@ class CoordinatorConfig(BaseModel):
     """Workers refresh before this runs out; a node that does not is dropped from the run."""
     stage_hysteresis: float = Field(default=0.25, ge=0)
     """A returning node keeps its previous stage unless another stage's capacity/need is lower by more than this."""
+    operators: list[str] = Field(default_factory=list)
+    """Usernames (as the token check names them) allowed to stop nodes through ``/api/admin/stop_node``."""
     accepted_code_versions: list[str] = Field(default_factory=list)
     """Code version hashes allowed to join; empty accepts any (local runs only)."""
     checkpoint_url_template: str | None = None

@@ -69,6 +69,17 @@ class QueueRequest(Base):
     email: Mapped[str | None] = mapped_column(String(320), nullable=True)
 
 
+class NodeStop(Base):
+    """An operator stopped this peer; its next call learns why. Cleared when the peer joins again."""
+
+    __tablename__ = "node_stops"
+
+    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(500))
+    operator: Mapped[str] = mapped_column(String(128))
+    at: Mapped[float] = mapped_column(Float)
+
+
 class ActiveNode(Base):
     """A node holding access: it counts against capacity until it leaves or its access expires."""
 

@@ -25,6 +25,8 @@ class Refusal(enum.Enum):
     ABANDONED = (410, "This request left the queue after going unpolled for too long; join again.")
     ACCESS_EXPIRED = (410, "This node's access has expired or was withdrawn; join again.")
     NOT_YOUR_NODE = (403, "This peer_id is not registered to this account.")
+    NODE_STOPPED = (410, "The run's operators stopped this node: {reason}")
+    NOT_OPERATOR = (403, "Only the run's operators may stop nodes.")
     BAD_SIGNATURE = (401, "Heartbeat signature does not verify with this peer's public key.")
     CLOCK_SKEW = (400, "Heartbeat sent_at is {skew:.0f}s away from the coordinator's clock; check the node's clock.")
     STALE_HEARTBEAT = (409, "Heartbeat is not newer than the last one accepted from this node.")

@@ -65,6 +65,17 @@ class HeartbeatRequest(_Request):
     tokens_processed: int = _COUNT
 
 
+class StopNodeRequest(_Request):
+    peer_id: str = Field(min_length=1, max_length=128)
+    reason: str = Field(min_length=1, max_length=500)
+    """Shown to the node's owner in its log."""
+
+
+class StopNodeAnswer(BaseModel):
+    peer_id: str
+    was_active: bool
+
+
 class AccessAnswer(BaseModel):
     status: Literal["access"] = "access"
     stage: str

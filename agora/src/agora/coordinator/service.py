@@ -25,7 +25,7 @@ from agora_server.access import AccessClaims, AccessTokenError, verify_access_to
 from agora.coordinator import assignment, porttest, queue
 from agora.coordinator.checkpoints import Uploader
 from agora.coordinator.config import CoordinatorConfig
-from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, QueueRequest, StageCheckpoint, User
+from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, NodeStop, QueueRequest, StageCheckpoint, User
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 from agora.coordinator.peer_keys import PeerKeyError, load_public_key, peer_id_of, verify_signature
 from agora.coordinator.schemas import (
@@ -35,6 +35,8 @@ from agora.coordinator.schemas import (
     HeartbeatRequest,
     JoinRequest,
     QueuedAnswer,
+    StopNodeAnswer,
+    StopNodeRequest,
     RefreshRequest,
     RunInfo,
     StageInfo,
@@ -114,6 +116,9 @@ class Coordinator:
                 binding = IdentityBinding(peer_id=body.peer_id, user_id=user.id, public_key=public_key, created_at=now)
                 s.add(binding)
                 s.flush()
+            stopped = s.get(NodeStop, body.peer_id)
+            if stopped is not None:  # an operator's stop ends that session; joining again is a new one
+                s.delete(stopped)
             # a node that restarts while it still holds access gives that slot back and joins afresh
             old = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == body.peer_id))
             if old is not None:
@@ -292,8 +297,24 @@ class Coordinator:
             raise CoordinatorRefusal(Refusal.NOT_YOUR_NODE)
         node = s.get(ActiveNode, uid)
         if node is None or node.peer_id != peer_id or node.expires_at <= now:
+            stopped = s.get(NodeStop, peer_id)
+            if stopped is not None:
+                raise CoordinatorRefusal(Refusal.NODE_STOPPED, reason=stopped.reason)
             raise CoordinatorRefusal(Refusal.ACCESS_EXPIRED)
         return node, user
+
+    def stop_node(self, token: str | None, body: StopNodeRequest) -> StopNodeAnswer:
+        """An operator withdraws a node's access at once; its next heartbeat or refresh is refused with the reason."""
+        username = self.authenticate(token)
+        if username not in self.config.operators:
+            raise CoordinatorRefusal(Refusal.NOT_OPERATOR)
+        with self._lock, self.db.session() as s:
+            node = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == body.peer_id))
+            if node is not None:
+                s.delete(node)
+            if s.get(IdentityBinding, body.peer_id) is not None:
+                s.merge(NodeStop(peer_id=body.peer_id, reason=body.reason, operator=username, at=self._clock()))
+            return StopNodeAnswer(peer_id=body.peer_id, was_active=node is not None)
 
     def refresh(self, token: str | None, body: RefreshRequest, base_url: str | None = None) -> AccessAnswer:
         username = self.authenticate(token)

@@ -200,6 +200,8 @@ class SpartaAverager:
             self._round_running.set()
             result = self.run_round(epoch, weight)
         except Exception as e:  # a failed round must never take the worker down
+            if self._closed:
+                return None  # cancelled because the worker is stopping: not a failure of the network
             logger.warning("averaging round at epoch %d failed", epoch, exc_info=True)
             result = RoundResult(epoch, -1, False, 0, f"{type(e).__name__}: {e}")
         finally:

@@ -7,6 +7,7 @@ the announcer, and the caller's thread, which runs ``serve`` until its stop even
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -109,12 +110,13 @@ class StageWorker:
                     epoch=self.progress.epoch,
                     on_compute=self._executor.submit,
                     on_result=self._report_round,
-                    has_partners=lambda: bool(self._online_peers()),
+                    has_partners=self._has_partners,
                 )
             except BaseException:
                 self.progress.shutdown()  # its thread is already running
                 raise
         self._samples_at_last_round = 0
+        self._partner_seen_at = -float("inf")
         self.phase = ServerPhase.ONLINE
         self._resumed = resumed is not None
         self._warmup_until_round = 0
@@ -186,17 +188,7 @@ class StageWorker:
         return self.health.verdict
 
     def _report_round(self, result: RoundResult) -> None:
-        self.events.emit(
-            AveragingRound(
-                stage=self.spec.name,
-                epoch=result.epoch,
-                slice_index=result.slice_index,
-                ok=result.ok,
-                group_size=result.group_size,
-                reason=result.reason,
-                attempted=result.attempted,
-            )
-        )
+        self.events.emit(AveragingRound(stage=self.spec.name, **dataclasses.asdict(result)))
 
     def describe(self) -> StageServerInfo:
         return StageServerInfo(
@@ -222,6 +214,14 @@ class StageWorker:
             self._catch_up()
         elif self.averager is not None:
             self.averager.share_state(self._current_state)
+
+    def _has_partners(self) -> bool:
+        """Whether another worker of the stage is online, or was seen so recently that a missing
+        record more likely means a slow DHT read or a late announcement than a departure."""
+        now = time.monotonic()
+        if self._online_peers():
+            self._partner_seen_at = now
+        return now - self._partner_seen_at < 3 * self.server_config.announce_period + self.server_config.averaging.averaging_timeout
 
     def _online_peers(self) -> list[str]:
         """Other workers of this stage announced as online in the DHT."""
