@@ -19,11 +19,10 @@ REPORT_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ agora\.even
 
 
 def merge(a: dict, b: dict) -> dict:
-    """``a`` with ``b``'s keys laid over it, nested dicts merged."""
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    """``a`` with ``b``'s keys laid over it, nested dicts merged (imported late: ``--help`` needs no torch)."""
+    from agora.config import deep_merge
+
+    return deep_merge(a, b)
 
 
 def run_and_print(run: Callable[[], dict], output_path: Path | None) -> dict:

@@ -623,6 +623,18 @@ def bandwidth_swarm(args, name: str, boundary: dict, net: Netns, log_dir: Path) 
     }
 
 
+def swarm_pair(args, pair, net: Netns, log_root: Path, key: str, where: str) -> dict:
+    """Both variants' swarms on the same links; a failed one records its error and the other still runs."""
+    runs = {}
+    for name, boundary in pair:
+        print(f"[bench] bandwidth: swarm {name} {where}", file=sys.stderr, flush=True)
+        try:
+            runs[name] = bandwidth_swarm(args, name, boundary, net, log_root / f"bw-{key}-{name}")
+        except Exception as e:
+            runs[name] = {"error": f"{type(e).__name__}: {e}"}
+    return runs
+
+
 def run_bandwidth(args, log_root: Path) -> dict:
     from agora_server.models import split_into_stages
 
@@ -675,13 +687,7 @@ def run_bandwidth(args, log_root: Path) -> dict:
                 entry["link_probe"] = probe_link(net, "trainer", "head#0", 2 if args.quick else max(2, int(mbit / 12)))
             except Exception as e:
                 entry["link_probe"] = {"error": f"{type(e).__name__}: {e}"}
-            entry["runs"] = {}
-            for name, boundary in pair:
-                print(f"[bench] bandwidth: swarm {name} behind {mbit:g} Mbit/s links", file=sys.stderr, flush=True)
-                try:
-                    entry["runs"][name] = bandwidth_swarm(args, name, boundary, net, log_root / f"bw-{key}-{name}")
-                except Exception as e:
-                    entry["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
+            entry["runs"] = swarm_pair(args, pair, net, log_root, key, f"behind {mbit:g} Mbit/s links")
             entry.update(compare(entry["runs"], pair))
         primary = out["by_link"].get(f"{args.link_mbit[0]:g}mbit", {})
         for field in ("tokens_per_s_dense", "tokens_per_s_compressed", "speedup", "steady_state_speedup"):
@@ -695,13 +701,7 @@ def run_bandwidth(args, log_root: Path) -> dict:
             except NetSetupError as e:
                 entry["error"] = e.to_json()
             else:
-                entry["runs"] = {}
-                for name, boundary in pair:
-                    print(f"[bench] bandwidth: swarm {name} on unshaped links (reference)", file=sys.stderr, flush=True)
-                    try:
-                        entry["runs"][name] = bandwidth_swarm(args, name, boundary, net, log_root / f"bw-unshaped-{name}")
-                    except Exception as e:
-                        entry["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
+                entry["runs"] = swarm_pair(args, pair, net, log_root, "unshaped", "on unshaped links (reference)")
                 entry.update(compare(entry["runs"], pair))
                 for key, shaped in out["by_link"].items():
                     shaped["shaped_over_unshaped"] = {

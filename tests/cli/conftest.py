@@ -14,13 +14,13 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from agora import ports
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+    return ports.free_port("0.0.0.0")
 
 
 class Participant:

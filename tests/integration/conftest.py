@@ -9,7 +9,7 @@ import psutil
 import pytest
 import yaml
 
-from agora.config import load_run_config
+from agora.config import deep_merge, load_run_config
 from agora.local_swarm import LocalSwarm
 
 # faster reports and shorter bans than the shipped config, so tests see events within seconds
@@ -20,17 +20,10 @@ TEST_OVERRIDES = {
 
 
 def write_config(directory: Path, overrides: dict | None = None, name: str = "run") -> tuple[str, object]:
-    config = load_run_config("local-tiny", _merge(TEST_OVERRIDES, overrides or {}))
+    config = load_run_config("local-tiny", deep_merge(TEST_OVERRIDES, overrides or {}))
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return str(path), config
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 class SwarmHarness:
@@ -40,7 +33,7 @@ class SwarmHarness:
 
     def create(self, overrides: dict | None = None, **kwargs) -> LocalSwarm:
         name = f"swarm{len(self.swarms)}"
-        overrides = _merge({"server": {"checkpoint_dir": str(self.tmp_path / name / "checkpoints")}}, overrides or {})
+        overrides = deep_merge({"server": {"checkpoint_dir": str(self.tmp_path / name / "checkpoints")}}, overrides or {})
         ref, config = write_config(self.tmp_path, overrides, name)
         swarm = LocalSwarm(ref, config, log_dir=self.tmp_path / name / "logs", output=io.StringIO(), **kwargs)
         self.swarms.append(swarm)

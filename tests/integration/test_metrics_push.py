@@ -2,7 +2,6 @@
 labels and plausible values."""
 
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -10,15 +9,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agora.ports import free_port
 from tests.integration.conftest import run_trainer_to_end
 
 STEPS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

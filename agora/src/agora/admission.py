@@ -93,6 +93,7 @@ def admit(
     }
     with PortTestListener(host, port):  # closed before the p2p daemon binds the same port
         answer = client.put("/api/join", request)
+    stop = stop or threading.Event()
     deadline = time.monotonic() + timeout
     ticket = {"request_id": answer.get("request_id"), "session_token": answer.get("session_token")}
     weights: Path | None = None
@@ -106,10 +107,8 @@ def admit(
         pause = float(answer["next_poll_seconds"])
         if time.monotonic() + pause > deadline:
             raise AdmissionError(AUTH_TIMEOUT_MESSAGE.format(seconds=timeout))
-        if stop is not None and stop.wait(pause):  # the coordinator says when to ask again
+        if stop.wait(pause):  # the coordinator says when to ask again
             raise AdmissionError("stopped while waiting in the authorization queue")
-        if stop is None:
-            time.sleep(pause)
         answer = client.put("/api/authorization_status", {**ticket, "download": progress})
     access = Access.model_validate(answer)
     emit(ev.AccessGranted(username=access.username, stage=access.stage, expires_at=access.expires_at))

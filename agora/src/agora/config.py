@@ -86,14 +86,15 @@ def load_run_config(ref: str | Path, overrides: dict | None = None) -> RunConfig
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {path} must be a YAML mapping, found {type(raw).__name__}")
     try:
-        return RunConfig.model_validate(_merge(raw, overrides or {}))
+        return RunConfig.model_validate(deep_merge(raw, overrides or {}))
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"run config {path} is invalid: {problems}") from None
 
 
-def _merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    """``base`` with ``top`` laid over it; nested dicts are merged, not replaced."""
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged

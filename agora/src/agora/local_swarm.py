@@ -26,7 +26,8 @@ from typing import Callable, TextIO
 
 import psutil
 
-from agora.config import RunConfig
+from agora.config import RunConfig, deep_merge
+from agora.ports import free_port
 
 
 DEFAULT_HOST = "127.0.0.1"
@@ -188,20 +189,15 @@ class LocalSwarm:
         return f"{stage}#{index}"
 
     def _start_coordinator(self, deadline: float) -> None:
-        import hashlib
-        import secrets
-        import socket
         import urllib.request
 
         import yaml
 
-        self._token = secrets.token_urlsafe(24)
+        from agora.coordinator.tokens import add_token
+
         token_file = self.keys_dir / "tokens.txt"
-        token_file.write_text(f"{hashlib.sha256(self._token.encode()).hexdigest()} local-participant\n")
-        os.chmod(token_file, 0o600)
-        with socket.socket() as probe:
-            probe.bind((DEFAULT_HOST, 0))
-            port = probe.getsockname()[1]
+        self._token = add_token(token_file, "local-participant")
+        port = free_port(DEFAULT_HOST)
         total = sum(self.workers.values())
         settings = {
             "run_name": self.config.run_name,
@@ -215,7 +211,7 @@ class LocalSwarm:
             "checkpoints": {"directory": str((self.log_dir / "coordinator-checkpoints").resolve())},
         }
         config_path = self.keys_dir / "coordinator.yaml"
-        config_path.write_text(yaml.safe_dump(_merge(settings, self.coordinator_settings)))
+        config_path.write_text(yaml.safe_dump(deep_merge(settings, self.coordinator_settings)))
         coordinator = self._spawn("coordinator", ["-m", "agora.run_coordinator", "--config", str(config_path), "--log_level", "warning"])
         self.coordinator_url = f"http://{DEFAULT_HOST}:{port}"
         while True:
@@ -362,9 +358,3 @@ def _signal(pid: int, sig: int) -> None:
     except ProcessLookupError:
         pass
 
-
-def _merge(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from pathlib import Path
 
 import torch
 
 from agora.config import ConfigError, RunConfig, load_run_config
 from agora.identity import default_identity_path, ensure_identity
+from agora.ports import free_port
 from agora.processes import setup_process, start_metrics_push, stop_on_signals
 
 DEFAULT_PORT = 49200
@@ -129,7 +129,7 @@ def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_ma
         raise WorkerLaunchError("--auth_server needs your HuggingFace token: pass --token or set AGORA_TOKEN")
     host, port = tcp_listen_address(host_maddrs[0])
     if port == 0:
-        port = free_tcp_port(host)
+        port = free_port(host)
         host_maddrs = [host_maddrs[0].replace("/tcp/0", f"/tcp/{port}", 1), *host_maddrs[1:]]
     identity = WorkerIdentity.load(identity_path)
 
@@ -156,8 +156,3 @@ def tcp_listen_address(maddr: str) -> tuple[str, int]:
     except (ValueError, IndexError):
         raise WorkerLaunchError(f"--host_maddrs {maddr} is not /ip4/<address>/tcp/<port>; the coordinator's port test needs one") from None
 
-
-def free_tcp_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _port(text: str) -> int:
-    from agora.cli.ports import parse_port
+    from agora.ports import parse_port
 
     try:
         return parse_port(text)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from agora.cli import troubleshooting as known
-from agora.cli.ports import port_is_free
+from agora.ports import port_is_free
 
 GB = 1024**3
 OK, WARN, FAIL = "ok", "warn", "fail"

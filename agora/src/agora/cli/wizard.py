@@ -11,7 +11,7 @@ import questionary
 
 from agora.cli import settings as store
 from agora.cli import troubleshooting as known
-from agora.cli.ports import parse_port, port_is_free
+from agora.ports import parse_port, port_is_free
 from agora.cli.settings import Settings, SettingsError
 
 # Settings fields a flag of the same name can set directly.

@@ -68,9 +68,8 @@ class StageWorker:
         every periodic checkpoint (to upload it); it runs on the compute thread, so it must only queue."""
         self.run, self.spec, self.server_config, self.dht, self.events = run, spec, server, dht, events
         self.device = device
-        self.health = HealthMonitor(server.health, events.emit, on_stop=self._on_health_stop)
+        self.health = HealthMonitor(server.health, events.emit)
         events.subscribe(self.health)
-        self._halted = threading.Event()
         self.boundary = boundary
         codec = build_boundary_codec(boundary, model, seed)
         stage = PipelineStage(model, spec, codec, seed)
@@ -179,9 +178,6 @@ class StageWorker:
             online_seconds=self.online_seconds(),
         )
 
-    def _on_health_stop(self, verdict: HealthStop) -> None:
-        self._halted.set()
-
     @property
     def halted(self) -> HealthStop | None:
         """The health rule that stopped this worker, if one did."""
@@ -240,11 +236,7 @@ class StageWorker:
     def _catch_up(self) -> None:
         """Load the stage's weights from a peer, then average with weight 0 until in step with the others."""
         self.events.emit(WarmupStarted(stage=self.spec.name, stage_epoch=self.progress.stage_epoch))
-        state = None
-        for _ in range(3):
-            state = self.averager.download_state(timeout=self.server_config.averaging.averaging_timeout)
-            if state is not None:
-                break
+        state = self.averager.download_state(timeout=self.server_config.averaging.averaging_timeout, attempts=15)
         if state is not None:
             metadata, tensors = state
             self._executor.submit(self._load_shared_state, metadata, tensors).result()
@@ -301,15 +293,17 @@ class StageWorker:
         interval = self.server_config.progress_interval
         last, last_report = self.backend.snapshot(), time.monotonic()
         last_stats = -float("inf")
-        while not stop.wait(tick) and not self._halted.is_set():
+        while not stop.wait(tick) and self.halted is None:
             self._executor.submit(self.backend.maybe_step)  # on the compute thread: never beside a backward
             self._finish_warmup_if_caught_up()
-            if time.monotonic() - last_stats >= self.server_config.stats_interval:
+            report_due = time.monotonic() - last_report >= interval
+            if report_due or time.monotonic() - last_stats >= self.server_config.stats_interval:
                 last_stats = time.monotonic()
-                self.events.emit(self.stats())
+                stats = self.stats()
+                self.events.emit(stats)
             else:
                 self.health.check_idle()
-            if time.monotonic() - last_report < interval:
+            if not report_due:
                 continue
             last_report = time.monotonic()
             now = self.backend.snapshot()
@@ -320,7 +314,7 @@ class StageWorker:
                     forward_batches=now.forward_batches - last.forward_batches,
                     backward_batches=now.backward_batches - last.backward_batches,
                     total_samples=now.samples,
-                    contribution_samples=contribution(heartbeat_counters(self.stats())).samples,
+                    contribution_samples=contribution(heartbeat_counters(stats)).samples,
                 )
             )
             self.announcer.trigger()  # fresh throughput for the trainers' balancers

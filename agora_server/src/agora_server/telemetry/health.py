@@ -54,7 +54,7 @@ class HealthMonitor:
         self,
         config: HealthConfig,
         emit: Callable[[ev.Event], None],
-        on_stop: Callable[[ev.HealthStop], None],
+        on_stop: Callable[[ev.HealthStop], None] = lambda verdict: None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.config, self.emit, self.on_stop, self.clock = config, emit, on_stop, clock

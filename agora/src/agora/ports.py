@@ -1,4 +1,4 @@
-"""Is a TCP port free on this machine? Answered by really binding it, the way the worker will."""
+"""TCP ports of this machine: is one free (answered by really binding it, the way the worker will), a free one, parsing one."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
         except OSError:
             return False
     return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS has just handed out on ``host`` (free now; a later bind may still race another process)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def parse_port(text: str) -> int:
