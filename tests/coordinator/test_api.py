@@ -49,6 +49,8 @@ def test_join_with_free_capacity_grants_signed_access(harness, listener):
     claims = verify_access_token(answer["access_token"], answer["coordinator_public_key"], now=harness.clock.now)
     assert (claims.peer_id, claims.stage, claims.username, claims.uid) == (node.peer_id, "head", "alice", answer["uid"])
     assert claims.expires_at == answer["expires_at"] == pytest.approx(harness.clock.now + 1800)
+    assert claims.role == "worker"
+    assert base64.b64decode(claims.public_key) == node.identity.public_key_protobuf, "peers check its DHT records with this key"
 
 
 def test_invalid_or_missing_token_is_refused_with_the_guides_message(harness, listener):
@@ -261,7 +263,7 @@ def test_only_operators_stop_nodes_and_the_node_learns_why(harness, listener):
     stop = {"peer_id": node.peer_id, "reason": "disk full on the host"}
 
     refused = coord.http.post("/api/admin/stop_node", json=stop, headers=node.auth)
-    assert refused.status_code == 403 and refused.json()["detail"] == "Only the run's operators may stop nodes."
+    assert refused.status_code == 403 and refused.json()["detail"] == "Only the run's operators may stop nodes or run trainers."
     operator = harness.node("bob").auth
     assert coord.http.post("/api/admin/stop_node", json=stop, headers=operator).json() == {"peer_id": node.peer_id, "was_active": True}
 
@@ -271,3 +273,24 @@ def test_only_operators_stop_nodes_and_the_node_learns_why(harness, listener):
     assert coord.http.put("/api/refresh_token", json={"peer_id": node.peer_id, "uid": uid}, headers=node.auth).status_code == 410
     assert coord.http.get("/api/run_info").json()["active_nodes"] == 0, "its place is free at once"
     assert join(coord, node, listener.port).json()["status"] == "access", "joining again starts a new session"
+
+
+def test_trainer_access_is_for_operators_and_names_the_trainers_key(harness):
+    coord = harness.start(operators=["bob"])
+    trainer = harness.node("bob")
+    body = {"peer_id": trainer.peer_id, "public_key": base64.b64encode(trainer.identity.public_key_protobuf).decode()}
+    answer = coord.http.put("/api/trainer_access", json=body, headers=trainer.auth)
+    assert answer.status_code == 200, answer.text
+    claims = verify_access_token(answer.json()["access_token"], answer.json()["coordinator_public_key"], now=harness.clock.now)
+    assert (claims.role, claims.peer_id, claims.username, claims.stage) == ("trainer", trainer.peer_id, "bob", "")
+    assert base64.b64decode(claims.public_key) == trainer.identity.public_key_protobuf
+    harness.clock.advance(600)
+    renewed = coord.http.put("/api/trainer_access", json=body, headers=trainer.auth).json()
+    assert renewed["expires_at"] == pytest.approx(harness.clock.now + 1800), "asking again renews it"
+
+    refused(coord.http.put("/api/trainer_access", json={**body}, headers=harness.node("alice").auth), 403,
+            "Only the run's operators may stop nodes or run trainers.")
+    other_key = base64.b64encode(harness.node().identity.public_key_protobuf).decode()
+    mismatch = coord.http.put("/api/trainer_access", json={**body, "public_key": other_key}, headers=trainer.auth)
+    assert mismatch.status_code == 400 and "peer_id" in mismatch.json()["detail"]
+    assert coord.http.put("/api/trainer_access", json=body).status_code == 401

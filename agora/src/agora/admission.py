@@ -1,4 +1,5 @@
-"""The worker's side of the coordinator: join → queue → access, then heartbeats and token refreshes.
+"""A peer's side of the coordinator: join → queue → access, then heartbeats and token refreshes
+(workers); access for an operator's trainer (``trainer_access``), renewed by the same session.
 
 ``admit`` runs before the worker's p2p daemon takes its port: the port-test listener answers the
 coordinator's connect-back on that port while the join is in flight. ``CoordinatorSession`` runs
@@ -16,16 +17,22 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from agora.checkpoint_download import CheckpointDownloadError, download_checkpoint
 from agora.code_version import code_version
-from agora.coordinator.peer_keys import WorkerIdentity
+from agora_server.peer_keys import WorkerIdentity
 from agora.coordinator.porttest import PortTestListener
 from agora.coordinator.schemas import AccessAnswer as Access
+from agora_server.access import PeerAccess
 from agora_server.telemetry import events as ev
 from agora_server.telemetry.contribution import contribution, heartbeat_counters
+
+if TYPE_CHECKING:
+    from agora.config import RunConfig
+    from agora_server.dht_access import AccessRecordValidator
 
 AUTH_TIMEOUT_MESSAGE = "Authorization timeout after {seconds:.0f}s"
 
@@ -85,8 +92,7 @@ def admit(
     ``weights_for(stage)`` says where to put that stage's weights, or None if this node already has
     its own state for it (then nothing is downloaded)."""
     request = {
-        "peer_id": identity.peer_id,
-        "public_key": base64.b64encode(identity.public_key_protobuf).decode(),
+        **_key_request(identity),
         "announce_port": port,
         "code_version": code_version(),
         "email": email,
@@ -115,6 +121,26 @@ def admit(
     return access, weights
 
 
+def trainer_access(client: CoordinatorClient, identity: WorkerIdentity) -> Access:
+    """Access to call every stage, for a trainer run by one of the run's operators."""
+    return Access.model_validate(client.put("/api/trainer_access", _key_request(identity)))
+
+
+def access_for(config: RunConfig, access: Access, identity: WorkerIdentity) -> tuple[PeerAccess, AccessRecordValidator]:
+    """This peer's PeerAccess and the DHT validator that signs its records and checks everyone's."""
+    from agora_server.dht_access import AccessRecordValidator  # imports hivemind
+
+    peer_access = PeerAccess(access.access_token, access.coordinator_public_key)
+    validator = AccessRecordValidator.for_run(
+        config.run_name, [s.name for s in config.stages], config.server.averaging, access.coordinator_public_key, identity=identity, token=access.access_token
+    )
+    return peer_access, validator
+
+
+def _key_request(identity: WorkerIdentity) -> dict:
+    return {"peer_id": identity.peer_id, "public_key": base64.b64encode(identity.public_key_protobuf).decode()}
+
+
 def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tuple[Path | None, dict]:
     """Download while queued; a failure leaves the partial file for the next poll to resume."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +163,9 @@ def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tu
 
 
 class CoordinatorSession:
-    """Heartbeats and token refreshes for an admitted worker, on a thread of their own."""
+    """Heartbeats and token refreshes for an admitted worker, on a thread of their own; for a trainer
+    (``trainer=True``) only the renewals. Every renewed token goes to ``peer_access``, from which the
+    peer's records, calls and averaging rounds take it."""
 
     def __init__(
         self,
@@ -150,8 +178,11 @@ class CoordinatorSession:
         refresh_margin: float = 300.0,
         max_backoff: float = 60.0,
         clock: Callable[[], float] = time.time,
+        peer_access: PeerAccess | None = None,
+        trainer: bool = False,
     ):
         self.client, self.identity, self.access, self.emit = client, identity, access, emit
+        self.peer_access, self.trainer = peer_access, trainer
         self.heartbeat_interval, self.refresh_margin, self.max_backoff, self.clock = heartbeat_interval, refresh_margin, max_backoff, clock
         self._stats: ev.WorkerStats | None = None
         self._baseline: dict[str, float] = {}  # counters when this access began: heartbeats report what came after
@@ -166,10 +197,11 @@ class CoordinatorSession:
         if isinstance(event, ev.WorkerStats):
             self._stats = event
 
-    def start(self, counters_at_access: ev.WorkerStats) -> None:
+    def start(self, counters_at_access: ev.WorkerStats | None) -> None:
         """Begin reporting; ``counters_at_access`` is the worker's state before it served anything
-        under this access (heartbeats report the work done since)."""
-        self._stats, self._baseline = counters_at_access, heartbeat_counters(counters_at_access)
+        under this access (heartbeats report the work done since); None for a trainer."""
+        self._stats = counters_at_access
+        self._baseline = heartbeat_counters(counters_at_access) if counters_at_access else {}
         self._thread.start()
 
     def upload_checkpoint(self, path: Path, epoch: int) -> None:
@@ -180,7 +212,8 @@ class CoordinatorSession:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(15)
+        if self._thread.is_alive():  # not started if the worker failed to build
+            self._thread.join(15)
         self.client.close()
 
     def _loop(self) -> None:
@@ -233,8 +266,16 @@ class CoordinatorSession:
         self.emit(ev.CheckpointUploaded(stage=self.access.stage, epoch=epoch, ok=True, detail=""))
 
     def _refresh(self) -> None:
-        answer = self.client.put("/api/refresh_token", {"peer_id": self.access.peer_id, "uid": self.access.uid})
-        self.access = Access.model_validate(answer)
+        if self.trainer:
+            self._set_access(trainer_access(self.client, self.identity))
+        else:
+            answer = self.client.put("/api/refresh_token", {"peer_id": self.access.peer_id, "uid": self.access.uid})
+            self._set_access(Access.model_validate(answer))
+
+    def _set_access(self, access: Access) -> None:
+        self.access = access
+        if self.peer_access is not None:
+            self.peer_access.renew(access.access_token)
 
     def _heartbeat(self) -> None:
         stats = self._stats
@@ -256,7 +297,12 @@ class CoordinatorSession:
         answer = self.client.put("/api/heartbeat", content=body, headers={"Content-Type": "application/json", "X-Agora-Signature": signature})
         self._last_sent_at = sent_at
         self.heartbeats += 1
+        move = answer.get("move_to_stage")
+        if move and move != self.access.stage:
+            # its records, calls and rounds would all be refused on the old stage from now on; a restart
+            # joins again and is assigned the new stage (the coordinator has recorded the move)
+            raise AdmissionError(f"The coordinator moved this node to stage {move}, which has no workers; start it again to serve there.")
         if answer.get("access_token"):
-            self.access = self.access.model_copy(update={"access_token": answer["access_token"], "expires_at": answer["expires_at"]})
+            self._set_access(self.access.model_copy(update={"access_token": answer["access_token"], "expires_at": answer["expires_at"]}))
         elif answer.get("expires_at"):
             self.access = self.access.model_copy(update={"expires_at": answer["expires_at"]})

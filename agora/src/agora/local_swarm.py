@@ -83,6 +83,7 @@ class LocalSwarm:
         self.coordinator = coordinator
         self.coordinator_settings = coordinator_settings or {}
         self.coordinator_url: str | None = None
+        self.coordinator_public_key: str | None = None
         self._token: str | None = None  # the local participants' token; only in this process and its children's environment
         self.workers = {spec.name: workers_per_stage for spec in config.stages} | (workers or {})
         self.log_dir, self.output, self.grace_seconds = Path(log_dir), output or sys.stdout, grace_seconds
@@ -159,22 +160,10 @@ class LocalSwarm:
     def start(self, timeout: float = 120.0, *, trainer: bool = True) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.summary_path.unlink(missing_ok=True)
-        seed = self._spawn(
-            "seed",
-            [
-                "-m", "agora.run_seed",
-                "--identity_path", str(self.keys_dir / "seed.key"),
-                "--log_file", str(self.log_dir / "seed.log"),
-                *self._host_args("seed"),
-            ],
-            on_line=self._on_seed_line,
-        )
         deadline = time.monotonic() + timeout
-        while not self._seed_ready.wait(0.2):
-            if seed.popen.poll() is not None or time.monotonic() > deadline:
-                raise SwarmError(f"the seed DHT did not start; see {self.log_dir / 'seed.log'}")
-        if self.coordinator:
-            self._start_coordinator(time.monotonic() + timeout)
+        if self.coordinator:  # first: the seed checks DHT records with the coordinator's public key
+            self._start_coordinator(deadline)
+        self._start_seed(deadline)
         for spec in self.config.stages:
             for index in range(self.workers.get(spec.name, 0)):
                 worker = self.start_worker(spec.name, index)
@@ -183,7 +172,27 @@ class LocalSwarm:
                     # order, so sequential joins give exactly the planned layout
                     self._wait_for_access(worker, time.monotonic() + timeout)
         if trainer:
-            self._spawn("trainer", self._trainer_args())
+            self._spawn("trainer", self._trainer_args(), env_extra=self._token_env())
+
+    def _start_seed(self, deadline: float) -> None:
+        access = ["--coordinator_public_key", self.coordinator_public_key, "--config", self.config_ref] if self.coordinator else []
+        seed = self._spawn(
+            "seed",
+            [
+                "-m", "agora.run_seed",
+                "--identity_path", str(self.keys_dir / "seed.key"),
+                "--log_file", str(self.log_dir / "seed.log"),
+                *access,
+                *self._host_args("seed"),
+            ],
+            on_line=self._on_seed_line,
+        )
+        while not self._seed_ready.wait(0.2):
+            if seed.popen.poll() is not None or time.monotonic() > deadline:
+                raise SwarmError(f"the seed DHT did not start; see {self.log_dir / 'seed.log'}")
+
+    def _token_env(self) -> dict | None:
+        return {"AGORA_TOKEN": self._token} if self.coordinator else None
 
     def worker_name(self, stage: str, index: int) -> str:
         return f"{stage}#{index}"
@@ -208,6 +217,7 @@ class LocalSwarm:
             "token_source": str(token_file),
             "key_path": str(self.keys_dir / "coordinator.key"),
             "queue": {"capacity": max(1, total), "max_active_per_user": max(1, total) + 4},
+            "operators": ["local-participant"],  # the local trainer runs under the same token
             "checkpoints": {"directory": str((self.log_dir / "coordinator-checkpoints").resolve())},
         }
         config_path = self.keys_dir / "coordinator.yaml"
@@ -216,7 +226,8 @@ class LocalSwarm:
         self.coordinator_url = f"http://{DEFAULT_HOST}:{port}"
         while True:
             try:
-                with urllib.request.urlopen(f"{self.coordinator_url}/api/run_info", timeout=2):
+                with urllib.request.urlopen(f"{self.coordinator_url}/api/run_info", timeout=2) as answer:
+                    self.coordinator_public_key = json.load(answer)["coordinator_public_key"]
                     return
             except OSError:
                 if coordinator.popen.poll() is not None or time.monotonic() > deadline:
@@ -235,9 +246,8 @@ class LocalSwarm:
         tag, name = f"{stage}_{index}", self.worker_name(stage, index)
         if self.coordinator:
             placement = ["--auth_server", self.coordinator_url, "--heartbeat_interval", "5"]
-            env = {"AGORA_TOKEN": self._token}
         else:
-            placement, env = ["--stage", stage], None
+            placement = ["--stage", stage]
         return self._spawn(
             name,
             [
@@ -251,7 +261,7 @@ class LocalSwarm:
                 "--log_file", str(self.log_dir / f"server_{tag}.log"),
                 *self._metrics_args(),
             ],
-            env_extra=env,
+            env_extra=self._token_env(),
         )
 
     def _metrics_args(self) -> list[str]:
@@ -267,6 +277,7 @@ class LocalSwarm:
             "--log_file", str(self.log_dir / "trainer.log"),
             *self._metrics_args(),
             *self._host_args("trainer"),
+            *(["--auth_server", self.coordinator_url, "--identity_path", str(self.keys_dir / "trainer.key")] if self.coordinator else []),
         ]
 
     def process(self, name: str) -> SwarmProcess:

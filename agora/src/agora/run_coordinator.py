@@ -29,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     except CoordinatorConfigError as e:
         print(e, file=sys.stderr)
         return 2
+    app = create_app(config)
+    # seeds check every DHT record against this key; it is public, the key file stays secret
+    print(f"[COORDINATOR] Access tokens are signed with public key {app.state.coordinator.signer.public_key}"
+          f" (seeds: --coordinator_public_key)", flush=True)
     # uvicorn handles SIGINT/SIGTERM itself and runs the app's shutdown (database close) on the way out
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
     return 0
 
 

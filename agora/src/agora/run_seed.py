@@ -17,7 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identity_path", required=True, help="key file; a fixed identity gives a fixed multiaddr")
     parser.add_argument("--initial_peers", nargs="*", default=[])
     parser.add_argument("--log_file", default=None)
+    parser.add_argument("--coordinator_public_key", default=None,
+                        help="the run coordinator's public key (it prints it at start; also in /api/run_info): "
+                             "the seed then refuses DHT records from peers the coordinator did not admit")
+    parser.add_argument("--config", default=None, help="the run config (a YAML path or a shipped name); needed with --coordinator_public_key")
     args = parser.parse_args(argv)
+    if args.coordinator_public_key and not args.config:
+        parser.error("--coordinator_public_key needs --config: the seed must know the run's stage keys")
 
     from hivemind import DHT
 
@@ -25,12 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     from agora.processes import setup_process, stop_on_signals
 
     setup_process(args.log_file)
+    validators = []
+    if args.coordinator_public_key:
+        from agora.config import ConfigError, load_run_config
+        from agora_server.access import AccessTokenError
+        from agora_server.dht_access import AccessRecordValidator
+
+        try:
+            config = load_run_config(args.config)
+            validators = [AccessRecordValidator.for_run(
+                config.run_name, [s.name for s in config.stages], config.server.averaging, args.coordinator_public_key
+            )]
+        except (ConfigError, AccessTokenError) as e:
+            print(f"[SEED] {e}", file=sys.stderr)
+            return 2
     stop = stop_on_signals()
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs,
         identity_path=str(ensure_identity(args.identity_path)),
+        record_validators=validators,
         start=True,
     )
     try:

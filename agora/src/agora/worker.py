@@ -65,10 +65,10 @@ def run_worker(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     identity = ensure_identity(args.identity_path or default_identity_path(args.gpu_id))
     host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT + args.gpu_id}"]
-    session = weights = None
+    session = weights = peer_access = validator = None
     if args.auth_server:
-        host_maddrs, access, weights, session = join_run(args, config, identity, host_maddrs, events, stop)
-        stage = access.stage
+        host_maddrs, weights, session, validator = join_run(args, config, identity, host_maddrs, events, stop)
+        stage, peer_access = session.access.stage, session.peer_access
     elif args.stage is None:
         raise WorkerLaunchError("no stage to serve: pass --auth_server (the coordinator assigns one) or --stage <name> for a run without a coordinator")
     else:
@@ -79,9 +79,12 @@ def run_worker(args: argparse.Namespace) -> int:
         host_maddrs=host_maddrs,
         announce_maddrs=args.announce_maddrs,
         identity_path=str(identity),
+        record_validators=[validator] if validator else [],
         start=True,
         startup_timeout=60,
     )
+    if peer_access is not None:
+        peer_access.on_renew(lambda token: validator.renew_in(dht, token))
     worker = pusher = None
     try:
         worker = build_worker(
@@ -96,6 +99,7 @@ def run_worker(args: argparse.Namespace) -> int:
             events=events,
             initial_state=weights,
             on_checkpoint=session.upload_checkpoint if session is not None else None,
+            access=peer_access,
         )
         pusher = start_metrics_push(events, args.prom_gateway, config, worker.spec.name, worker.peer_id)
         if session is not None:
@@ -118,10 +122,11 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_maddrs: list[str], events, stop):
     """Get admitted by the coordinator before the p2p daemon starts; returns the maddrs to listen on
-    (a free port chosen if none was given: the port test needs the real one), the access, the stage
-    weights downloaded while queued (None if this identity has its own checkpoint) and the session."""
-    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, admit
-    from agora.coordinator.peer_keys import WorkerIdentity
+    (a free port chosen if none was given: the port test needs the real one), the stage weights
+    downloaded while queued (None if this identity has its own checkpoint), the session (holding the
+    access) and the DHT validator that signs with it."""
+    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, access_for, admit
+    from agora_server.peer_keys import WorkerIdentity
     from agora_server.server.checkpoint import checkpoint_path
 
     token = args.token or os.environ.get("AGORA_TOKEN")
@@ -145,8 +150,9 @@ def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_ma
     except AdmissionError as e:
         client.close()
         raise WorkerLaunchError(str(e)) from None
-    session = CoordinatorSession(client, identity, access, events.emit, heartbeat_interval=args.heartbeat_interval)
-    return host_maddrs, access, weights, session
+    peer_access, validator = access_for(config, access, identity)
+    session = CoordinatorSession(client, identity, access, events.emit, heartbeat_interval=args.heartbeat_interval, peer_access=peer_access)
+    return host_maddrs, weights, session, validator
 
 
 def tcp_listen_address(maddr: str) -> tuple[str, int]:

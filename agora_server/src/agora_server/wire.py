@@ -65,15 +65,18 @@ class RequestMeta:
     stage: str
     rpc: Rpc
     microbatch: int = -1
+    access: str = ""
+    """The caller's access token; a run with a coordinator refuses requests without a valid one."""
 
     def pack(self) -> bytes:
-        return msgpack.packb({"run": self.run, "stage": self.stage, "rpc": self.rpc.value, "mb": self.microbatch})
+        return msgpack.packb({"run": self.run, "stage": self.stage, "rpc": self.rpc.value, "mb": self.microbatch, "access": self.access})
 
     @classmethod
     def unpack(cls, raw: bytes) -> "RequestMeta":
         try:
             data = msgpack.unpackb(raw)
-            return cls(run=str(data["run"]), stage=str(data["stage"]), rpc=Rpc(data["rpc"]), microbatch=int(data["mb"]))
+            return cls(run=str(data["run"]), stage=str(data["stage"]), rpc=Rpc(data["rpc"]), microbatch=int(data["mb"]),
+                       access=str(data.get("access", "")))
         except Exception as e:
             raise ValueError(f"malformed request metadata ({type(e).__name__})") from None
 

@@ -4,7 +4,6 @@
 - ``db.py``          SQLAlchemy models (User, IdentityBinding, QueueRequest, ActiveNode, Contribution), Database
 - ``tokens.py``      TokenVerifier protocol; HuggingFaceVerifier, TokenFileVerifier, CachingVerifier, add_token
 - ``signing.py``     the coordinator's Ed25519 key (0600) and AccessSigner
-- ``peer_keys.py``   workers' hivemind/libp2p RSA identities: peer id check, heartbeat signatures, WorkerIdentity
 - ``queue.py``       capacity, admissions, wait estimate, poll interval
 - ``assignment.py``  choose_stage (least filled, with hysteresis), choose_move (refill an empty stage)
 - ``porttest.py``    probe (coordinator side) and PortTestListener (worker side)

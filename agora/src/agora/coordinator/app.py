@@ -37,6 +37,7 @@ from agora.coordinator.schemas import (
     StatusRequest,
     StopNodeAnswer,
     StopNodeRequest,
+    TrainerAccessRequest,
 )
 from agora.coordinator.service import Coordinator, PortProbe
 from agora.coordinator.signing import AccessSigner, load_or_create_key
@@ -109,6 +110,11 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     def refresh_token(body: RefreshRequest, request: Request, token: str | None = Depends(_token)):
         """Extend a node's access before it expires."""
         return coordinator.refresh(token, body, str(request.base_url))
+
+    @app.put("/api/trainer_access", response_model=AccessAnswer, responses=_REFUSALS)
+    def trainer_access(body: TrainerAccessRequest, token: str | None = Depends(_token)):
+        """Operators only: access for a trainer to call every stage; ask again before it expires to renew it."""
+        return coordinator.trainer_access(token, body)
 
     @app.put("/api/heartbeat", response_model=HeartbeatAnswer, responses=_REFUSALS)
     async def heartbeat(body: HeartbeatRequest, request: Request, token: str | None = Depends(_token),

@@ -26,7 +26,7 @@ class Refusal(enum.Enum):
     ACCESS_EXPIRED = (410, "This node's access has expired or was withdrawn; join again.")
     NOT_YOUR_NODE = (403, "This peer_id is not registered to this account.")
     NODE_STOPPED = (410, "The run's operators stopped this node: {reason}")
-    NOT_OPERATOR = (403, "Only the run's operators may stop nodes.")
+    NOT_OPERATOR = (403, "Only the run's operators may stop nodes or run trainers.")
     BAD_SIGNATURE = (401, "Heartbeat signature does not verify with this peer's public key.")
     CLOCK_SKEW = (400, "Heartbeat sent_at is {skew:.0f}s away from the coordinator's clock; check the node's clock.")
     STALE_HEARTBEAT = (409, "Heartbeat is not newer than the last one accepted from this node.")

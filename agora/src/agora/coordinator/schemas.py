@@ -18,11 +18,18 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
-class JoinRequest(_Request):
+class PeerKeyRequest(_Request):
     peer_id: str = Field(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")
-    """base58 libp2p peer id of the worker's identity key."""
+    """base58 libp2p peer id of the peer's identity key."""
     public_key: str = Field(min_length=1, max_length=6000)
     """base64 of the libp2p PublicKey protobuf that peer_id is the multihash of."""
+
+
+class TrainerAccessRequest(PeerKeyRequest):
+    """A trainer asks for (or renews) access to call every stage; operators only."""
+
+
+class JoinRequest(PeerKeyRequest):
     device: str = Field(default="", max_length=128)
     vram_gb: float = _MEASURE
     ram_gb: float = _MEASURE
@@ -129,6 +136,8 @@ class RunInfo(BaseModel):
     estimated_wait_seconds: float | None
     """For a node that joins now."""
     joins_paused: bool
+    coordinator_public_key: str
+    """Checks every access token of the run; seeds need it to refuse records from unadmitted peers."""
 
 
 class ContributionInfo(BaseModel):

@@ -20,14 +20,14 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from agora_server.access import AccessClaims, AccessTokenError, verify_access_token
+from agora_server.access import TRAINER, WORKER, AccessClaims, AccessTokenError, verify_access_token
 
 from agora.coordinator import assignment, porttest, queue
 from agora.coordinator.checkpoints import Uploader
 from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, NodeStop, QueueRequest, StageCheckpoint, User
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
-from agora.coordinator.peer_keys import PeerKeyError, load_public_key, peer_id_of, verify_signature
+from agora_server.peer_keys import PeerKeyError, load_public_key, peer_id_of, verify_signature
 from agora.coordinator.schemas import (
     AccessAnswer,
     ContributionInfo,
@@ -41,6 +41,7 @@ from agora.coordinator.schemas import (
     RunInfo,
     StageInfo,
     StatusRequest,
+    TrainerAccessRequest,
 )
 from agora.coordinator.signing import AccessSigner
 from agora.coordinator.tokens import InvalidToken, TokenServiceUnavailable, TokenVerifier
@@ -100,7 +101,7 @@ class Coordinator:
         username = self.authenticate(token)
         if self.config.accepted_code_versions and body.code_version not in self.config.accepted_code_versions:
             raise CoordinatorRefusal(Refusal.VERSION_MISMATCH)
-        public_key = self._check_public_key(body)
+        public_key = self._check_public_key(body.peer_id, body.public_key)
         target_ip = self._port_test_address(body, source_ip)
 
         with self._lock, self.db.session() as s:  # refuse cheaply before spending a port test
@@ -141,14 +142,14 @@ class Coordinator:
             self._admit(s, now)
             return self._answer(s, request, user, now, session_token, base_url)
 
-    def _check_public_key(self, body: JoinRequest) -> str:
+    def _check_public_key(self, peer_id: str, public_key: str) -> str:
         try:
-            raw = base64.b64decode(body.public_key, validate=True)
+            raw = base64.b64decode(public_key, validate=True)
             load_public_key(raw)
         except (binascii.Error, ValueError) as e:
             reason = str(e) if isinstance(e, PeerKeyError) else "not base64"
             raise CoordinatorRefusal(Refusal.BAD_PUBLIC_KEY, reason=reason) from None
-        if not hmac.compare_digest(peer_id_of(raw), body.peer_id):
+        if not hmac.compare_digest(peer_id_of(raw), peer_id):
             raise CoordinatorRefusal(Refusal.KEY_MISMATCH)
         return base64.b64encode(raw).decode("ascii")
 
@@ -269,7 +270,7 @@ class Coordinator:
             node = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == request.peer_id))
             if node is None:
                 raise CoordinatorRefusal(Refusal.ACCESS_EXPIRED)
-            return self._access(node, user, base_url)
+            return self._access(s, node, user, base_url)
         position = 1 + [r.seq for r in self._waiting(s)].index(request.seq)
         wait = self._wait_estimate(s, position)
         return QueuedAnswer(
@@ -280,12 +281,29 @@ class Coordinator:
             checkpoint_url=self.config.checkpoint_url(request.stage, base_url),
         )
 
-    def _access(self, node: ActiveNode, user: User, base_url: str | None = None) -> AccessAnswer:
+    def _access(self, s: Session, node: ActiveNode, user: User, base_url: str | None = None) -> AccessAnswer:
+        public_key = s.get(IdentityBinding, node.peer_id).public_key
         claims = AccessClaims(peer_id=node.peer_id, stage=node.stage, username=user.username, uid=node.uid,
-                              issued_at=self._clock(), expires_at=node.expires_at)
+                              issued_at=self._clock(), expires_at=node.expires_at, role=WORKER, public_key=public_key)
         return AccessAnswer(stage=node.stage, uid=node.uid, username=user.username, peer_id=node.peer_id,
                             access_token=self.signer.issue(claims), expires_at=node.expires_at,
                             checkpoint_url=self.config.checkpoint_url(node.stage, base_url),
+                            coordinator_public_key=self.signer.public_key)
+
+    def trainer_access(self, token: str | None, body: TrainerAccessRequest) -> AccessAnswer:
+        """Access to call every stage, for an operator's trainer; asked again to renew it. Trainers take
+        no place in the queue and report no contribution: they are the run's own machinery."""
+        username = self.authenticate(token)
+        if username not in self.config.operators:
+            raise CoordinatorRefusal(Refusal.NOT_OPERATOR)
+        public_key = self._check_public_key(body.peer_id, body.public_key)
+        now = self._clock()
+        expires_at = now + self.config.access_token_lifetime_s
+        uid = f"trainer-{body.peer_id[-12:]}"
+        claims = AccessClaims(peer_id=body.peer_id, stage="", username=username, uid=uid, issued_at=now,
+                              expires_at=expires_at, role=TRAINER, public_key=public_key)
+        return AccessAnswer(stage="", uid=uid, username=username, peer_id=body.peer_id,
+                            access_token=self.signer.issue(claims), expires_at=expires_at, checkpoint_url=None,
                             coordinator_public_key=self.signer.public_key)
 
     # ---- active nodes
@@ -322,7 +340,7 @@ class Coordinator:
             now = self._clock()
             node, user = self._own_active_node(s, username, body.peer_id, body.uid, now)
             node.expires_at = now + self.config.access_token_lifetime_s
-            return self._access(node, user, base_url)
+            return self._access(s, node, user, base_url)
 
     def heartbeat(self, token: str | None, raw_body: bytes, body: HeartbeatRequest, signature_b64: str) -> HeartbeatAnswer:
         username = self.authenticate(token)
@@ -372,7 +390,7 @@ class Coordinator:
         node.reported_samples = node.reported_tokens = 0
         s.get(IdentityBinding, node.peer_id).last_stage = move.to_stage
         return HeartbeatAnswer(expires_at=node.expires_at, move_to_stage=move.to_stage,
-                               access_token=self._access(node, user).access_token)
+                               access_token=self._access(s, node, user).access_token)
 
     # ---- checkpoints
 
@@ -409,7 +427,7 @@ class Coordinator:
                 stages=[StageInfo(name=st.name, need=st.need, workers=workers.get(st.name, 0)) for st in self.config.stages],
                 capacity=self.config.queue.capacity, active_nodes=sum(workers.values()), queue_length=waiting,
                 estimated_wait_seconds=self._newcomer_wait(s, waiting, sum(workers.values())),
-                joins_paused=self.config.queue.joins_paused,
+                joins_paused=self.config.queue.joins_paused, coordinator_public_key=self.signer.public_key,
             )
 
     def _newcomer_wait(self, s: Session, waiting: int, active: int) -> float | None:

@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--summary_path", default=None, help="write the final ledger and loss curve here as JSON")
     parser.add_argument("--log_file", default=None)
     parser.add_argument("--prom_gateway", default=None, help="Prometheus Pushgateway address (host:port) for the trainer's metrics")
+    parser.add_argument("--auth_server", default=None, help="the run's coordinator URL; workers of a run with one serve only trainers it admitted")
+    parser.add_argument("--token", default=None, help="an operator's HuggingFace token for --auth_server (or set AGORA_TOKEN)")
+    parser.add_argument("--identity_path", default="private_trainer.key", help="the trainer's key file; its peer id is what the coordinator admits")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error("--rank must be in [0, world_size)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ def run_trainer(args: argparse.Namespace) -> int:
 
     from agora_server.data import PackedBatches
     from agora_server.pipeline import PipelineTrainer
+    from agora_server.telemetry.events import CoordinatorStop
 
     events = setup_process(args.log_file)
     try:
@@ -34,7 +36,24 @@ def run_trainer(args: argparse.Namespace) -> int:
         )
         return 1
     batches = iter(packed)
-    dht = DHT(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, client_mode=True, start=True)
+    session = validator = None
+    if args.auth_server:
+        try:
+            session, validator = _admit_trainer(args, config, events)
+        except RuntimeError as e:
+            print(f"[TRAINER] {e}", file=sys.stderr)
+            return 1
+    dht = DHT(
+        initial_peers=args.initial_peers,
+        host_maddrs=args.host_maddrs,
+        client_mode=True,
+        identity_path=args.identity_path if session else None,
+        record_validators=[validator] if validator else [],
+        start=True,
+    )
+    if session is not None:
+        session.peer_access.on_renew(lambda token: validator.renew_in(dht, token))
+        session.start(None)
     trainer = PipelineTrainer(
         dht=dht,
         run=config.run_name,
@@ -43,6 +62,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         wire_dtype=config.boundary.torch_wire_dtype,
         boundary_width=config.boundary_width,
         events=events,
+        access=session.peer_access if session else None,
     )
     pusher = start_metrics_push(events, args.prom_gateway, config, "trainer", dht.peer_id.to_base58())
     steps = args.steps or sys.maxsize
@@ -52,6 +72,13 @@ def run_trainer(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+
+        def on_event(event) -> None:  # access lost for good: workers would refuse every call from now on
+            if isinstance(event, CoordinatorStop):
+                print(f"[TRAINER] {event.reason}", file=sys.stderr, flush=True)
+                loop.call_soon_threadsafe(stop.set)
+
+        events.subscribe(on_event)
         return await trainer.train(batches, steps, stop)
 
     try:
@@ -60,9 +87,32 @@ def run_trainer(args: argparse.Namespace) -> int:
         print(f"[TRAINER] {e}", file=sys.stderr)
         return 1
     finally:
+        if session is not None:
+            session.stop()
         if pusher is not None:
             pusher.stop()
         dht.shutdown()
     if args.summary_path:
         Path(args.summary_path).write_text(json.dumps(summary.to_json()))
     return 0
+
+
+def _admit_trainer(args: argparse.Namespace, config, events):
+    """Access from the coordinator for this trainer's identity, and the session that renews it."""
+    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, access_for, trainer_access
+    from agora.identity import ensure_identity
+    from agora_server.peer_keys import WorkerIdentity
+
+    token = args.token or os.environ.get("AGORA_TOKEN")
+    if not token:
+        raise RuntimeError("--auth_server needs an operator's HuggingFace token: pass --token or set AGORA_TOKEN")
+    identity = WorkerIdentity.load(ensure_identity(args.identity_path))
+    client = CoordinatorClient(args.auth_server, token)
+    try:
+        access = trainer_access(client, identity)
+    except AdmissionError as e:
+        client.close()
+        raise RuntimeError(f"the coordinator refused this trainer: {e}") from None
+    peer_access, validator = access_for(config, access, identity)
+    session = CoordinatorSession(client, identity, access, events.emit, peer_access=peer_access, trainer=True)
+    return session, validator

@@ -7,6 +7,10 @@ slice; a round copies its slice in, matches only with peers averaging the same s
 index is the matchmaking group key), and lands the result with the delta rule. Weights are the
 samples each peer processed since its last round, so a newcomer (weight 0) only receives. A round
 whose result is not finite, or moves any weight by more than ``max_update``, is refused whole.
+
+In a run with a coordinator each peer gathers its access token with its slice index: a leader
+turns away join requests from peers without worker access to this stage, and every member checks
+the whole group before it sends a byte of its weights.
 """
 
 from __future__ import annotations
@@ -18,14 +22,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import AsyncIterator
 
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.compression import CompressionInfo
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agora_server.optim.sparta import SpartaPartition, slice_for_epoch
+from agora_server.access import WORKER, AccessGuard, AccessTokenError, PeerAccess
+from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +79,64 @@ class AveragingConfig(BaseModel):
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 
 
+def averager_prefix(prefix: str) -> str:
+    return f"{prefix}_sparta".replace(".", "_")  # hivemind group keys use "." as a separator
+
+
+def _group_bits(slices: int) -> int:
+    return max(1, math.ceil(math.log2(slices))) if slices > 1 else 0
+
+
+def averaging_keys(prefix: str, config: AveragingConfig) -> list[str]:
+    """Every DHT key the averager of ``prefix`` writes: one matchmaking key per slice (hivemind's
+    ``<prefix>.0b<group bits>``) and the state-sharing declaration ``<prefix>.all_averagers``."""
+    slices, name = slice_count(config.fraction), averager_prefix(prefix)
+    bits = _group_bits(slices)
+    groups = [f"{name}.0b{format(index, f'0{bits}b') if bits else ''}" for index in range(slices)]
+    return [*groups, f"{name}.all_averagers"]
+
+
 class _StageStateAverager(DecentralizedAverager):
-    """Serves the stage's full weights to newcomers (``load_state_from_peers``) from the worker process."""
+    """Serves the stage's full weights to newcomers (``load_state_from_peers``) from the worker process,
+    and averages only with peers admitted to its stage when ``guard`` is set."""
 
     state_provider: StateProvider | None = None
     round_running: threading.Event | None = None
+    guard: AccessGuard | None = None
+    stage: str = ""
+
+    def _refusal(self, peer_id: str, gathered: object) -> str:
+        if self.guard is None:
+            return ""
+        token = gathered.get("access") if isinstance(gathered, dict) else None
+        try:
+            self.guard.check(token, peer_id, role=WORKER, stage=self.stage)
+        except AccessTokenError as e:
+            return str(e)
+        return ""
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.MessageFromLeader]:  # hivemind finds its handlers by these hints
+        try:
+            _bandwidth, _mode, user_data = self.serializer.loads(request.gather)
+            problem = self._refusal(str(context.remote_id), self.serializer.loads(user_data))
+        except Exception as e:  # whatever a stranger sends, the answer is a refusal, not a crash
+            problem = f"unreadable join request ({type(e).__name__})"
+        if problem:
+            logger.warning("refused %s from averaging: %s", context.remote_id, problem)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        for peer_id, gathered in zip(group_info.peer_ids, group_info.gathered):
+            user_data = self.serializer.loads(self.serializer.loads(gathered)[2])
+            problem = self._refusal(str(peer_id), user_data)
+            if problem:
+                raise MatchmakingException(f"not averaging with a group holding {peer_id}: {problem}")
+        return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
     def get_current_state(self):
         if self.state_provider is None:
@@ -113,19 +176,24 @@ class SpartaAverager:
         on_result: Callable[[RoundResult], None] = lambda result: None,
         epoch: int = 0,
         has_partners: Callable[[], bool] = lambda: True,
+        access: PeerAccess | None = None,
+        stage: str = "",
     ):
+        """``access`` and ``stage``: in a run with a coordinator, average only with workers admitted to
+        ``stage``, presenting this worker's own token."""
         self.params, self.config, self.on_compute, self.on_result = list(params), config, on_compute, on_result
+        self.access = access
         self.has_partners = has_partners
         self.partition = SpartaPartition([p.numel() for p in self.params], config.fraction, seed)
         slices = self.partition.slices
         self._lengths = [[len(self.partition.indices(i, r)) for r in range(slices)] for i in range(len(self.params))]
         buffers = [torch.zeros(max(lengths), dtype=torch.float32) for lengths in self._lengths]
-        self._bits = max(1, math.ceil(math.log2(slices))) if slices > 1 else 0
+        self._bits = _group_bits(slices)
         self.averager = _StageStateAverager(
             buffers,
             dht,
-            prefix=f"{prefix}_sparta".replace(".", "_"),  # hivemind group keys use "." as a separator
-            start=True,
+            prefix=averager_prefix(prefix),
+            start=False,
             min_matchmaking_time=config.matchmaking_time,
             request_timeout=config.request_timeout,
             allreduce_timeout=config.averaging_timeout,
@@ -137,6 +205,9 @@ class SpartaAverager:
         )
         self._round_running = threading.Event()
         self.averager.round_running = self._round_running
+        # the averager serves joins in a process of its own, forked at start: what it checks with goes in first
+        self.averager.guard, self.averager.stage = (access.guard if access else None), stage
+        self.averager.run_in_background(await_ready=True)
         self._control = None
         self._closed = False
         self._busy = threading.Lock()
@@ -230,8 +301,9 @@ class SpartaAverager:
         # does not block the next ones; the whole round gets a deadline of its own as well, since a
         # step whose group breaks up mid-way has been seen to outlive every hivemind timeout
         find_group_within = 2 * self.config.matchmaking_time + self.config.request_timeout
+        gather = {"slice": index, "access": self.access.token if self.access else ""}
         control = self._control = self.averager.step(
-            weight=float(weight), gather=index, timeout=find_group_within, allow_retries=False, wait=False
+            weight=float(weight), gather=gather, timeout=find_group_within, allow_retries=False, wait=False
         )
         try:
             group = control.result(timeout=find_group_within + self.config.averaging_timeout)
@@ -242,7 +314,7 @@ class SpartaAverager:
             self._control = None
         if not group:
             return RoundResult(epoch, index, False, 0, "no group formed or all-reduce failed")
-        if any(slice_of_peer != index for slice_of_peer in group.values()):
+        if any(gathered.get("slice") != index for gathered in group.values()):
             return RoundResult(epoch, index, False, len(group), "a peer averaged another slice")
         with self.averager.get_tensors() as buffers:
             averaged = [buffer[: len(values)].clone() for buffer, values in zip(buffers, snapshot)]

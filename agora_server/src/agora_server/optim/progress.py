@@ -48,11 +48,16 @@ class LocalProgress:
         pass
 
 
+def progress_key(run: str, stage: str) -> str:
+    """The DHT key of the stage's progress: hivemind's ProgressTracker appends ``_progress`` to its prefix."""
+    return f"{run}.{stage}_progress"
+
+
 class SwarmProgress:
     def __init__(self, dht: DHT, run: str, stage: str, target_batch_size: int, epoch: int = 0, refresh_period: float = 2.0):
         self.tracker = ProgressTracker(
             dht,
-            prefix=f"{run}.{stage}",
+            prefix=progress_key(run, stage).removesuffix("_progress"),
             target_batch_size=target_batch_size,
             min_refresh_period=min(0.5, refresh_period),
             max_refresh_period=refresh_period,

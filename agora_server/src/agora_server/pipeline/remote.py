@@ -15,6 +15,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from agora_server.access import PeerAccess
 from agora_server.models.config import StageKind
 from agora_server.tensor_stream import PayloadError, collect, deserialize, payload_sizes, serialize
 from agora_server.wire import (
@@ -38,8 +39,18 @@ class StageCallFailed(Exception):
 
 
 class StageCaller:
-    def __init__(self, p2p: P2P, run: str, wire_dtype: torch.dtype, boundary_width: int, max_response_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        p2p: P2P,
+        run: str,
+        wire_dtype: torch.dtype,
+        boundary_width: int,
+        max_response_bytes: int = 1 << 30,
+        access: PeerAccess | None = None,
+    ):
+        """``access``: this trainer's access, whose current token goes with every request."""
         self.p2p, self.run, self.wire_dtype, self.max_response_bytes = p2p, run, wire_dtype, max_response_bytes
+        self.access = access
         self.boundary_width = boundary_width
         self.bytes_sent: collections.Counter[str] = collections.Counter()
         """Payload bytes per RPC kind ("forward", "backward"), as serialised: the real traffic."""
@@ -59,7 +70,7 @@ class StageCaller:
         timeout: float,
         microbatch: int = -1,
     ) -> list[torch.Tensor]:
-        meta = RequestMeta(run=self.run, stage=stage, rpc=rpc, microbatch=microbatch)
+        meta = RequestMeta(run=self.run, stage=stage, rpc=rpc, microbatch=microbatch, access=self.access.token if self.access else "")
         wire = gradient_to_wire(tensors, self.wire_dtype)
         try:
             metadata, parts = await asyncio.wait_for(self._exchange(PeerID.from_base58(peer_id), rpc, meta, wire), timeout)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 from hivemind import DHT
 
+from agora_server.access import PeerAccess
 from agora_server.models.config import StageKind, StageSpec
 from agora_server.pipeline.balancer import StageBalancer
 from agora_server.pipeline.config import TrainerConfig
@@ -87,7 +88,10 @@ class PipelineTrainer:
         wire_dtype: torch.dtype,
         boundary_width: int,
         events: EventBus,
+        access: PeerAccess | None = None,
     ):
+        """``access``: this trainer's access in a run with a coordinator; its token goes with every call."""
+        self.access = access
         self.dht, self.run, self.stages, self.config, self.wire_dtype = dht, run, stages, config, wire_dtype
         self.boundary_width = boundary_width
         self.events = events
@@ -218,7 +222,7 @@ class PipelineTrainer:
         """Run until ``steps`` micro-batches completed or ``stop`` is set; in-flight ones then finish."""
         self._directory_updated = asyncio.Event()
         p2p = await self.dht.replicate_p2p()
-        self._caller = StageCaller(p2p, self.run, self.wire_dtype, self.boundary_width)
+        self._caller = StageCaller(p2p, self.run, self.wire_dtype, self.boundary_width, access=self.access)
         directory = asyncio.create_task(self._directory_loop())
         tasks: set[asyncio.Task] = set()
         started = time.perf_counter()

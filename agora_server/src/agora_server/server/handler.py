@@ -2,7 +2,8 @@
 
 Both training RPCs stream in both directions, so activations of any size fit under p2pd's
 message cap. A refused or failed request is answered with an error in the response metadata
-(never a dropped stream), and the handler goes on serving.
+(never a dropped stream), and the handler goes on serving. In a run with a coordinator the
+training RPCs serve only trainers holding a valid access token issued to their own peer id.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
+from agora_server.access import TRAINER, AccessGuard, AccessTokenError
 from agora_server.server.backend import StageBackend
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
 from agora_server.server.validation import BadRequest, StageSignature
@@ -39,8 +41,10 @@ class StageServicer(ServicerBase):
         executor: Executor,
         wire_dtype: torch.dtype,
         emit: Callable[[Event], None],
+        guard: AccessGuard | None = None,
     ):
-        self.run, self.stage, self.backend, self.signature = run, stage, backend, signature
+        """``guard``: checks callers' access tokens; None in a run without a coordinator."""
+        self.run, self.stage, self.backend, self.signature, self.guard = run, stage, backend, signature, guard
         self.executor, self.wire_dtype, self.emit = executor, wire_dtype, emit
         self.bytes_received: collections.Counter[str] = collections.Counter()
         self.bytes_sent: collections.Counter[str] = collections.Counter()
@@ -66,7 +70,7 @@ class StageServicer(ServicerBase):
         try:
             metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes)
             self.bytes_received[rpc.value] += received
-            self._check_meta(rpc, metadata)
+            self._check_meta(rpc, metadata, str(context.remote_id))
             inputs = self.signature.validate(rpc, deserialize(parts))
         except (BadRequest, PayloadError) as e:
             self.refused[rpc.value] += 1
@@ -95,7 +99,7 @@ class StageServicer(ServicerBase):
             return [pack_boundary(outputs[0], tokens, self.wire_dtype)]
         return gradient_to_wire(outputs, self.wire_dtype)
 
-    def _check_meta(self, rpc: Rpc, metadata: bytes) -> None:
+    def _check_meta(self, rpc: Rpc, metadata: bytes, caller: str) -> None:
         try:
             meta = RequestMeta.unpack(metadata)
         except ValueError as e:
@@ -106,6 +110,11 @@ class StageServicer(ServicerBase):
             raise BadRequest(f"this worker serves stage {self.stage!r}, not {meta.stage!r}")
         if meta.rpc is not rpc:
             raise BadRequest(f"metadata says {meta.rpc.value}, but {rpc.value} was called")
+        if self.guard is not None:
+            try:
+                self.guard.check(meta.access, caller, role=TRAINER)
+            except AccessTokenError as e:
+                raise BadRequest(f"no access: {e}") from None
 
 
 def is_cuda_failure(error: BaseException) -> bool:

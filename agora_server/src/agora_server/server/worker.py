@@ -18,6 +18,7 @@ import torch
 from hivemind import DHT
 from hivemind.p2p import P2P
 
+from agora_server.access import PeerAccess
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
 from agora_server.optim import SwarmProgress
 from agora_server.optim.averaging import RoundResult, SpartaAverager
@@ -62,10 +63,13 @@ class StageWorker:
         events: EventBus,
         initial_state: Path | None = None,
         on_checkpoint: Callable[[Path, int], None] | None = None,
+        access: PeerAccess | None = None,
     ):
         """``initial_state``: the stage's weights from elsewhere (the coordinator's checkpoint), used
         when this identity has no checkpoint of its own. ``on_checkpoint(path, epoch)`` is told of
-        every periodic checkpoint (to upload it); it runs on the compute thread, so it must only queue."""
+        every periodic checkpoint (to upload it); it runs on the compute thread, so it must only queue.
+        ``access``: this worker's access in a run with a coordinator; trainers and averaging partners
+        must then hold access of their own (the DHT checks records itself, see ``dht_access``)."""
         self.run, self.spec, self.server_config, self.dht, self.events = run, spec, server, dht, events
         self.device = device
         self.health = HealthMonitor(server.health, events.emit)
@@ -102,7 +106,7 @@ class StageWorker:
             try:
                 self.averager = SpartaAverager(
                     dht,
-                    f"{run}.{spec.name}",
+                    stage_key(run, spec.name),
                     [p for p in stage.parameters() if p.requires_grad],
                     server.averaging,
                     seed,
@@ -110,6 +114,8 @@ class StageWorker:
                     on_compute=self._executor.submit,
                     on_result=self._report_round,
                     has_partners=self._has_partners,
+                    access=access,
+                    stage=spec.name,
                 )
             except BaseException:
                 self.progress.shutdown()  # its thread is already running
@@ -121,7 +127,8 @@ class StageWorker:
         self._warmup_until_round = 0
         self._warmup_deadline = 0.0
         self.servicer = StageServicer(
-            run, spec.name, self.backend, signature, self._executor, boundary.torch_wire_dtype, events.emit
+            run, spec.name, self.backend, signature, self._executor, boundary.torch_wire_dtype, events.emit,
+            guard=access.guard if access else None,
         )
         self.announcer = StageAnnouncer(dht, run, self.peer_id, self.describe, server.announce_period)
         self._loop = asyncio.new_event_loop()

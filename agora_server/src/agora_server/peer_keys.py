@@ -1,10 +1,11 @@
-"""Worker identity keys as hivemind makes them, read and checked without importing hivemind.
+"""Peer identity keys as hivemind makes them, read and checked without importing hivemind.
 
 ``P2P.generate_identity`` writes a libp2p ``PrivateKey`` protobuf (key_type RSA, data = the
 RSA-2048 key in PKCS#1 DER). The peer id is the sha2-256 multihash of the matching libp2p
 ``PublicKey`` protobuf (key_type RSA, data = SubjectPublicKeyInfo DER), in base58. A worker sends
-that public-key protobuf at join; the coordinator checks that it hashes to the claimed peer id and
-later verifies heartbeats with it. Signatures are RSA-PSS/SHA-256 with the longest salt, as
+that public-key protobuf at join; the coordinator checks that it hashes to the claimed peer id,
+verifies heartbeats with it and writes it into the access token, so every peer can check the
+records a token holder signs (``dht_access``). Signatures are RSA-PSS/SHA-256 with the longest salt, as
 ``hivemind.utils.crypto.RSAPrivateKey.sign`` makes them (raw bytes here, not base64).
 
 Two-field protobufs are encoded by hand: importing hivemind's generated classes would load
@@ -103,7 +104,7 @@ def verify_signature(public_key_protobuf: bytes, data: bytes, signature: bytes) 
 
 
 class WorkerIdentity:
-    """The worker's side: its identity file, what it sends at join and how it signs heartbeats."""
+    """A peer's own side: its identity file, what it sends at join, how it signs heartbeats and DHT records."""
 
     def __init__(self, private_key: rsa.RSAPrivateKey):
         self._key = private_key
