@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import sqlite3
 
 import pytest
 
@@ -126,6 +127,9 @@ def test_slow_download_drops_the_node_from_the_queue(harness, listener):
     assert granted["status"] == "access", "a finished download is admitted even behind a slow one"
     harness.clock.advance(51)
     refused(poll(coord, slow, slow_q, bytes_done=20, bytes_total=1000), 410, DOWNLOAD_TOO_SLOW)
+    with sqlite3.connect(harness.tmp_path / "coordinator.db") as db:  # read before any other call could commit it
+        status = db.execute("SELECT status, drop_reason FROM queue_requests WHERE request_id = ?", (slow_q["request_id"],)).fetchone()
+    assert status[0] == "dropped", "the refusal's own poll records the drop (it used to roll it back)"
 
 
 def test_queue_positions_and_wait_estimate_follow_observed_admissions(harness, listener):
@@ -214,7 +218,8 @@ def test_heartbeat_must_be_signed_by_the_nodes_identity(harness, listener):
     assert record["seconds_online"] == pytest.approx(30)
 
 
-def test_stages_fill_by_need_and_an_emptied_stage_is_refilled(harness, listener):
+def empty_the_tail(harness, listener):
+    """Four nodes of alice on head×2, body1, tail; then the tail node's access lapses."""
     coord = harness.start(access_token_lifetime_s=100, queue={"max_active_per_user": 10},
                           stages=[{"name": "head", "need": 2}, {"name": "body1", "need": 1}, {"name": "tail", "need": 1}])
     nodes = [harness.node("alice") for _ in range(4)]
@@ -230,6 +235,11 @@ def test_stages_fill_by_need_and_an_emptied_stage_is_refilled(harness, listener)
         if access["stage"] != "tail":
             coord.http.put("/api/refresh_token", json={"peer_id": node.peer_id, "uid": access["uid"]}, headers=node.auth)
     harness.clock.advance(60)
+    return coord, nodes, stages
+
+
+def test_stages_fill_by_need_and_an_emptied_stage_is_refilled(harness, listener):
+    coord, nodes, stages = empty_the_tail(harness, listener)
     older_head, newest_head = nodes[0], nodes[3]
     raw, headers = older_head.signed_heartbeat(stages[0]["uid"], harness.clock.now, 1, 1)
     assert coord.http.put("/api/heartbeat", content=raw, headers=headers).json()["move_to_stage"] is None
@@ -294,3 +304,24 @@ def test_trainer_access_is_for_operators_and_names_the_trainers_key(harness):
     mismatch = coord.http.put("/api/trainer_access", json={**body, "public_key": other_key}, headers=trainer.auth)
     assert mismatch.status_code == 400 and "peer_id" in mismatch.json()["detail"]
     assert coord.http.put("/api/trainer_access", json=body).status_code == 401
+
+
+def test_a_worker_moved_to_an_emptied_stage_stops_and_says_why(harness, listener):
+    from agora.admission import CoordinatorClient, CoordinatorSession
+    from agora.coordinator.schemas import AccessAnswer
+    from agora_server.telemetry.events import CoordinatorStop, WorkerStats
+
+    coord, nodes, stages = empty_the_tail(harness, listener)
+    events = []
+    session = CoordinatorSession(CoordinatorClient(coord.url, harness.tokens["alice"]), nodes[3].identity,
+                                 AccessAnswer.model_validate(stages[3]), events.append, heartbeat_interval=0.1, clock=harness.clock)
+    stats = WorkerStats(stage="head", peer_id=nodes[3].peer_id, epoch=0, forward_batches=1, backward_batches=1, samples=4, tokens=512,
+                        optimizer_steps=0, skipped_steps=0, throughput=0.0, rounds_ok=0, rounds_failed=0, last_group_size=0,
+                        bytes_received={}, bytes_sent={}, ram_used_percent=1.0, process_rss_bytes=1, vram_allocated_bytes=None,
+                        online_seconds=1.0)
+    session.start(stats)
+    session._thread.join(20)  # the session ends itself once the coordinator answers with a move
+    session.stop()
+    assert [e.reason for e in events if isinstance(e, CoordinatorStop)] == [
+        "The coordinator moved this node to stage tail, which has no workers; start it again to serve there."]
+    assert join(coord, nodes[3], listener.port).json()["stage"] == "tail", "joining again serves the stage it was moved to"

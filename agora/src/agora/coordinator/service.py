@@ -208,7 +208,11 @@ class Coordinator:
                 request.download_complete = request.download_complete or body.download.complete
             self._expire(s, now)
             self._admit(s, now)
-            return self._answer(s, request, user, now, None, base_url)
+            try:
+                return self._answer(s, request, user, now, None, base_url)
+            except CoordinatorRefusal as e:
+                refusal = e  # raised after the commit: the drop this poll found must not roll back with it
+        raise refusal
 
     def _expire(self, s: Session, now: float) -> None:
         for node in s.scalars(select(ActiveNode).where(ActiveNode.expires_at <= now)):
