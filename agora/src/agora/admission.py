@@ -128,13 +128,16 @@ def trainer_access(client: CoordinatorClient, identity: WorkerIdentity) -> Acces
 
 def access_for(config: RunConfig, access: Access, identity: WorkerIdentity) -> tuple[PeerAccess, AccessRecordValidator]:
     """This peer's PeerAccess and the DHT validator that signs its records and checks everyone's."""
+    peer_access = PeerAccess(access.access_token, access.coordinator_public_key)
+    return peer_access, run_record_validator(config, access.coordinator_public_key, identity=identity, token=access.access_token)
+
+
+def run_record_validator(config: RunConfig, coordinator_public_key: str, **signer) -> AccessRecordValidator:
+    """The run's DHT validator; ``signer`` (identity, token) for a peer that writes records of its own."""
     from agora_server.dht_access import AccessRecordValidator  # imports hivemind
 
-    peer_access = PeerAccess(access.access_token, access.coordinator_public_key)
-    validator = AccessRecordValidator.for_run(
-        config.run_name, [s.name for s in config.stages], config.server.averaging, access.coordinator_public_key, identity=identity, token=access.access_token
-    )
-    return peer_access, validator
+    stages = [s.name for s in config.stages]
+    return AccessRecordValidator.for_run(config.run_name, stages, config.server.averaging, coordinator_public_key, **signer)
 
 
 def _key_request(identity: WorkerIdentity) -> dict:

@@ -33,15 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_process(args.log_file)
     validators = []
     if args.coordinator_public_key:
+        from agora.admission import run_record_validator
         from agora.config import ConfigError, load_run_config
         from agora_server.access import AccessTokenError
-        from agora_server.dht_access import AccessRecordValidator
 
         try:
-            config = load_run_config(args.config)
-            validators = [AccessRecordValidator.for_run(
-                config.run_name, [s.name for s in config.stages], config.server.averaging, args.coordinator_public_key
-            )]
+            validators = [run_record_validator(load_run_config(args.config), args.coordinator_public_key)]
         except (ConfigError, AccessTokenError) as e:
             print(f"[SEED] {e}", file=sys.stderr)
             return 2

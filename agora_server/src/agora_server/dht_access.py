@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-
-import base58
 import functools
 import logging
 import struct
 import time
 from collections.abc import Callable, Iterable
 
+import base58
 from hivemind import DHT
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -98,9 +97,7 @@ class AccessRecordValidator(RecordValidatorBase):
         claims = self.guard.claims(token.decode("ascii"))
         if record.expiration_time > claims.expires_at + self.grace:
             raise ValueError(f"the record outlives its writer's access token ({claims.peer_id})")
-        public_key = base64.b64decode(claims.public_key, validate=True)
-        if not public_key or peer_id_of(public_key) != claims.peer_id:
-            raise ValueError(f"the access token of {claims.peer_id} names no usable public key")
+        public_key = _named_key(claims.public_key, claims.peer_id)
         if not verify_signature(public_key, _signed_bytes(record, value, token), signature):
             raise ValueError(f"the record is not signed by {claims.peer_id}, whose token it carries")
         stage = self._stage_of_key.get(record.key)
@@ -129,6 +126,16 @@ async def _renew(token: str, dht: DHT, _node) -> None:
     for validator in validators:
         if isinstance(validator, AccessRecordValidator):
             validator.token = token
+
+
+@functools.lru_cache(maxsize=4096)
+def _named_key(public_key_b64: str, peer_id: str) -> bytes:
+    """The public key a token names, checked once against the token's peer id (tokens repeat in every
+    record their holder writes; checks repeat on every read)."""
+    public_key = base64.b64decode(public_key_b64, validate=True)
+    if not public_key or peer_id_of(public_key) != peer_id:
+        raise ValueError(f"the access token of {peer_id} names no usable public key")
+    return public_key
 
 
 def _signed_bytes(record: DHTRecord, value: bytes, token: bytes) -> bytes:

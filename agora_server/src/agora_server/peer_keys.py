@@ -14,6 +14,7 @@ torch into the coordinator.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def peer_id_of(public_key_protobuf: bytes) -> str:
     return base58.b58encode(_SHA256_MULTIHASH_PREFIX + hashlib.sha256(public_key_protobuf).digest()).decode()
 
 
+@functools.lru_cache(maxsize=4096)  # every DHT read checks record signatures with the same few keys
 def load_public_key(public_key_protobuf: bytes) -> rsa.RSAPublicKey:
     if len(public_key_protobuf) > MAX_PUBLIC_KEY_BYTES:
         raise PeerKeyError("public key is too large")

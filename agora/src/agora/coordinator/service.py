@@ -289,10 +289,7 @@ class Coordinator:
         public_key = s.get(IdentityBinding, node.peer_id).public_key
         claims = AccessClaims(peer_id=node.peer_id, stage=node.stage, username=user.username, uid=node.uid,
                               issued_at=self._clock(), expires_at=node.expires_at, role=WORKER, public_key=public_key)
-        return AccessAnswer(stage=node.stage, uid=node.uid, username=user.username, peer_id=node.peer_id,
-                            access_token=self.signer.issue(claims), expires_at=node.expires_at,
-                            checkpoint_url=self.config.checkpoint_url(node.stage, base_url),
-                            coordinator_public_key=self.signer.public_key)
+        return self._grant(claims, self.config.checkpoint_url(node.stage, base_url))
 
     def trainer_access(self, token: str | None, body: TrainerAccessRequest) -> AccessAnswer:
         """Access to call every stage, for an operator's trainer; asked again to renew it. Trainers take
@@ -302,13 +299,15 @@ class Coordinator:
             raise CoordinatorRefusal(Refusal.NOT_OPERATOR)
         public_key = self._check_public_key(body.peer_id, body.public_key)
         now = self._clock()
-        expires_at = now + self.config.access_token_lifetime_s
-        uid = f"trainer-{body.peer_id[-12:]}"
-        claims = AccessClaims(peer_id=body.peer_id, stage="", username=username, uid=uid, issued_at=now,
-                              expires_at=expires_at, role=TRAINER, public_key=public_key)
-        return AccessAnswer(stage="", uid=uid, username=username, peer_id=body.peer_id,
-                            access_token=self.signer.issue(claims), expires_at=expires_at, checkpoint_url=None,
-                            coordinator_public_key=self.signer.public_key)
+        claims = AccessClaims(peer_id=body.peer_id, stage="", username=username, uid=f"trainer-{body.peer_id[-12:]}",
+                              issued_at=now, expires_at=now + self.config.access_token_lifetime_s, role=TRAINER,
+                              public_key=public_key)
+        return self._grant(claims, checkpoint_url=None)
+
+    def _grant(self, claims: AccessClaims, checkpoint_url: str | None) -> AccessAnswer:
+        return AccessAnswer(stage=claims.stage, uid=claims.uid, username=claims.username, peer_id=claims.peer_id,
+                            access_token=self.signer.issue(claims), expires_at=claims.expires_at,
+                            checkpoint_url=checkpoint_url, coordinator_public_key=self.signer.public_key)
 
     # ---- active nodes
 

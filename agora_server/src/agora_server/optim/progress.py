@@ -14,6 +14,8 @@ from typing import Protocol
 from hivemind import DHT
 from hivemind.optim.progress_tracker import ProgressTracker
 
+from agora_server.wire import stage_key
+
 
 class StageProgress(Protocol):
     epoch: int
@@ -50,14 +52,14 @@ class LocalProgress:
 
 def progress_key(run: str, stage: str) -> str:
     """The DHT key of the stage's progress: hivemind's ProgressTracker appends ``_progress`` to its prefix."""
-    return f"{run}.{stage}_progress"
+    return f"{stage_key(run, stage)}_progress"
 
 
 class SwarmProgress:
     def __init__(self, dht: DHT, run: str, stage: str, target_batch_size: int, epoch: int = 0, refresh_period: float = 2.0):
         self.tracker = ProgressTracker(
             dht,
-            prefix=progress_key(run, stage).removesuffix("_progress"),
+            prefix=stage_key(run, stage),
             target_batch_size=target_batch_size,
             min_refresh_period=min(0.5, refresh_period),
             max_refresh_period=refresh_period,
