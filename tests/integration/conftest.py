@@ -69,9 +69,18 @@ def ports_in_use(ports: set[int]) -> set[int]:
 def wait_for_trainer_step(swarm: LocalSwarm, step: int, timeout: float) -> bool:
     """The trainer reported at least ``step`` completed micro-batches (reports land on the first count
     past each multiple of report_every, so the exact number may be higher)."""
+    return _wait_for_count(swarm, "trainer", r"\[TRAINER\] step (\d+) ", step, timeout)
 
+
+def wait_for_worker_step(swarm: LocalSwarm, name: str, step: int, timeout: float) -> bool:
+    """The worker took at least ``step`` optimizer steps (a worker that follows its stage jumps over
+    step numbers, so the exact one may never be printed)."""
+    return _wait_for_count(swarm, name, r"\[TRAINING\] Training step (\d+)$", step, timeout)
+
+
+def _wait_for_count(swarm: LocalSwarm, name: str, pattern: str, at_least: int, timeout: float) -> bool:
     def reached(line: str) -> bool:
-        found = re.search(r"\[TRAINER\] step (\d+) ", line)
-        return found is not None and int(found.group(1)) >= step
+        found = re.search(pattern, line)
+        return found is not None and int(found.group(1)) >= at_least
 
-    return swarm.wait_for_line("trainer", reached, timeout)
+    return swarm.wait_for_line(name, reached, timeout)

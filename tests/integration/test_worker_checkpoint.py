@@ -5,7 +5,7 @@ import signal
 from pathlib import Path
 
 from agora_server.server.checkpoint import load_checkpoint
-from tests.integration.conftest import run_trainer_to_end
+from tests.integration.conftest import run_trainer_to_end, wait_for_worker_step
 
 
 def event_lines(swarm, log_name: str, event: str) -> list[str]:
@@ -15,7 +15,7 @@ def event_lines(swarm, log_name: str, event: str) -> list[str]:
 def test_restarted_worker_resumes_from_its_checkpoint(swarm_harness):
     swarm = swarm_harness.create({"server": {"checkpoint_every": 5}}, steps=120, workers={"body1": 2})
     swarm.start()
-    assert swarm.wait_for_output("body1#1", "[TRAINING] Training step 10", 240)
+    assert wait_for_worker_step(swarm, "body1#1", 10, 240)
     os.kill(swarm.process("body1#1").popen.pid, signal.SIGTERM)  # a clean stop, like Ctrl+C: it checkpoints on the way out
     assert swarm.process("body1#1").popen.wait(60) == 0
     (started,) = event_lines(swarm, "server_body1_1.log", "ServerStarted")

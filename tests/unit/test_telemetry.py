@@ -159,6 +159,20 @@ def test_metrics_carry_the_worker_counters_with_prometheus_names():
     assert ("agora_vram_allocated_bytes", ()) not in samples, "no GPU, no VRAM gauge"
 
 
+def test_a_run_too_short_for_any_report_still_exports_the_trainers_final_ledger():
+    collector = MetricsCollector()
+    registry = collector.registry()
+    collector(ev.TrainerFinished(completed=16, sent=16, dropped={"failed:tail": 1}, retried=0, final_loss=8.7))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert samples[("agora_trainer_micro_batches_total", (("outcome", "completed"),))] == 16
+    assert samples[("agora_trainer_micro_batches_total", (("outcome", "dropped"),))] == 1
+    assert samples[("agora_trainer_loss", ())] == 8.7
+
+
 def test_contribution_is_the_same_figure_from_the_worker_and_from_its_heartbeat():
     snapshot = stats(samples=1234, tokens=157952, forward_batches=999)
     counters = heartbeat_counters(snapshot)

@@ -229,7 +229,7 @@ class PipelineTrainer:
         try:
             await self.wait_for_all_stages(self.config.stage_wait_timeout)
             started = time.perf_counter()  # training time starts once every stage has a worker
-            last_report = (started, 0)
+            last_report = (started, 0, 0)  # time, tokens and completed count of the last report
             while self.ledger.completed < steps and not stop.is_set():
                 if len(tasks) < self.config.max_in_flight and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs
@@ -239,11 +239,10 @@ class PipelineTrainer:
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     continue
-                before = self.ledger.completed
                 stop_wait = asyncio.create_task(stop.wait())
                 await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
-                last_report = self._maybe_report(before, last_report)
+                last_report = self._maybe_report(last_report)
             if tasks:  # let in-flight micro-batches finish so their updates and accounting land
                 done, pending = await asyncio.wait(tasks, timeout=self.config.request_timeout * 2)
                 for task in pending:
@@ -281,9 +280,11 @@ class PipelineTrainer:
         recent = [loss for _, loss in self.losses[-self.config.report_every :]]
         return sum(recent) / len(recent) if recent else None
 
-    def _maybe_report(self, before: int, last_report: tuple[float, int]) -> tuple[float, int]:
+    def _maybe_report(self, last_report: tuple[float, int, int]) -> tuple[float, int, int]:
+        # compared with the last report, not with the count before this wait: completions that land
+        # while a batch is being prepared must not carry the count past a multiple unreported
         every = self.config.report_every
-        if self.ledger.completed // every == before // every:
+        if self.ledger.completed // every == last_report[2] // every:
             return last_report
         now = time.perf_counter()
         rate = (self.tokens_done - last_report[1]) / max(now - last_report[0], 1e-6)
@@ -298,4 +299,4 @@ class PipelineTrainer:
                 retried=self.ledger.retried,
             )
         )
-        return now, self.tokens_done
+        return now, self.tokens_done, self.ledger.completed

@@ -37,16 +37,19 @@ class MetricsCollector:
         elif isinstance(event, ev.TrainerReport):
             with self._lock:
                 self._trainer = event
-        elif isinstance(event, ev.TrainerFinished) and self._trainer is not None:
-            # the ledger's final figures, which the last periodic report may predate
+        elif isinstance(event, ev.TrainerFinished):
+            # the ledger's final figures, which the last periodic report may predate (or a run too
+            # short for any report may never have had)
             with self._lock:
+                last = self._trainer or ev.TrainerReport(step=event.completed, loss=float("nan"), tokens_per_second=0.0,
+                                                         sent=0, completed=0, dropped=0, retried=0)
                 self._trainer = dataclasses.replace(
-                    self._trainer,
+                    last,
                     sent=event.sent,
                     completed=event.completed,
                     dropped=sum(event.dropped.values()),
                     retried=event.retried,
-                    loss=self._trainer.loss if event.final_loss is None else event.final_loss,
+                    loss=last.loss if event.final_loss is None else event.final_loss,
                 )
 
     def collect(self) -> Iterator[Metric]:
