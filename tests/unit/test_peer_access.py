@@ -155,3 +155,13 @@ def test_it_wraps_hiveminds_own_validators_and_binds_the_stages_averaging_keys(c
     head_worker = validator_for(coordinator_key, bob, token_for(coordinator_key, bob, stage="head"))
     assert not reader.validate(signed(head_worker, record(keys[0], PeerID.from_base58(bob.peer_id).to_bytes(), True))), \
         "a worker of another stage cannot look for a group on this one"
+
+
+def test_a_seed_takes_a_coordinator_key_that_starts_with_a_dash():
+    from agora.run_seed import parse_args
+
+    # base64url keys start with "-" one time in 64; the "=" form is how the local swarm and the docs pass them
+    args = parse_args(["--identity_path", "seed.key", "--coordinator_public_key=-G_yhUSQjOKpMnFn", "--config", "local-tiny"])
+    assert args.coordinator_public_key == "-G_yhUSQjOKpMnFn"
+    with pytest.raises(SystemExit):
+        parse_args(["--identity_path", "seed.key", "--coordinator_public_key=abc"])  # no --config: refused

@@ -175,7 +175,8 @@ class LocalSwarm:
             self._spawn("trainer", self._trainer_args(), env_extra=self._token_env())
 
     def _start_seed(self, deadline: float) -> None:
-        access = ["--coordinator_public_key", self.coordinator_public_key, "--config", self.config_ref] if self.coordinator else []
+        # "=": a base64url key may start with "-", which argparse would take for an option
+        access = [f"--coordinator_public_key={self.coordinator_public_key}", "--config", self.config_ref] if self.coordinator else []
         seed = self._spawn(
             "seed",
             [

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(config)
     # seeds check every DHT record against this key; it is public, the key file stays secret
-    print(f"[COORDINATOR] Access tokens are signed with public key {app.state.coordinator.signer.public_key}"
-          f" (seeds: --coordinator_public_key)", flush=True)
+    key = app.state.coordinator.signer.public_key
+    # "=" keeps a key that starts with "-" (base64url) from being read as an option
+    print(f"[COORDINATOR] Access tokens are signed with public key {key} (seeds: --coordinator_public_key={key})", flush=True)
     # uvicorn handles SIGINT/SIGTERM itself and runs the app's shutdown (database close) on the way out
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
     return 0

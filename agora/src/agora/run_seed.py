@@ -10,7 +10,7 @@ import json
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host_maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"])
     parser.add_argument("--announce_maddrs", nargs="+", default=None)
@@ -18,12 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--initial_peers", nargs="*", default=[])
     parser.add_argument("--log_file", default=None)
     parser.add_argument("--coordinator_public_key", default=None,
-                        help="the run coordinator's public key (it prints it at start; also in /api/run_info): "
-                             "the seed then refuses DHT records from peers the coordinator did not admit")
+                        help="the run coordinator's public key (it prints it at start; also in /api/run_info), given as "
+                             "--coordinator_public_key=KEY since a key may start with '-': the seed then refuses DHT "
+                             "records from peers the coordinator did not admit")
     parser.add_argument("--config", default=None, help="the run config (a YAML path or a shipped name); needed with --coordinator_public_key")
     args = parser.parse_args(argv)
     if args.coordinator_public_key and not args.config:
         parser.error("--coordinator_public_key needs --config: the seed must know the run's stage keys")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
 
     from hivemind import DHT
 
