@@ -57,7 +57,21 @@ def test_cli_code_uses_the_constants_not_copies_of_the_strings():
     ("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", "cuda_oom"),
     ("[SERVER] Invalid HuggingFace token", "invalid_token"),
     ("[TRAINING] Training step 3", None),
+    ("[SERVER] Lost contact with the coordinator and this node's access expired. Exiting run.", "access_expired"),
+    ("[SERVER] Checkpoint not saved: could not write checkpoint /c/x.pt: the disk is full", "checkpoint_not_saved"),
 ])
 def test_worker_output_lines_are_recognised(line, key):
     found = known.match_line(line)
     assert (found.key if found else None) == key
+
+
+def test_the_workers_own_messages_are_the_tables(tmp_path):
+    from agora_server.server.checkpoint import CheckpointError, read_checkpoint
+    from agora_server.telemetry.health import ACCESS_EXPIRED_MESSAGE
+
+    assert ACCESS_EXPIRED_MESSAGE == known.ACCESS_EXPIRED.template
+    damaged = tmp_path / "peer.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(damaged)
+    assert known.match_line(f"[SERVER] {err.value}") is known.CHECKPOINT_UNREADABLE

@@ -70,8 +70,10 @@ def test_swarm_metrics_arrive_grouped_by_run_stage_and_peer(swarm_harness, pushg
         assert backward >= STEPS, "every completed micro-batch passed backward through every stage"
         assert one(samples, "agora_samples_total", **labels) == backward * micro_batch
         assert one(samples, "agora_tokens_total", **labels) == backward * micro_batch * swarm.config.data.seq_len
-        if spec.kind.value != "tail":  # the trainer sends the tail only backward calls (which recompute the forward)
-            assert one(samples, "agora_forward_batches_total", **labels) >= backward
+        if spec.kind.value != "tail":
+            # the tail gets only backward calls, which recompute the forward; a backward call that timed out is
+            # retried alone, so the count of forwards is bounded by completed micro-batches, not by backwards
+            assert one(samples, "agora_forward_batches_total", **labels) >= STEPS
         assert one(samples, "agora_optimizer_steps_total", **labels) >= 1
         assert 0 < one(samples, "agora_ram_used_percent", **labels) <= 100
         assert one(samples, "agora_process_rss_bytes", **labels) > 10 * 2**20

@@ -46,3 +46,23 @@ def test_training_survives_a_killed_worker(swarm_harness):
     assert summary["sent"] == summary["completed"] + sum(summary["dropped"].values())
     assert summary["retried"] + sum(summary["dropped"].values()) >= 1, "the dead worker's failure went unnoticed"
     assert swarm.process("body1#1").popen.wait(10) == -signal.SIGKILL
+
+
+def test_an_emptied_stage_pauses_the_trainer_until_a_worker_returns(swarm_harness):
+    swarm = swarm_harness.create(steps=STEPS)
+    swarm.start()
+    assert wait_for_trainer_step(swarm, 10, 180)
+
+    swarm.kill("body1#0", signal.SIGKILL)  # the stage's only worker vanishes
+    assert swarm.wait_for_output("trainer", "[TRAINER] Paused: no worker serves stage(s) body1", 60)
+    paused_at = swarm.lines_printed("trainer")
+    restarted = swarm.start_worker("body1", 0)  # the volunteer comes back, same identity
+    assert swarm.wait_for_line("body1#0", lambda line: "[SERVER] Training started" in line, 120, since=restarted.first_line)
+    assert swarm.wait_for_line("trainer", lambda line: "[TRAINER] Resumed after" in line, 120, since=paused_at)
+
+    assert run_trainer_to_end(swarm, 300) == 0
+    summary = json.loads(swarm.summary_path.read_text())
+    assert summary["completed"] == STEPS, summary
+    assert summary["sent"] == summary["completed"] + sum(summary["dropped"].values()), "every micro-batch is accounted for"
+    assert summary["pauses"] and summary["longest_stall"] >= max(length for _, length in summary["pauses"]) * 0.5
+    assert swarm.process("body1#0") is restarted and restarted.popen.poll() is None, "the trainer did not crash the returning worker"

@@ -10,8 +10,8 @@ class Clock:
         return self.now
 
 
-def info(throughput, phase=ServerPhase.ONLINE):
-    return StageServerInfo(stage="body1", phase=phase, throughput=throughput, max_batch_size=8, wire_dtype="float32")
+def info(throughput, phase=ServerPhase.ONLINE, started_at=0.0):
+    return StageServerInfo(stage="body1", phase=phase, throughput=throughput, max_batch_size=8, wire_dtype="float32", started_at=started_at)
 
 
 def balancer(clock=None):
@@ -94,3 +94,16 @@ def test_a_worker_seen_at_start_but_not_yet_measured_is_not_starved():
     other = "b" if first == "a" else "a"
     b.choose(1000)
     assert b.choose(1000) == other, "the unmeasured worker must be tried once the measured one has work queued"
+
+
+def test_a_restarted_worker_is_no_longer_banned_for_what_its_old_process_did():
+    clock = Clock()
+    b = balancer(clock)
+    b.update_peers({"a": info(100.0)})
+    b.choose(10)
+    b.failed("a", 10)
+    b.update_peers({"a": info(100.0)})  # the same process announcing again: still banned
+    assert b.choose(10) is None
+    b.update_peers({"a": info(100.0, started_at=123.0)})
+    assert b.choose(10) == "a"
+    assert b.peers["a"].consecutive_failures == 0

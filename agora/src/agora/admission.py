@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from agora_server.dht_access import AccessRecordValidator
 
 AUTH_TIMEOUT_MESSAGE = "Authorization timeout after {seconds:.0f}s"
+_CALL_TIMEOUT = 30.0  # seconds a call to the coordinator may take
+_EXPIRY_SLACK = 0.05
 
 
 class AdmissionError(RuntimeError):
@@ -51,9 +53,11 @@ class CoordinatorClient:
     def __init__(self, base_url: str, token: str, timeout: float = 30.0):
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers={"Authorization": f"Bearer {token}"})
 
-    def put(self, path: str, body: dict | None = None, *, content: bytes | None = None, headers: dict | None = None) -> dict:
+    def put(self, path: str, body: dict | None = None, *, content: bytes | None = None, headers: dict | None = None,
+            timeout: float | None = None) -> dict:
+        wait = httpx.USE_CLIENT_DEFAULT if timeout is None else timeout
         try:
-            answer = self._http.put(path, json=body if content is None else None, content=content, headers=headers)
+            answer = self._http.put(path, json=body if content is None else None, content=content, headers=headers, timeout=wait)
         except httpx.HTTPError as e:
             raise CoordinatorUnavailable(f"the coordinator at {self._http.base_url} did not answer: {type(e).__name__}") from None
         if answer.status_code >= 500:
@@ -106,11 +110,14 @@ def admit(
     progress = {"complete": True}  # nothing to download unless the coordinator says so
     while answer["status"] == "queued":
         emit(ev.AuthQueued(position=answer["position"], estimated_wait_seconds=answer["estimated_wait_seconds"]))
+        fetched_now = False
         if answer.get("download_required") and answer.get("checkpoint_url") and weights is None:
             dest = weights_for(answer["stage"])
             if dest is not None:
                 weights, progress = _fetch_weights(answer["checkpoint_url"], dest, emit)
-        pause = float(answer["next_poll_seconds"])
+                fetched_now = progress["complete"]
+        # a node held back only by its download may be admitted the moment it has the weights: ask at once
+        pause = 0.0 if fetched_now else float(answer["next_poll_seconds"])
         if time.monotonic() + pause > deadline:
             raise AdmissionError(AUTH_TIMEOUT_MESSAGE.format(seconds=timeout))
         if stop.wait(pause):  # the coordinator says when to ask again
@@ -121,9 +128,9 @@ def admit(
     return access, weights
 
 
-def trainer_access(client: CoordinatorClient, identity: WorkerIdentity) -> Access:
+def trainer_access(client: CoordinatorClient, identity: WorkerIdentity, timeout: float | None = None) -> Access:
     """Access to call every stage, for a trainer run by one of the run's operators."""
-    return Access.model_validate(client.put("/api/trainer_access", _key_request(identity)))
+    return Access.model_validate(client.put("/api/trainer_access", _key_request(identity), timeout=timeout))
 
 
 def access_for(config: RunConfig, access: Access, identity: WorkerIdentity) -> tuple[PeerAccess, AccessRecordValidator]:
@@ -138,6 +145,15 @@ def run_record_validator(config: RunConfig, coordinator_public_key: str, **signe
 
     stages = [s.name for s in config.stages]
     return AccessRecordValidator.for_run(config.run_name, stages, config.server.averaging, coordinator_public_key, **signer)
+
+
+def _expired_reason(expires_at: float, last_answer: float, error: Exception) -> str:
+    return (f"the access token expired at {_utc(expires_at)}; the coordinator has not answered since {_utc(last_answer)}"
+            f" (last error: {error}). Check that the coordinator is running and reachable from this machine, then start this node again.")
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(t))
 
 
 def _key_request(identity: WorkerIdentity) -> dict:
@@ -168,7 +184,13 @@ def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tu
 class CoordinatorSession:
     """Heartbeats and token refreshes for an admitted worker, on a thread of their own; for a trainer
     (``trainer=True``) only the renewals. Every renewed token goes to ``peer_access``, from which the
-    peer's records, calls and averaging rounds take it."""
+    peer's records, calls and averaging rounds take it.
+
+    The access is renewed ``refresh_margin`` seconds before it expires, or a third of its lifetime
+    before if that is less: a short-lived token (a test's) is then renewed once per lifetime like a
+    production one, not on every wake-up. While the coordinator does not answer, tries are spaced by a
+    doubling backoff (2 s up to ``max_backoff``), never past the expiry: the worker has to stop then,
+    since its peers refuse an expired token, and the last try is made at that moment."""
 
     def __init__(
         self,
@@ -187,6 +209,8 @@ class CoordinatorSession:
         self.client, self.identity, self.access, self.emit = client, identity, access, emit
         self.peer_access, self.trainer = peer_access, trainer
         self.heartbeat_interval, self.refresh_margin, self.max_backoff, self.clock = heartbeat_interval, refresh_margin, max_backoff, clock
+        self._lifetime = max(0.0, access.expires_at - clock())
+        self._answered_at = clock()  # it has just admitted this node
         self._stats: ev.WorkerStats | None = None
         self._baseline: dict[str, float] = {}  # counters when this access began: heartbeats report what came after
         self._last_sent_at = 0.0
@@ -220,33 +244,47 @@ class CoordinatorSession:
         self.client.close()
 
     def _loop(self) -> None:
-        backoff = 1.0
+        backoff = 0.0  # while the coordinator does not answer: the pause before the next try
         while True:
             self._wake.wait(self._next_wait(backoff))
             self._wake.clear()
             if self._stop.is_set():
                 return
+            action = "report progress"
             try:
-                if self.access.expires_at - self.clock() < self.refresh_margin:
+                if self.access.expires_at - self.clock() < self._refresh_margin():
+                    action = "renew the access token"
                     self._refresh()
+                    action = "report progress"
                 self._heartbeat()
                 self._send_upload()
-                backoff = 1.0
+                backoff, self._answered_at = 0.0, self.clock()
             except CoordinatorUnavailable as e:
-                if self.clock() >= self.access.expires_at:
-                    self.emit(ev.CoordinatorStop(reason=f"the access token expired while the coordinator was unreachable ({e})"))
+                left = self.access.expires_at - self.clock()
+                if left <= 0:
+                    self.emit(ev.CoordinatorStop(reason=_expired_reason(self.access.expires_at, self._answered_at, e), access_expired=True))
                     return
-                backoff = min(self.max_backoff, backoff * 2)
-                self.emit(ev.CoordinatorUnreachable(action="report progress", error=str(e), retry_in=backoff))
+                backoff = min(self.max_backoff, 2 * backoff if backoff else 2.0)
+                self.emit(ev.CoordinatorUnreachable(action=action, error=str(e), retry_in=min(backoff, left), expires_in=left))
             except AdmissionError as e:
                 self.emit(ev.CoordinatorStop(reason=str(e)))
                 return
 
+    def _refresh_margin(self) -> float:
+        return min(self.refresh_margin, self._lifetime / 3)
+
     def _next_wait(self, backoff: float) -> float:
-        if backoff > 1.0:
-            return backoff
-        until_refresh = self.access.expires_at - self.refresh_margin - self.clock()
-        return max(0.5, min(self.heartbeat_interval, until_refresh))
+        left = self.access.expires_at - self.clock()
+        if backoff:
+            # a hair past the expiry, not before it: the Event's timer and the wall clock differ by
+            # milliseconds, and waking just short of it would cost one more retry line
+            return max(0.0, min(backoff, left + _EXPIRY_SLACK))
+        return max(0.5, min(self.heartbeat_interval, left - self._refresh_margin()))
+
+    def _call_timeout(self) -> float:
+        # an unreachable host that drops packets would hold a call for the client's whole timeout:
+        # cap it so that the worker still stops when its access expires
+        return max(1.0, min(_CALL_TIMEOUT, self.access.expires_at - self.clock()))
 
     def _send_upload(self) -> None:
         pending, self._upload = self._upload, None
@@ -270,13 +308,15 @@ class CoordinatorSession:
 
     def _refresh(self) -> None:
         if self.trainer:
-            self._set_access(trainer_access(self.client, self.identity))
+            self._set_access(trainer_access(self.client, self.identity, timeout=self._call_timeout()))
         else:
-            answer = self.client.put("/api/refresh_token", {"peer_id": self.access.peer_id, "uid": self.access.uid})
+            answer = self.client.put("/api/refresh_token", {"peer_id": self.access.peer_id, "uid": self.access.uid}, timeout=self._call_timeout())
             self._set_access(Access.model_validate(answer))
 
     def _set_access(self, access: Access) -> None:
         self.access = access
+        self._lifetime = max(0.0, access.expires_at - self.clock())
+        self._answered_at = self.clock()
         if self.peer_access is not None:
             self.peer_access.renew(access.access_token)
 
@@ -297,7 +337,8 @@ class CoordinatorSession:
             }
         ).encode()
         signature = base64.b64encode(self.identity.sign(body)).decode()
-        answer = self.client.put("/api/heartbeat", content=body, headers={"Content-Type": "application/json", "X-Agora-Signature": signature})
+        answer = self.client.put("/api/heartbeat", content=body, headers={"Content-Type": "application/json", "X-Agora-Signature": signature},
+                                 timeout=self._call_timeout())
         self._last_sent_at = sent_at
         self.heartbeats += 1
         move = answer.get("move_to_stage")

@@ -42,6 +42,8 @@ class SwarmProcess:
     name: str
     popen: subprocess.Popen
     pump: threading.Thread
+    first_line: int = 0
+    """Index of this run's first line among the lines printed under its name."""
 
     @property
     def pgid(self) -> int:
@@ -113,7 +115,7 @@ class LocalSwarm:
             start_new_session=True,  # own process group: signals reach its DHT process and p2pd too
         )
         pump = threading.Thread(target=self._pump, args=(name, popen, on_line), daemon=True, name=f"pump-{name}")
-        process = SwarmProcess(name, popen, pump)
+        process = SwarmProcess(name, popen, pump, self.lines_printed(name))
         self.processes.append(process)
         pump.start()
         return process
@@ -131,10 +133,16 @@ class LocalSwarm:
         """Wait until a child has printed a line containing ``text``."""
         return self.wait_for_line(name, lambda line: text in line, timeout)
 
-    def wait_for_line(self, name: str, matches: Callable[[str], bool], timeout: float) -> bool:
-        """Wait until a child has printed a line for which ``matches`` is true."""
+    def wait_for_line(self, name: str, matches: Callable[[str], bool], timeout: float, since: int = 0) -> bool:
+        """Wait until a child has printed a line for which ``matches`` is true; ``since``: ignore the
+        lines before that index (those of an earlier run of a restarted child)."""
         with self._seen:
-            return self._seen.wait_for(lambda: any(matches(line) for line in self.lines.get(name, ())), timeout)
+            return self._seen.wait_for(lambda: any(matches(line) for line in self.lines.get(name, [])[since:]), timeout)
+
+    def lines_printed(self, name: str) -> int:
+        """How many lines a child (all its runs under that name) has printed so far."""
+        with self._seen:
+            return len(self.lines.get(name, []))
 
     def _print(self, line: str) -> None:
         with self._output_lock:
@@ -238,7 +246,7 @@ class LocalSwarm:
 
     def _wait_for_access(self, worker: SwarmProcess, deadline: float) -> None:
         with self._seen:
-            while not any("[AUTH] Access granted" in line for line in self.lines.get(worker.name, [])):
+            while not any("[AUTH] Access granted" in line for line in self.lines.get(worker.name, [])[worker.first_line :]):
                 if worker.popen.poll() is not None or time.monotonic() > deadline:
                     raise SwarmError(f"{worker.name} was not admitted by the coordinator; see {self.log_dir}")
                 self._seen.wait(0.5)
@@ -282,7 +290,8 @@ class LocalSwarm:
         ]
 
     def process(self, name: str) -> SwarmProcess:
-        return next(p for p in self.processes if p.name == name)
+        """The child of that name; for a restarted one, its latest run."""
+        return next(p for p in reversed(self.processes) if p.name == name)
 
     # --- running and stopping ------------------------------------------------------------
 

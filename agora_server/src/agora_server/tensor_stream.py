@@ -63,8 +63,10 @@ def deserialize(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
         head = group[0]
         if head.dtype not in ALLOWED_DTYPES:
             raise PayloadError(f"tensor {index} has unsupported dtype {head.dtype[:32]!r}")
-        if head.chunks and len(group) != head.chunks:
+        if head.chunks and len(group) < head.chunks:
             raise PayloadError(f"tensor {index} arrived in {len(group)} of {head.chunks} chunks (truncated)")
+        if head.chunks and len(group) != head.chunks:  # more parts than declared, or a negative count
+            raise PayloadError(f"tensor {index} arrived in {len(group)} chunks, its header declared {head.chunks}")
         try:
             tensor = deserialize_torch_tensor(combine_from_streaming(group))
         except Exception as e:

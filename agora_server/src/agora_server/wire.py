@@ -154,6 +154,8 @@ class StageServerInfo:
     max_batch_size: int
     wire_dtype: str
     announced_at: float = dataclasses.field(default_factory=time.time)
+    started_at: float = 0.0
+    """When the announcing process started: a new value means the worker restarted."""
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -163,6 +165,7 @@ class StageServerInfo:
             "max_batch_size": int(self.max_batch_size),
             "wire_dtype": self.wire_dtype,
             "announced_at": float(self.announced_at),
+            "started_at": float(self.started_at),
         }
 
     @classmethod
@@ -176,6 +179,7 @@ class StageServerInfo:
             max_batch_size=int(record["max_batch_size"]),
             wire_dtype=str(record["wire_dtype"]),
             announced_at=float(record.get("announced_at", 0.0)),
+            started_at=float(record.get("started_at", 0.0)),
         )
 
 

@@ -101,31 +101,49 @@ def load(gpu_id: int) -> Settings | None:
     if not path.exists():
         return None
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = _parse(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
-            raise ValueError(f"expected a JSON object, found {type(raw).__name__}")
+            raise ValueError(f"it must hold a JSON object ({{...}}), not {_describe(raw)}")
         unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(Settings)})
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}")
         settings = Settings(**raw)
         _check_types(settings)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+    except OSError as e:
+        raise SettingsError(known.SETTINGS_UNREADABLE.format(path=path, reason=e.strerror or e)) from None
+    except (UnicodeDecodeError, ValueError, TypeError) as e:
         raise SettingsError(known.SETTINGS_UNREADABLE.format(path=path, reason=e)) from None
     settings.gpu_id = gpu_id
     return settings
+
+
+def _parse(text: str):
+    if not text.strip():
+        raise ValueError("the file is empty")  # e.g. a disk that filled up while it was written by hand
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"it is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def _describe(value) -> str:
+    # never the text itself: a token pasted into the wrong field must not end up on the screen
+    if value is None or isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _check_types(s: Settings) -> None:
     for name in ("host_port", "announce_port", "batch_size_override"):
         value = getattr(s, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ValueError(f"{name} must be a number, found {value!r}")
+            raise ValueError(f"{name} must be a whole number, found {_describe(value)}")
     for name in ("token", "email", "log_file", "identity_path"):
         value = getattr(s, name)
         if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} must be text, found {type(value).__name__}")
+            raise ValueError(f"{name} must be text, found {_describe(value)}")
     if not isinstance(s.use_docker, bool):
-        raise ValueError(f"use_docker must be true or false, found {s.use_docker!r}")
+        raise ValueError(f"use_docker must be true or false, found {_describe(s.use_docker)}")
 
 
 def save(settings: Settings) -> Path:
@@ -141,6 +159,7 @@ def set_aside_unreadable(gpu_id: int) -> Path | None:
         return None
     bad = path.with_name(path.name + ".bad")
     os.replace(path, bad)
+    os.chmod(bad, FILE_MODE)  # it may hold a token, and a hand-edited file may not have been private
     return bad
 
 

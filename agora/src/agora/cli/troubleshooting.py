@@ -21,7 +21,8 @@ class KnownError:
     fix: str
     """What the participant should do, in one or two sentences."""
     source: str = "guide"
-    """``guide``: the participant guide's string, printed by the worker or the CLI; ``cli``: the CLI's own."""
+    """``guide``: the participant guide's string, printed by the worker or the CLI; ``worker``: the
+    worker's own (not in the guide); ``cli``: the CLI's own."""
 
     @property
     def display(self) -> str:
@@ -184,11 +185,32 @@ DOCKER_UNAVAILABLE = KnownError(
     "native.",
     source="cli",
 )
+ACCESS_EXPIRED = KnownError(
+    "access_expired",
+    "Lost contact with the coordinator and this node's access expired. Exiting run.",
+    "The coordinator did not answer until this node's access ran out. Check that the coordinator is up (the "
+    "run's dashboard) and reachable from this machine, then start again.",
+    source="worker",
+)
+CHECKPOINT_NOT_SAVED = KnownError(
+    "checkpoint_not_saved",
+    "Checkpoint not saved: {reason}",
+    "Not fatal: training goes on and the last good checkpoint is kept. Free disk space where the checkpoints "
+    "go (the message names the directory), or set `server.checkpoint_dir` in the run config to a disk with room.",
+    source="worker",
+)
+CHECKPOINT_UNREADABLE = KnownError(
+    "checkpoint_unreadable",
+    "No checkpoint of this worker can be read ({files}).",
+    "The files are left as they are. Delete them to start this worker afresh (it then takes the stage's weights "
+    "from its peers or the coordinator), or put back a good copy.",
+    source="worker",
+)
 
 TABLE: tuple[KnownError, ...] = (
     WRONG_TORCH, CUDA_NOT_AVAILABLE, GPU_NOT_ELIGIBLE, VERIFICATION_FAILED, PORT_TEST_FAILED, AUTH_TIMEOUT,
     INVALID_TOKEN, PEER_ID_USED, ALREADY_QUEUED, DOWNLOAD_TOO_SLOW, UNKNOWN_CONNECTION, ALLREDUCE_FAILED,
-    CUDA_FAILED, CUDA_OOM, RAM_EXCEEDED, SERVER_KILLED,
+    CUDA_FAILED, CUDA_OOM, RAM_EXCEEDED, SERVER_KILLED, ACCESS_EXPIRED, CHECKPOINT_NOT_SAVED, CHECKPOINT_UNREADABLE,
     PORT_IN_USE, MISSING_VALUES, SETTINGS_UNREADABLE, LOW_RAM, LOW_DISK, SPEEDTEST_UNREACHABLE, DOCKER_UNAVAILABLE,
 )
 
@@ -196,7 +218,7 @@ TABLE: tuple[KnownError, ...] = (
 def match_line(line: str) -> KnownError | None:
     """The known error a worker output line reports, if any."""
     for known in TABLE:
-        if known.source == "guide" and known.pattern().search(line):
+        if known.source in ("guide", "worker") and known.pattern().search(line):
             return known
     return None
 

@@ -2,7 +2,8 @@
 
 Expected finish = (tokens already sent to it and not yet returned + new tokens) / throughput,
 with throughput an EMA of what this trainer measured, seeded from the worker's DHT record.
-Failed workers are banned for a while, longer each time they fail again.
+Failed workers are banned for a while, longer each time they fail again; a worker that announces
+a new start time has restarted, and its record of failures is forgotten.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class PeerState:
     consecutive_failures: int = 0
     listed: bool = True
     """Whether the latest DHT read still lists it as online."""
+    started_at: float = 0.0
 
 
 class StageBalancer:
@@ -42,8 +44,9 @@ class StageBalancer:
     def update_peers(self, records: dict[str, StageServerInfo]) -> None:
         for peer_id, info in records.items():
             state = self.peers.get(peer_id)
-            if state is None:
-                state = self.peers[peer_id] = PeerState(throughput=info.throughput)
+            if state is None or info.started_at != state.started_at:
+                # new, or restarted since we last looked: what failed before was the old process
+                state = self.peers[peer_id] = PeerState(throughput=info.throughput, started_at=info.started_at)
             elif not state.measured:
                 state.throughput = info.throughput
             state.listed = info.phase is ServerPhase.ONLINE

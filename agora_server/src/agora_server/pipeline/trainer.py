@@ -5,7 +5,9 @@ pipeline: workers step on their own, gradients may be slightly stale). Each stag
 to the worker with the earliest expected finish; a worker that fails or times out is banned
 and the call is retried on another one. Backward re-runs the forward on the worker, so any
 worker of a stage can take it. Every micro-batch ends in the ledger as completed or as
-dropped with a reason: nothing is lost silently.
+dropped with a reason: nothing is lost silently. When a stage has no usable worker left, the
+trainer pauses (sends nothing new) until one returns, rather than feeding micro-batches that
+could only be dropped.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from agora_server.telemetry.events import (
     EventBus,
     MicroBatchDropped,
     TrainerFinished,
+    TrainerPaused,
     TrainerReport,
+    TrainerResumed,
     WaitingForStages,
     WorkerBanned,
 )
@@ -66,6 +70,10 @@ class TrainerSummary:
     """Tokens of the completed micro-batches."""
     seconds: float
     """Wall-clock seconds from the moment every stage had a worker to the end of training."""
+    longest_stall: float
+    """Longest time in seconds between two completions (or from the start to the first one)."""
+    pauses: list[tuple[float, float]]
+    """(seconds into training, length in seconds) of each pause for a stage without workers."""
     bytes_sent: dict[str, int]
     """Payload bytes this trainer sent, per RPC kind."""
     bytes_received: dict[str, int]
@@ -107,8 +115,12 @@ class PipelineTrainer:
         self.ledger = Ledger()
         self.losses: list[tuple[int, float]] = []
         self.tokens_done = 0
+        self.pauses: list[tuple[float, float]] = []
+        self._last_completion = 0.0
+        self._longest_stall = 0.0
         self._caller: StageCaller | None = None
         self._directory_updated: asyncio.Event | None = None
+        self._stopping = asyncio.Event()
 
     # --- discovery ------------------------------------------------------------------
 
@@ -132,10 +144,13 @@ class PipelineTrainer:
         except asyncio.TimeoutError:
             pass
 
+    def _unserved_stages(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages if not self.balancers[s.name].usable())
+
     async def wait_for_all_stages(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            missing = tuple(s.name for s in self.stages if not self.balancers[s.name].usable())
+            missing = self._unserved_stages()
             if not missing:
                 return
             if time.monotonic() > deadline:
@@ -143,6 +158,22 @@ class PipelineTrainer:
             self.events.emit(WaitingForStages(stages=missing))
             await self._refresh_directory()
             await self._wait_for_directory_update(min(self.config.refresh_period, 2.0))
+
+    async def _pause_while_unserved(self, missing: tuple[str, ...], in_flight: int, stop: asyncio.Event, started: float) -> None:
+        paused_at = time.perf_counter()
+        self.events.emit(TrainerPaused(stages=missing, in_flight=in_flight, wait_limit=self.config.stage_wait_timeout))
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            while self._unserved_stages() and not stop.is_set():
+                # bans run out with time, not only with a directory read: look again at least every period
+                update = asyncio.create_task(self._wait_for_directory_update(self.config.refresh_period))
+                await asyncio.wait([update, stopped], return_when=asyncio.FIRST_COMPLETED)
+                update.cancel()
+        finally:
+            stopped.cancel()
+        seconds = time.perf_counter() - paused_at
+        self.pauses.append((paused_at - started, seconds))
+        self.events.emit(TrainerResumed(paused_seconds=seconds))
 
     # --- one stage call with retries --------------------------------------------------
 
@@ -154,7 +185,8 @@ class PipelineTrainer:
             peer = balancer.choose(tokens, exclude=tried)
             while peer is None:  # nobody serves this stage right now: wait for one to (re)appear
                 waited_since = waited_since or time.monotonic()
-                if time.monotonic() - waited_since > self.config.stage_wait_timeout:
+                # a stopping trainer drains what can finish; waiting for a stage to come back is not that
+                if time.monotonic() - waited_since > self.config.stage_wait_timeout or self._stopping.is_set():
                     raise MicroBatchDroppedError(f"no_worker:{spec.name}")
                 await self._wait_for_directory_update(self.config.refresh_period * 2)
                 peer = balancer.choose(tokens, exclude=tried)
@@ -208,6 +240,9 @@ class PipelineTrainer:
         except Exception as e:  # a bug must not make a micro-batch vanish from the ledger
             self._drop(microbatch, f"error:{type(e).__name__}")
         else:
+            now = time.perf_counter()
+            self._longest_stall = max(self._longest_stall, now - self._last_completion)
+            self._last_completion = now
             self.ledger.completed += 1
             self.tokens_done += tokens.numel()
             self.losses.append((self.ledger.completed, loss))
@@ -219,7 +254,9 @@ class PipelineTrainer:
     # --- the loop -------------------------------------------------------------------------
 
     async def train(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, stop: asyncio.Event) -> TrainerSummary:
-        """Run until ``steps`` micro-batches completed or ``stop`` is set; in-flight ones then finish."""
+        """Run until ``steps`` micro-batches completed or ``stop`` is set; in-flight ones then finish,
+        except those waiting for a stage without workers: they count as dropped."""
+        self._stopping = stop
         self._directory_updated = asyncio.Event()
         p2p = await self.dht.replicate_p2p()
         self._caller = StageCaller(p2p, self.run, self.wire_dtype, self.boundary_width, access=self.access)
@@ -228,9 +265,13 @@ class PipelineTrainer:
         started = time.perf_counter()
         try:
             await self.wait_for_all_stages(self.config.stage_wait_timeout)
-            started = time.perf_counter()  # training time starts once every stage has a worker
+            started = self._last_completion = time.perf_counter()  # training time starts once every stage has a worker
             last_report = (started, 0, 0)  # time, tokens and completed count of the last report
             while self.ledger.completed < steps and not stop.is_set():
+                missing = self._unserved_stages()
+                if missing:
+                    await self._pause_while_unserved(missing, len(tasks), stop, started)
+                    continue
                 if len(tasks) < self.config.max_in_flight and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs
                     tokens, labels = await asyncio.to_thread(next, batches)
@@ -261,6 +302,8 @@ class PipelineTrainer:
             losses=self.losses,
             tokens=self.tokens_done,
             seconds=time.perf_counter() - started,
+            longest_stall=self._longest_stall,
+            pauses=self.pauses,
             bytes_sent=dict(self._caller.bytes_sent),
             bytes_received=dict(self._caller.bytes_received),
             boundary_bytes=dict(self._caller.boundary_bytes),

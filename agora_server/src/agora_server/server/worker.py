@@ -24,7 +24,14 @@ from agora_server.optim import SwarmProgress
 from agora_server.optim.averaging import RoundResult, SpartaAverager
 from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.backend import StageBackend
-from agora_server.server.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from agora_server.server.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
+    checkpoint_path,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from agora_server.server.config import ServerConfig
 from agora_server.server.handler import StageServicer
 from agora_server.server.validation import RequestLimits, StageSignature
@@ -79,7 +86,11 @@ class StageWorker:
         stage = PipelineStage(model, spec, codec, seed)
         self.peer_id = dht.peer_id.to_base58()
         self.checkpoint_file = checkpoint_path(server.checkpoint_dir, run, spec.name, self.peer_id)
-        resumed = load_checkpoint(self.checkpoint_file)
+        own = read_checkpoint(self.checkpoint_file)
+        # a newest file that could not be read is overwritten by the next save instead of being moved
+        # over the good .prev it was resumed from
+        self._rotate_checkpoint = not (own and own.unreadable)
+        resumed = own.state if own else None
         shared = load_checkpoint(initial_state) if resumed is None and initial_state is not None else None
         if shared is not None:
             # the weights, optimizer and epoch of the stage; never another identity's counters
@@ -91,9 +102,11 @@ class StageWorker:
         )
         self._online_before = float(resumed.get("online_seconds", 0.0)) if resumed else 0.0
         self._started_at = time.monotonic()
+        self._started_wall = time.time()
         if resumed:
             self.backend.load_state_dict(resumed)
-            events.emit(CheckpointLoaded(stage=spec.name, epoch=resumed["epoch"], path=str(self.checkpoint_file)))
+            source = own or LoadedCheckpoint(resumed, initial_state)
+            events.emit(CheckpointLoaded(stage=spec.name, epoch=resumed["epoch"], path=str(source.path), unreadable=source.unreadable))
         signature = StageSignature(
             kind=spec.kind,
             vocab_size=model.vocab_size,
@@ -136,7 +149,8 @@ class StageWorker:
         self._p2p: P2P | None = None
 
     def _after_epoch(self, epoch: int) -> None:
-        if epoch % self.server_config.checkpoint_every == 0 and self.save_checkpoint() and self.on_checkpoint:
+        every = self.server_config.checkpoint_every
+        if epoch % every == 0 and self.save_checkpoint(next_try=epoch + every) and self.on_checkpoint:
             self.on_checkpoint(self.checkpoint_file, epoch)
         if self.averager is None:
             return
@@ -146,13 +160,17 @@ class StageWorker:
         if self.averager.maybe_start_round(epoch, weight=weight):
             self._samples_at_last_round = samples
 
-    def save_checkpoint(self) -> bool:
-        """Write the stage state (call on the compute thread). A failure keeps the last good file."""
+    def save_checkpoint(self, next_try: int | None = None) -> bool:
+        """Write the stage state (call on the compute thread). A failure keeps the last good file and
+        is reported, never raised: a full disk must not stop a worker that can still train and serve."""
+        state = {**self.backend.state_dict(), "online_seconds": self.online_seconds()}
         try:
-            save_checkpoint(self.checkpoint_file, {**self.backend.state_dict(), "online_seconds": self.online_seconds()})
+            save_checkpoint(self.checkpoint_file, state, rotate=self._rotate_checkpoint)
         except CheckpointError as e:
-            self.events.emit(CheckpointFailed(stage=self.spec.name, reason=str(e)))
+            later = f"; training goes on and the next checkpoint is tried at step {next_try}" if next_try else ""
+            self.events.emit(CheckpointFailed(stage=self.spec.name, reason=f"{e}{later}"))
             return False
+        self._rotate_checkpoint = True
         return True
 
     def online_seconds(self) -> float:
@@ -200,6 +218,7 @@ class StageWorker:
             throughput=self.backend.throughput(),
             max_batch_size=self.server_config.max_batch_size,
             wire_dtype=self.boundary.wire_dtype,
+            started_at=self._started_wall,
         )
 
     def start(self, timeout: float = 60.0) -> None:

@@ -51,7 +51,9 @@ def _(event: ev.WarmupComplete) -> list[str]:
 
 @console_lines.register
 def _(event: ev.CheckpointLoaded) -> list[str]:
-    return [f"[SERVER] Resumed stage {event.stage} at training step {event.epoch} from {event.path}"]
+    skipped = [f"[SERVER] Could not read checkpoint {u}; resuming from the previous one (the next checkpoint replaces the unreadable file)"
+               for u in event.unreadable]
+    return [*skipped, f"[SERVER] Resumed stage {event.stage} at training step {event.epoch} from {event.path}"]
 
 
 @console_lines.register
@@ -116,7 +118,10 @@ def _(event: ev.CheckpointUploaded) -> list[str]:
 
 @console_lines.register
 def _(event: ev.CoordinatorUnreachable) -> list[str]:
-    return [f"[AUTH] Could not reach the coordinator to {event.action} ({event.error}); retrying in {event.retry_in:.0f}s"]
+    line = f"[AUTH] Could not reach the coordinator to {event.action} ({event.error}); retrying in {event.retry_in:.0f}s"
+    if event.expires_in is not None:
+        line += f"; this node stops in {event.expires_in:.0f}s, when its access expires, unless the coordinator answers"
+    return [line]
 
 
 @console_lines.register
@@ -132,6 +137,19 @@ def _(event: ev.ServerStopping) -> list[str]:
 @console_lines.register
 def _(event: ev.WaitingForStages) -> list[str]:
     return [f"[TRAINER] Waiting for workers of stage(s): {', '.join(event.stages)}"]
+
+
+@console_lines.register
+def _(event: ev.TrainerPaused) -> list[str]:
+    return [
+        f"[TRAINER] Paused: no worker serves stage(s) {', '.join(event.stages)} right now; no new micro-batches"
+        f" until one joins. {event.in_flight} in flight wait up to {event.wait_limit:.0f}s for it, then count as dropped."
+    ]
+
+
+@console_lines.register
+def _(event: ev.TrainerResumed) -> list[str]:
+    return [f"[TRAINER] Resumed after {event.paused_seconds:.0f}s: every stage has a worker again"]
 
 
 @console_lines.register

@@ -69,6 +69,9 @@ class CheckpointLoaded(Event):
     stage: str
     epoch: int
     path: str
+    """The file resumed from: the worker's checkpoint, its ``.prev``, or the stage's shared one."""
+    unreadable: tuple[str, ...] = ()
+    """``"<file>: <why>"`` for each newer checkpoint that could not be read and was skipped."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -184,13 +187,17 @@ class CoordinatorUnreachable(Event):
     action: str
     error: str
     retry_in: float
+    expires_in: float | None = None
+    """Seconds left on this peer's access, if it holds one: it stops then unless the coordinator answers."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CoordinatorStop(Event):
-    """The coordinator told this worker to leave the run."""
+    """The coordinator told this worker to leave the run, or (``access_expired``) could not be reached
+    to renew its access before that ran out."""
 
     reason: str
+    access_expired: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -222,6 +229,21 @@ class ServerStopping(Event):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WaitingForStages(Event):
     stages: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerPaused(Event):
+    """Mid-run, a stage has no usable worker: no new micro-batches are sent until one returns."""
+
+    stages: tuple[str, ...]
+    in_flight: int
+    wait_limit: float
+    """Seconds an in-flight micro-batch waits for a worker of such a stage before it is dropped."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerResumed(Event):
+    paused_seconds: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

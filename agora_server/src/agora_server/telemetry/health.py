@@ -22,6 +22,7 @@ CUDA_MESSAGE = "Failed to connect to CUDA. Exiting run."
 NON_FINITE_MESSAGE = "Gradients stayed NaN or infinite for {count} optimizer steps in a row. Exiting run."
 NO_PROGRESS_MESSAGE = "No training progress for {seconds:.0f}s. Exiting run."
 COORDINATOR_MESSAGE = "The coordinator asked this node to leave the run. Exiting run."
+ACCESS_EXPIRED_MESSAGE = "Lost contact with the coordinator and this node's access expired. Exiting run."
 
 
 class HealthConfig(BaseModel):
@@ -83,7 +84,7 @@ class HealthMonitor:
         elif isinstance(event, ev.ComputeFailed) and event.cuda:
             self._stop("cuda", CUDA_MESSAGE, f"{event.rpc}: {event.error}")
         elif isinstance(event, ev.CoordinatorStop):
-            self._stop("coordinator", COORDINATOR_MESSAGE, event.reason)
+            self._stop("coordinator", ACCESS_EXPIRED_MESSAGE if event.access_expired else COORDINATOR_MESSAGE, event.reason)
 
     def _on_stats(self, stats: ev.WorkerStats) -> None:
         if stats.ram_used_percent > self.config.max_ram_percent:

@@ -1,0 +1,68 @@
+"""A worker whose coordinator dies: it keeps serving on the access it holds, retries the coordinator
+with a growing backoff, and when the access expires stops with a message that says what happened and
+what to do, exits non-zero and leaves no process behind. Real coordinator, seed and worker processes."""
+
+import re
+import time
+
+from agora.local_swarm import group_members
+from agora_server.access import PREFIX as ACCESS_TOKEN_PREFIX
+from agora_server.telemetry.health import ACCESS_EXPIRED_MESSAGE
+
+LIFETIME = 45.0  # seconds of access per grant: long enough to start a worker, short enough for a test
+WORKER = "head#0"
+RETRY = re.compile(r"^\[AUTH\] Could not reach the coordinator to (report progress|renew the access token) "
+                   r"\(the coordinator at http://127\.0\.0\.1:\d+ did not answer: ConnectError\); "
+                   r"retrying in (\d+)s; this node stops in (\d+)s, when its access expires, unless the coordinator answers$")
+
+
+def granted_expiry(swarm) -> float:
+    """The expiry of the access the worker was granted, from its own event log."""
+    log = (swarm.log_dir / "server_head_0.log").read_text()
+    return float(re.search(r"AccessGranted .*expires_at=([\d.]+)", log).group(1))
+
+
+def test_a_worker_that_loses_the_coordinator_retries_then_stops_when_its_access_expires(swarm_harness):
+    # one worker is enough: the coordinator gives it the first stage and the others stay empty
+    swarm = swarm_harness.create(workers={"head": 1, "body1": 0, "tail": 0}, coordinator=True,
+                                 coordinator_settings={"access_token_lifetime_s": LIFETIME})
+    swarm.start(trainer=False)
+    worker = swarm.process(WORKER)
+    assert swarm.wait_for_output(WORKER, "[SERVER] Serving stage head as", 60)
+    expires_at = granted_expiry(swarm)
+    # room for a heartbeat (every 5 s) to fail and for three doublings of the backoff (2 + 4 + 8 s)
+    # before the expiry; and no renewal yet (due a third of the lifetime before), which would move it on
+    assert time.time() < expires_at - 20, "the worker took too long to start for this test's timing"
+    at_outage = len(swarm.lines[WORKER])
+    swarm.kill("coordinator")
+
+    stop_line = f"[SERVER] {ACCESS_EXPIRED_MESSAGE}"
+    # the access is still valid: the worker must carry on (1 s for the line to cross the pipe)
+    assert not swarm.wait_for_output(WORKER, stop_line, expires_at - 1 - time.time()), "stopped while its access was still valid"
+    assert worker.popen.poll() is None
+    assert swarm.wait_for_output(WORKER, stop_line, expires_at + 10 - time.time()), "no stop within 10 s of the expiry"
+    assert worker.popen.wait(expires_at + 60 - time.time()) == 1, "a worker that lost its access exits non-zero, within a minute"
+
+    lines = swarm.lines[WORKER]
+    outage = lines[at_outage:lines.index(stop_line)]
+    retries = [RETRY.match(line) for line in outage if line.startswith("[AUTH] Could not reach the coordinator")]
+    assert retries and all(retries), f"unexpected retry lines: {outage}"
+    delays = [int(m.group(2)) for m in retries]
+    assert len(delays) >= 3 and delays[:3] == [2, 4, 8], f"the backoff doubles: {delays}"
+    assert all(int(m.group(2)) <= int(m.group(3)) for m in retries), f"no retry is planned past the expiry: {delays}"
+    assert [line for line in outage if line.startswith("[PROGRESS]")], "the worker kept serving through the outage"
+
+    reason = lines[lines.index(stop_line) + 1]
+    assert reason.startswith(f"[SERVER] Reason: the access token expired at {time.strftime('%H:%M:%S UTC', time.gmtime(expires_at))};"), reason
+    assert reason.endswith("Check that the coordinator is running and reachable from this machine, then start this node again."), reason
+    assert f"[SERVER] Stopping: {ACCESS_EXPIRED_MESSAGE}" in lines
+
+    # nothing secret on the console or in the log: neither the participant's token nor an access token
+    log = (swarm.log_dir / "server_head_0.log").read_text()
+    for text in ("\n".join(lines), log):
+        assert swarm._token not in text and ACCESS_TOKEN_PREFIX not in text
+
+    deadline = time.monotonic() + 10  # its DHT process and p2pd go down with it
+    while group_members(worker.pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_members(worker.pgid), "the worker left processes behind"
