@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
+from agora.signals import stop_on_signals
 from agora_server.telemetry import ConsolePrinter, EventBus, EventLogger, open_file_log
+
+__all__ = ["setup_process", "start_metrics_push", "stop_on_signals"]
 
 
 def setup_process(log_file: str | None) -> EventBus:
@@ -28,18 +29,6 @@ def setup_process(log_file: str | None) -> EventBus:
     events.subscribe(EventLogger())  # the file first: when a console line shows, the record is written
     events.subscribe(ConsolePrinter())
     return events
-
-
-def stop_on_signals() -> threading.Event:
-    """An Event set by SIGINT or SIGTERM, so the main loop can leave through its ``finally``."""
-    stop = threading.Event()
-
-    def _handle(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGINT, _handle)
-    signal.signal(signal.SIGTERM, _handle)
-    return stop
 
 
 def start_metrics_push(events, gateway: str | None, config, stage: str, peer_id: str):

@@ -30,11 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from agora.signals import stop_on_signals
 
+    stop = stop_on_signals()  # before hivemind loads: a Ctrl+C during the import must still stop cleanly
     from hivemind import DHT
 
     from agora.identity import ensure_identity
-    from agora.processes import setup_process, stop_on_signals
+    from agora.processes import setup_process
 
     setup_process(args.log_file)
     validators = []
@@ -48,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, AccessTokenError) as e:
             print(f"[SEED] {e}", file=sys.stderr)
             return 2
-    stop = stop_on_signals()
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=args.host_maddrs,

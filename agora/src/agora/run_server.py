@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agora.signals import stop_on_signals
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # parsed before torch is imported, so --help and argument errors are instant
@@ -39,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_signals()  # before torch and numpy load: a Ctrl+C during their import must still stop cleanly
     from agora.worker import WorkerLaunchError, run_worker
 
     try:
