@@ -66,10 +66,19 @@ def ports_in_use(ports: set[int]) -> set[int]:
     return {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port in ports and c.status == psutil.CONN_LISTEN}
 
 
+TRAINER_STEP = r"\[TRAINER\] step (\d+) "
+
+
 def wait_for_trainer_step(swarm: LocalSwarm, step: int, timeout: float) -> bool:
     """The trainer reported at least ``step`` completed micro-batches (reports land on the first count
     past each multiple of report_every, so the exact number may be higher)."""
-    return _wait_for_count(swarm, "trainer", r"\[TRAINER\] step (\d+) ", step, timeout)
+    return _wait_for_count(swarm, "trainer", TRAINER_STEP, step, timeout)
+
+
+def trainer_step(swarm: LocalSwarm) -> int:
+    """The trainer's latest reported count of completed micro-batches (0 before its first report)."""
+    steps = [int(m.group(1)) for line in swarm.lines.get("trainer", []) if (m := re.search(TRAINER_STEP, line))]
+    return max(steps, default=0)
 
 
 def wait_for_worker_step(swarm: LocalSwarm, name: str, step: int, timeout: float) -> bool:

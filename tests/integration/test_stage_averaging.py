@@ -1,11 +1,12 @@
 """Workers of one stage learn as one model: SPARTA averaging keeps their weights together."""
 
+import signal
 from pathlib import Path
 
 import torch
 
 from agora_server.server.checkpoint import load_checkpoint
-from tests.integration.conftest import run_trainer_to_end, wait_for_trainer_step
+from tests.integration.conftest import run_trainer_to_end, trainer_step, wait_for_trainer_step
 
 STEPS = 120
 # epochs of 6 micro-batches (a few seconds here) and a round every 3 epochs: a round that finds no
@@ -51,7 +52,8 @@ def event_lines(swarm, log_name: str, event: str) -> list[str]:
 
 
 def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness):
-    swarm = swarm_harness.create({"server": {**SERVER, "averaging": AVERAGING}}, steps=160, workers={"body1": 2})
+    # the trainer runs until stopped: with a fixed count it could finish before the newcomer is ready
+    swarm = swarm_harness.create({"server": {**SERVER, "averaging": AVERAGING}}, steps=10**6, workers={"body1": 2})
     swarm.start()
     assert wait_for_trainer_step(swarm, 20, 240)
 
@@ -64,7 +66,10 @@ def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness
     assert "timed_out=False" in complete
     assert swarm.wait_for_output("body1#2", "[TRAINING] Training step", 120)
 
-    assert run_trainer_to_end(swarm, 600) == 0
+    assert wait_for_trainer_step(swarm, trainer_step(swarm) + 60, 300), "training with the newcomer went on"
+    trainer = swarm.process("trainer").popen
+    trainer.send_signal(signal.SIGTERM)  # it drains what is in flight and exits cleanly
+    assert trainer.wait(120) == 0
     assert swarm.stop() == []
     directory = Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1"
     states = [load_checkpoint(path) for path in sorted(directory.glob("*.pt"))]

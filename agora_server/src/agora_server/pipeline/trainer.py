@@ -281,7 +281,8 @@ class PipelineTrainer:
                     task.add_done_callback(tasks.discard)
                     continue
                 stop_wait = asyncio.create_task(stop.wait())
-                await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+                # woken at least every refresh period: a stage can empty while every task in flight waits for it
+                await asyncio.wait([*tasks, stop_wait], timeout=self.config.refresh_period, return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
                 last_report = self._maybe_report(last_report)
             if tasks:  # let in-flight micro-batches finish so their updates and accounting land
