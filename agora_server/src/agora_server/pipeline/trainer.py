@@ -159,18 +159,13 @@ class PipelineTrainer:
             await self._refresh_directory()
             await self._wait_for_directory_update(min(self.config.refresh_period, 2.0))
 
-    async def _pause_while_unserved(self, missing: tuple[str, ...], in_flight: int, stop: asyncio.Event, started: float) -> None:
+    async def _pause_while_unserved(self, missing: tuple[str, ...], in_flight: int, started: float) -> None:
         paused_at = time.perf_counter()
         self.events.emit(TrainerPaused(stages=missing, in_flight=in_flight, wait_limit=self.config.stage_wait_timeout))
-        stopped = asyncio.create_task(stop.wait())
-        try:
-            while self._unserved_stages() and not stop.is_set():
-                # bans run out with time, not only with a directory read: look again at least every period
-                update = asyncio.create_task(self._wait_for_directory_update(self.config.refresh_period))
-                await asyncio.wait([update, stopped], return_when=asyncio.FIRST_COMPLETED)
-                update.cancel()
-        finally:
-            stopped.cancel()
+        while self._unserved_stages() and not self._stopping.is_set():
+            # bans run out with time, not only with a directory read: look again at least every period
+            # (a stop is noticed within that period too, as by the micro-batches waiting for a stage)
+            await self._wait_for_directory_update(self.config.refresh_period)
         seconds = time.perf_counter() - paused_at
         self.pauses.append((paused_at - started, seconds))
         self.events.emit(TrainerResumed(paused_seconds=seconds))
@@ -270,7 +265,7 @@ class PipelineTrainer:
             while self.ledger.completed < steps and not stop.is_set():
                 missing = self._unserved_stages()
                 if missing:
-                    await self._pause_while_unserved(missing, len(tasks), stop, started)
+                    await self._pause_while_unserved(missing, len(tasks), started)
                     continue
                 if len(tasks) < self.config.max_in_flight and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs

@@ -24,14 +24,7 @@ from agora_server.optim import SwarmProgress
 from agora_server.optim.averaging import RoundResult, SpartaAverager
 from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.backend import StageBackend
-from agora_server.server.checkpoint import (
-    CheckpointError,
-    LoadedCheckpoint,
-    checkpoint_path,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
+from agora_server.server.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
 from agora_server.server.config import ServerConfig
 from agora_server.server.handler import StageServicer
 from agora_server.server.validation import RequestLimits, StageSignature
@@ -90,11 +83,12 @@ class StageWorker:
         # a newest file that could not be read is overwritten by the next save instead of being moved
         # over the good .prev it was resumed from
         self._rotate_checkpoint = not (own and own.unreadable)
+        shared = read_checkpoint(initial_state) if own is None and initial_state is not None else None
+        source = own or shared
         resumed = own.state if own else None
-        shared = load_checkpoint(initial_state) if resumed is None and initial_state is not None else None
         if shared is not None:
             # the weights, optimizer and epoch of the stage; never another identity's counters
-            resumed = {key: shared[key] for key in ("model", "optimizer", "epoch")}
+            resumed = {key: shared.state[key] for key in ("model", "optimizer", "epoch")}
         self.on_checkpoint = on_checkpoint
         self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0)
         self.backend = StageBackend(
@@ -103,9 +97,8 @@ class StageWorker:
         self._online_before = float(resumed.get("online_seconds", 0.0)) if resumed else 0.0
         self._started_at = time.monotonic()
         self._started_wall = time.time()
-        if resumed:
+        if source:
             self.backend.load_state_dict(resumed)
-            source = own or LoadedCheckpoint(resumed, initial_state)
             events.emit(CheckpointLoaded(stage=spec.name, epoch=resumed["epoch"], path=str(source.path), unreadable=source.unreadable))
         signature = StageSignature(
             kind=spec.kind,
