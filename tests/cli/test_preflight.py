@@ -14,21 +14,23 @@ from tests.cli.conftest import REPO
 GB = pf.GB
 
 
-@pytest.mark.parametrize("vram, config_max, tier", [(23.6, 8, None), (24, 8, 1), (39.9, 8, 1), (40, 8, 2), (48, 8, 4), (80, 8, 8), (80, 1, 1), (141, 4, 4)])
-def test_vram_tier_mapping_capped_by_the_run_config(vram, config_max, tier):
-    assert pf.batch_size_for_vram(vram, config_max) == tier
+@pytest.mark.parametrize("fits, config_max, batch", [(1, 8, 1), (5, 8, 5), (12, 1, 1), (64, 4, 4)])
+def test_the_batch_is_what_the_plan_fits_capped_by_the_run_config(fits, config_max, batch):
+    result, chosen = pf.check_vram(24 * GB, fits, config_max, None)
+    assert result.status == pf.OK and chosen == batch, result
 
 
 def test_small_gpu_gets_the_guides_message():
-    result, batch = pf.check_vram(16.0, 8, None)
+    result, batch = pf.check_vram(16 * GB, 0, 8, None)
     assert result.status == pf.FAIL and batch is None
     assert result.message == "GPU is not eligible (GPU VRAM: 16 GB)."
+    assert "memory-plan" in result.fix
 
 
 def test_override_may_only_lower_the_tier():
-    lowered, batch = pf.check_vram(48, 8, 2)
+    lowered, batch = pf.check_vram(48 * GB, 4, 8, 2)
     assert lowered.status == pf.OK and batch == 2 and "lowered to 2" in lowered.message
-    raised, batch = pf.check_vram(48, 8, 8)
+    raised, batch = pf.check_vram(48 * GB, 4, 8, 8)
     assert raised.status == pf.FAIL and batch is None and "may only lower" in raised.fix
     cpu, batch = pf.check_cpu_batch(8, 3)
     assert cpu.status == pf.OK and batch == 3

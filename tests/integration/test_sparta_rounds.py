@@ -8,6 +8,7 @@ import torch
 from hivemind import DHT
 
 from agora_server.optim.averaging import AveragingConfig, RoundResult, SpartaAverager
+from tests.helpers.standin_device import StandInDeviceTensor, on_standin_device
 
 CONFIG = AveragingConfig(fraction=0.5, average_every=4, matchmaking_time=2.0, averaging_timeout=20.0, request_timeout=1.0)
 
@@ -22,12 +23,15 @@ class FaultyAverager(SpartaAverager):
 
 class Peer:
     def __init__(self, dht: DHT, params: list[torch.Tensor], config: AveragingConfig, epoch: int = 0, faulty: bool = False, alone: bool = False):
-        self.params, self.results = params, []
+        self.params, self.results, self.updates = params, [], 0
         self.compute = ThreadPoolExecutor(max_workers=1)  # stands in for the worker's compute thread
         self.averager = (FaultyAverager if faulty else SpartaAverager)(
             dht, "test.body1", params, config, seed=7, epoch=epoch, on_compute=self.compute.submit, on_result=self.results.append,
-            has_partners=lambda: not alone,
+            has_partners=lambda: not alone, on_update=self._updated,
         )
+
+    def _updated(self):
+        self.updates += 1
 
     def close(self):
         self.averager.shutdown()
@@ -77,6 +81,26 @@ def test_a_round_averages_its_slice_weighted_by_samples_and_leaves_the_rest(dhts
             untouched = torch.ones(flat.numel(), dtype=torch.bool)
             untouched[index] = False
             assert torch.equal(flat[untouched], torch.full((int(untouched.sum()),), 0.0 if peer is a else 0.8))
+
+
+def test_weights_on_another_device_average_through_cpu_buffers(dhts, make_peer):
+    """As on a GPU: the weights live on a device the averager's float32 CPU buffers are not on, one of
+    them in bfloat16. Every crossing goes through the partition's seam, or the stand-in device refuses."""
+    a = make_peer(dhts[0], [on_standin_device(torch.zeros(40)), on_standin_device(torch.zeros(3, 4, dtype=torch.bfloat16))])
+    b = make_peer(dhts[1], [on_standin_device(torch.ones(40)), on_standin_device(torch.ones(3, 4, dtype=torch.bfloat16))])
+    results = run_round([a, b], epochs=[4, 4], weights=[3, 1])
+    assert [(r.ok, r.group_size) for r in results] == [(True, 2)] * 2, results
+    for peer, before in ((a, 0.0), (b, 1.0)):
+        assert peer.updates == 1, "the worker is told its weights changed (to refresh their compute copy)"
+        for i, param in enumerate(peer.params):
+            assert isinstance(param, StandInDeviceTensor), "the weights stay where they live"
+            flat = param.reshape(-1).cpu()
+            index = a.averager.partition.indices(i, 1).long()
+            assert torch.isfinite(flat).all()
+            assert torch.equal(flat[index], torch.full((len(index),), 0.25, dtype=flat.dtype)), "(3·0 + 1·1) / 4 on the slice"
+            untouched = torch.ones(flat.numel(), dtype=torch.bool)
+            untouched[index] = False
+            assert torch.equal(flat[untouched], torch.full((int(untouched.sum()),), before, dtype=flat.dtype))
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ Examples:
   python3 agora_cli.py --local                      # a whole swarm on this machine, until Ctrl+C
   python3 agora_cli.py --local --steps 300          # stop after 300 trained micro-batches
   python3 agora_cli.py --local --workers-per-stage 2
+  python3 agora_cli.py memory-plan --config llama-8b --vram-gib 24   # GPU and host memory per stage
   python3 agora_cli.py test [pytest args]           # the test suite
 """
 
@@ -107,6 +108,10 @@ def run_local(args: argparse.Namespace) -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["test"]:
         return run_tests(argv[1:])
+    if argv[:1] == ["memory-plan"]:
+        from agora.cli.memory_plan import main as memory_plan_main
+
+        return memory_plan_main(argv[1:])
     if argv[:1] in (["status"], ["stop"]):
         from agora.cli.manage import main as manage_main
 

@@ -40,6 +40,7 @@ def participate(args: argparse.Namespace) -> int:
         fix = _fix_for(e)
         error(f"[SETUP] {e}" + (f"\n[SETUP] {fix}" if fix else ""))
         return 2
+    from agora.cli.memory_plan import largest_batch_everywhere
     from agora.config import ConfigError, load_run_config  # slow (torch): only once the questions are answered
 
     try:
@@ -56,6 +57,7 @@ def participate(args: argparse.Namespace) -> int:
             use_docker=settings.use_docker,
             allow_cpu=config.server.allow_cpu,
             config_max_batch=config.server.max_batch_size,
+            batch_for_vram=lambda vram: largest_batch_everywhere(config, vram),
             batch_size_override=settings.batch_size_override,
             seeds=run.seeds,
             gpus_on_machine=max(1, len(store.saved_gpu_ids())),

@@ -27,12 +27,9 @@ class Requirements:
     """What a GPU run asks of a machine (the participant guide's minimums)."""
 
     python: tuple[int, int] = (3, 11)
-    min_vram_gb: float = 24
     ram_gb_per_gpu: float = 80
     disk_gb: float = 80
     bandwidth_mbps: float = 200
-    batch_tiers: tuple[tuple[float, int], ...] = ((80, 8), (48, 4), (40, 2), (24, 1))
-    """(minimum VRAM in GB, batch size) from the largest tier down; the run config's max_batch_size caps it."""
 
 
 REQUIREMENTS = Requirements()
@@ -83,20 +80,15 @@ def check_cuda(available: bool, allow_cpu: bool) -> CheckResult:
     return CheckResult("CUDA", FAIL, known.CUDA_NOT_AVAILABLE.template, known.CUDA_NOT_AVAILABLE.fix)
 
 
-def batch_size_for_vram(vram_gb: float, config_max: int, req: Requirements = REQUIREMENTS) -> int | None:
-    """The batch size tier for this much VRAM, capped by the run config; None if the GPU is too small."""
-    for min_gb, batch in req.batch_tiers:
-        if vram_gb >= min_gb:
-            return min(batch, config_max)
-    return None
-
-
-def check_vram(vram_gb: float, config_max: int, override: int | None, req: Requirements = REQUIREMENTS) -> tuple[CheckResult, int | None]:
-    tier = batch_size_for_vram(vram_gb, config_max, req)
-    shown = f"{vram_gb:.0f}"
-    if tier is None:
-        return CheckResult("VRAM", FAIL, known.GPU_NOT_ELIGIBLE.format(vram_gb=shown), known.GPU_NOT_ELIGIBLE.fix), None
-    return _apply_override("VRAM", f"{shown} GB VRAM → batch size {tier}", tier, override)
+def check_vram(vram_bytes: int, fits: int, config_max: int, override: int | None) -> tuple[CheckResult, int | None]:
+    """``fits``: the largest micro-batch the memory plan fits in ``vram_bytes`` on every stage of the
+    run (0: not even one sequence); the run config's ``max_batch_size`` caps it."""
+    if fits < 1:
+        message = known.GPU_NOT_ELIGIBLE.format(vram_gb=f"{vram_bytes / GB:.0f}")
+        return CheckResult("VRAM", FAIL, message, known.GPU_NOT_ELIGIBLE.fix), None
+    batch = min(fits, config_max)
+    why = f"memory plan: up to {fits} on every stage" + (f", run config allows {config_max}" if config_max < fits else "")
+    return _apply_override("VRAM", f"{vram_bytes / GB:.2f} GiB VRAM → batch size {batch} ({why})", batch, override)
 
 
 def check_cpu_batch(config_max: int, override: int | None) -> tuple[CheckResult, int]:
@@ -197,6 +189,8 @@ class PreflightInput:
     use_docker: bool
     allow_cpu: bool
     config_max_batch: int
+    batch_for_vram: Callable[[int], int]
+    """VRAM in bytes → the largest micro-batch every stage fits (the run's memory plan)."""
     batch_size_override: int | None
     seeds: tuple[str, ...]
     gpus_on_machine: int
@@ -233,8 +227,8 @@ def run_preflight(inp: PreflightInput, emit: Callable[[CheckResult], None], band
     add(check_cuda(cuda, inp.allow_cpu))
     batch: int | None = None
     if cuda:
-        vram_gb = torch.cuda.get_device_properties(inp.gpu_id).total_memory / GB
-        result, batch = check_vram(vram_gb, inp.config_max_batch, inp.batch_size_override)
+        vram = torch.cuda.get_device_properties(inp.gpu_id).total_memory
+        result, batch = check_vram(vram, inp.batch_for_vram(vram), inp.config_max_batch, inp.batch_size_override)
         add(result)
     elif inp.allow_cpu:
         result, batch = check_cpu_batch(inp.config_max_batch, inp.batch_size_override)

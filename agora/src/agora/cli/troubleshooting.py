@@ -56,7 +56,8 @@ CUDA_NOT_AVAILABLE = KnownError(
 GPU_NOT_ELIGIBLE = KnownError(
     "gpu_not_eligible",
     "GPU is not eligible (GPU VRAM: {vram_gb} GB).",
-    "This GPU has less memory than the run needs (24 GB or more). Use a GPU with at least 24 GB of VRAM.",
+    "This GPU has less memory than the run's stages need; `python3 agora_cli.py memory-plan` shows each stage's "
+    "need. Use a GPU with at least 24 GB of VRAM, such as an RTX 4090.",
 )
 VERIFICATION_FAILED = KnownError(
     "verification_failed",

@@ -3,11 +3,15 @@
 - ``config.py``    ModelConfig (decoder shape), StageSpec/StageKind, split_into_stages
 - ``llama.py``     RMSNorm, rotary tables, Attention (GQA), MLP (SwiGLU), DecoderLayer, seeded init
 - ``boundary.py``  BoundaryConfig, BoundaryCodec seam, DenseBoundary, build_boundary_codec
-- ``stages.py``    PipelineStage (head / body / tail), DecoderLM (the unsplit reference)
+- ``subspace.py``  SubspaceBoundary (Protocol Models' compressed boundary), fixed_token_embedding
+- ``stages.py``    PipelineStage (head / body / tail), DecoderLM (the unsplit reference), per_token_cross_entropy
+- ``precision.py`` PrecisionConfig: compute dtype, master weights' placement, checkpointing, loss chunks
+- ``memory.py``    ActivationMeter: the bytes a stage's forward and backward allocate, counted on any device
 """
 
 from agora_server.models.boundary import BoundaryCodec, BoundaryConfig, DenseBoundary, build_boundary_codec
 from agora_server.models.config import ModelConfig, StageKind, StageSpec, split_into_stages
+from agora_server.models.precision import PrecisionConfig
 from agora_server.models.stages import IGNORE_INDEX, DecoderLM, PipelineStage, per_token_cross_entropy
 
 __all__ = [
@@ -18,6 +22,7 @@ __all__ = [
     "DenseBoundary",
     "ModelConfig",
     "PipelineStage",
+    "PrecisionConfig",
     "StageKind",
     "StageSpec",
     "build_boundary_codec",

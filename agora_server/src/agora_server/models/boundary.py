@@ -81,11 +81,12 @@ class DenseBoundary(BoundaryCodec):
         return boundary
 
 
-def build_boundary_codec(config: BoundaryConfig, model: ModelConfig, seed: int) -> BoundaryCodec:
+def build_boundary_codec(config: BoundaryConfig, model: ModelConfig, seed: int, device: torch.device | None = None) -> BoundaryCodec:
+    """``device``: where the codec's constants are built (default: the current default device)."""
     if config.codec == "dense":
         return DenseBoundary(model.hidden_size)
     if config.codec == "subspace":
         from agora_server.models.subspace import SubspaceBoundary
 
-        return SubspaceBoundary(model, config.subspace_rank(model.hidden_size), seed)
+        return SubspaceBoundary(model, config.subspace_rank(model.hidden_size), seed, device)
     raise ValueError(f"unknown boundary codec {config.codec!r}")

@@ -13,8 +13,13 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from agora_server.models.config import ModelConfig
+
+# on CUDA only fused kernels may run: SDPA's math fallback builds a T x T matrix per head, 1.3 GB per
+# layer at 4096 tokens and 40 heads, and would run a 24 GB GPU out of memory instead of failing clearly
+_FUSED_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 class RMSNorm(nn.Module):
@@ -58,8 +63,25 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(causal_attention(q, k, v).transpose(1, 2).reshape(batch, seq, -1))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query attention [B, heads, T, head_dim] through a kernel that never builds the
+    T x T score matrix: it keeps the output and one log-sum-exp per row for the backward."""
+    groups = q.shape[1] // k.shape[1]
+    if q.device.type == "cpu":  # the CPU flash kernel takes grouped K/V as they are
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    if groups > 1:
+        # the memory-efficient kernel needs one K/V head per query head (flash's own grouped path
+        # depends on the build and GPU); the copies cost 2 x T x hidden per layer, counted by the plan
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if q.device.type == "meta":
+        # the memory planner runs stages on the meta device, where SDPA would take the math path and
+        # count a T x T matrix; the flash kernel's meta function has the fused kernels' shapes
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True)[0]
+    with sdpa_kernel(_FUSED_KERNELS):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class MLP(nn.Module):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from agora_server.models.boundary import BoundaryCodec
 from agora_server.models.config import ModelConfig, StageKind, StageSpec
 from agora_server.models.llama import DecoderLayer, RMSNorm, init_decoder_layer, rotary_tables, seeded_generator
+from agora_server.models.precision import PrecisionConfig
 
 IGNORE_INDEX = -100
 _EMBED_SALT, _LM_HEAD_SALT = 1_000_000, 1_000_001
@@ -42,16 +44,30 @@ def _build_lm_head(config: ModelConfig, seed: int) -> nn.Linear:
     return lm_head
 
 
-def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for every position, shape [B, T]; ignored positions give 0."""
-    batch, seq, vocab = logits.shape
-    losses = F.cross_entropy(
-        logits.float().reshape(batch * seq, vocab), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return losses.view(batch, seq)
+def per_token_cross_entropy(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+    """Cross-entropy of the LM head's logits over ``hidden`` [B, T, d] for every position, shape [B, T]
+    (ignored positions give 0). Logits are float32; with ``chunk_tokens`` they exist for that many
+    tokens at a time, and the backward recomputes each chunk's instead of keeping them."""
+    batch, seq, _ = hidden.shape
+    flat_hidden, flat_labels = hidden.reshape(batch * seq, -1), labels.reshape(-1)
+    if not chunk_tokens or flat_hidden.shape[0] <= chunk_tokens:
+        return _token_losses(flat_hidden, lm_head.weight, flat_labels).view(batch, seq)
+    losses = []
+    for start in range(0, flat_hidden.shape[0], chunk_tokens):
+        part = (flat_hidden[start : start + chunk_tokens], lm_head.weight, flat_labels[start : start + chunk_tokens])
+        losses.append(checkpoint(_token_losses, *part, use_reentrant=False) if torch.is_grad_enabled() else _token_losses(*part))
+    return torch.cat(losses).view(batch, seq)
 
 
-class _RotaryMixin(nn.Module):
+def _token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+class _Decoder(nn.Module):
+    """What the stages and the unsplit model share: rotary tables, the layer loop, the loss."""
+
+    precision: PrecisionConfig
+
     def _register_rotary(self, config: ModelConfig) -> None:
         cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -60,12 +76,16 @@ class _RotaryMixin(nn.Module):
     def run_layers(self, h: torch.Tensor) -> torch.Tensor:
         seq = h.shape[1]
         cos, sin = self.rope_cos[:seq].to(h.dtype), self.rope_sin[:seq].to(h.dtype)
+        recompute = self.precision.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
         return h
 
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return per_token_cross_entropy(self.norm(h), self.lm_head, labels, self.precision.loss_chunk_tokens)
 
-class PipelineStage(_RotaryMixin):
+
+class PipelineStage(_Decoder):
     """One stage of the pipeline.
 
     forward(tokens, boundary=None, labels=None):
@@ -74,9 +94,14 @@ class PipelineStage(_RotaryMixin):
       tail  → per-token cross-entropy [B, T]       (``labels`` required)
     """
 
-    def __init__(self, config: ModelConfig, spec: StageSpec, codec: BoundaryCodec, seed: int):
+    def __init__(
+        self, config: ModelConfig, spec: StageSpec, codec: BoundaryCodec, seed: int, precision: PrecisionConfig = PrecisionConfig()
+    ):
+        """Built on the current default device (``with torch.device("meta")`` builds it without memory).
+        ``precision``: activation checkpointing and the loss's chunking; the dtype and the weights'
+        placement are the optimizer side's (``optim.master``)."""
         super().__init__()
-        self.config, self.spec, self.codec = config, spec, codec
+        self.config, self.spec, self.codec, self.precision = config, spec, codec, precision
         self.embed_tokens = _build_embedding(config, seed) if spec.kind is StageKind.HEAD else None
         self.layers = _build_layers(config, spec.layer_indices, seed)
         if spec.kind is StageKind.TAIL:
@@ -106,15 +131,15 @@ class PipelineStage(_RotaryMixin):
             return self.codec.encode(h, tokens)
         if labels is None:
             raise ValueError("the tail stage needs labels to compute the loss")
-        return per_token_cross_entropy(self.lm_head(self.norm(h)), labels)
+        return self.loss(h, labels)
 
 
-class DecoderLM(_RotaryMixin):
+class DecoderLM(_Decoder):
     """The unsplit model: the reference that composed stages must reproduce exactly."""
 
-    def __init__(self, config: ModelConfig, seed: int):
+    def __init__(self, config: ModelConfig, seed: int, precision: PrecisionConfig = PrecisionConfig()):
         super().__init__()
-        self.config = config
+        self.config, self.precision = config, precision
         self.embed_tokens = _build_embedding(config, seed)
         self.layers = _build_layers(config, range(config.num_layers), seed)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -122,5 +147,4 @@ class DecoderLM(_RotaryMixin):
         self._register_rotary(config)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = self.run_layers(self.embed_tokens(tokens))
-        return per_token_cross_entropy(self.lm_head(self.norm(h)), labels)
+        return self.loss(self.run_layers(self.embed_tokens(tokens)), labels)

@@ -28,30 +28,49 @@ if TYPE_CHECKING:
     from agora_server.models.stages import PipelineStage
 
 _BASIS_SALT, _FIXED_EMBEDDING_SALT, _PROJECTION_SALT = 2_000_000, 2_000_001, 2_000_002
+_FIXED_EMBEDDING_BLOCK_ROWS = 4096
+"""Rows of E_f drawn at a time: 80 MB of float32 on the CPU at hidden 5120, never the whole table."""
+
+
+def fixed_token_embedding(config: ModelConfig, seed: int, device: torch.device) -> torch.Tensor:
+    """E_f (V × d) in bfloat16 on ``device``. Drawn on the CPU from one seeded stream per block of
+    rows, so every device of every peer holds the same numbers (CUDA's generators give other streams),
+    and written block by block: at 128k × 5120 the float32 table would be a 2.6 GB spike."""
+    fixed = torch.empty(config.vocab_size, config.hidden_size, dtype=torch.bfloat16, device=device)
+    if fixed.is_meta:
+        return fixed
+    for block, start in enumerate(range(0, config.vocab_size, _FIXED_EMBEDDING_BLOCK_ROWS)):
+        rows = min(_FIXED_EMBEDDING_BLOCK_ROWS, config.vocab_size - start)
+        values = torch.randn(rows, config.hidden_size, generator=seeded_generator(seed, _FIXED_EMBEDDING_SALT, block), device="cpu")
+        fixed[start : start + rows].copy_(values.mul_(config.init_std))
+    return fixed
 
 
 class SubspaceBoundary(BoundaryCodec):
-    def __init__(self, config: ModelConfig, rank: int, seed: int):
+    def __init__(self, config: ModelConfig, rank: int, seed: int, device: torch.device | None = None):
+        """The constants are built on ``device`` (default: the current default device)."""
         super().__init__()
         if not 1 <= rank <= config.hidden_size:
             raise ValueError(f"subspace rank {rank} must be within 1..{config.hidden_size}")
         self.config, self.width = config, rank
-        gaussian = torch.randn(config.hidden_size, rank, generator=seeded_generator(seed, _BASIS_SALT))
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        gaussian = torch.randn(config.hidden_size, rank, generator=seeded_generator(seed, _BASIS_SALT), device="cpu")
         basis, _ = torch.linalg.qr(gaussian)  # orthonormal columns: UᵀU = I
-        fixed = torch.randn(config.vocab_size, config.hidden_size, generator=seeded_generator(seed, _FIXED_EMBEDDING_SALT))
         # derived from the seed on every stage, so never saved with the stage's state
-        self.register_buffer("basis", basis, persistent=False)
-        self.register_buffer("fixed_embedding", fixed * config.init_std, persistent=False)
+        self.register_buffer("basis", basis.to(device), persistent=False)
+        self.register_buffer("fixed_embedding", fixed_token_embedding(config, seed, device), persistent=False)
 
     def lift(self, coefficients: torch.Tensor) -> torch.Tensor:
         """U · c for a batch of coefficient vectors [..., k] → [..., d]."""
         return coefficients @ self.basis.T.to(coefficients.dtype)
 
+    # encode and decode work in float32 whatever the compute dtype: h − E_f[t] cancels most of h, and
+    # bfloat16 would keep only its top 8 bits before the subtraction
     def encode(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return (hidden - self.fixed_embedding[tokens].to(hidden.dtype)) @ self.basis.to(hidden.dtype)
+        return ((hidden.float() - self.fixed_embedding[tokens].float()) @ self.basis).to(hidden.dtype)
 
     def decode(self, boundary: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.lift(boundary) + self.fixed_embedding[tokens].to(boundary.dtype)
+        return (boundary.float() @ self.basis.T + self.fixed_embedding[tokens].float()).to(boundary.dtype)
 
     def round_trip_error(self, hidden: torch.Tensor, tokens: torch.Tensor) -> float:
         """Largest |h − decode(encode(h))|: zero (to rounding) for any stream that obeys the invariant."""

@@ -178,10 +178,14 @@ class SpartaAverager:
         has_partners: Callable[[], bool] = lambda: True,
         access: PeerAccess | None = None,
         stage: str = "",
+        on_update: Callable[[], None] = lambda: None,
     ):
-        """``access`` and ``stage``: in a run with a coordinator, average only with workers admitted to
-        ``stage``, presenting this worker's own token."""
+        """``params``: the weights to average, on any device (the stage's float32 masters).
+        ``on_update`` runs on the compute thread after a round changed them (to copy them into the
+        weights the model computes with). ``access`` and ``stage``: in a run with a coordinator,
+        average only with workers admitted to ``stage``, presenting this worker's own token."""
         self.params, self.config, self.on_compute, self.on_result = list(params), config, on_compute, on_result
+        self.on_update = on_update
         self.access = access
         self.has_partners = has_partners
         self.partition = SpartaPartition([p.numel() for p in self.params], config.fraction, seed)
@@ -321,7 +325,11 @@ class SpartaAverager:
         problem = self._implausible(snapshot, averaged)
         if problem:
             return RoundResult(epoch, index, False, len(group), problem)
-        self.on_compute(lambda: self.partition.apply_delta(self.params, index, snapshot, averaged)).result()
+        def land() -> None:
+            self.partition.apply_delta(self.params, index, snapshot, averaged)
+            self.on_update()
+
+        self.on_compute(land).result()
         return RoundResult(epoch, index, True, len(group))
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agora_server.models.precision import PrecisionConfig
 from agora_server.optim.averaging import AveragingConfig
 from agora_server.optim.config import OptimizerConfig
 from agora_server.telemetry.health import HealthConfig
@@ -21,6 +22,9 @@ class ServerConfig(BaseModel):
     """Samples (sequences) the stage's workers process between them per epoch: when the stage's
     progress record reaches it, every worker of the stage steps and the epoch advances."""
     optimizer: OptimizerConfig = OptimizerConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    """Compute dtype, where master weights and optimizer state live, activation checkpointing, the
+    loss's chunking. ``agora_cli.py memory-plan`` shows what the choice costs on a GPU."""
     averaging: AveragingConfig = AveragingConfig()
     announce_period: float = Field(10.0, gt=0)
     """Seconds between DHT announcements; records expire after twice this."""

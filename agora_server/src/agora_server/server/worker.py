@@ -22,6 +22,7 @@ from agora_server.access import PeerAccess
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
 from agora_server.optim import SwarmProgress
 from agora_server.optim.averaging import RoundResult, SpartaAverager
+from agora_server.optim.sparta import to_host
 from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.backend import StageBackend
 from agora_server.server.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
@@ -75,8 +76,10 @@ class StageWorker:
         self.health = HealthMonitor(server.health, events.emit)
         events.subscribe(self.health)
         self.boundary = boundary
-        codec = build_boundary_codec(boundary, model, seed)
-        stage = PipelineStage(model, spec, codec, seed)
+        # weights are drawn on the CPU in float32 (they become the master weights, or move to the device);
+        # the codec's constants are drawn straight onto the device
+        codec = build_boundary_codec(boundary, model, seed, device)
+        stage = PipelineStage(model, spec, codec, seed, server.precision)
         self.peer_id = dht.peer_id.to_base58()
         self.checkpoint_file = checkpoint_path(server.checkpoint_dir, run, spec.name, self.peer_id)
         own = read_checkpoint(self.checkpoint_file)
@@ -113,11 +116,12 @@ class StageWorker:
                 self.averager = SpartaAverager(
                     dht,
                     stage_key(run, spec.name),
-                    [p for p in stage.parameters() if p.requires_grad],
+                    self.backend.weights.masters,
                     server.averaging,
                     seed,
                     epoch=self.progress.epoch,
                     on_compute=self._executor.submit,
+                    on_update=self.backend.weights.push,
                     on_result=self._report_round,
                     has_partners=self._has_partners,
                     access=access,
@@ -266,19 +270,19 @@ class StageWorker:
         self._warmup_deadline = time.monotonic() + patience
 
     def _load_shared_state(self, metadata: dict, tensors: list) -> None:
-        params = [p for p in self.backend.stage.parameters() if p.requires_grad]
-        if len(tensors) != len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
+        masters = self.backend.weights.masters
+        if len(tensors) != len(masters) or any(t.shape != p.shape for t, p in zip(tensors, masters)):
             raise ValueError("a peer shared weights of another shape; is it running the same run config?")
         with torch.no_grad():
-            for param, value in zip(params, tensors):
-                param.copy_(value)
+            for master, value in zip(masters, tensors):
+                master.copy_(value)
+        self.backend.weights.push()
         self.progress.jump_to(int(metadata["epoch"]))
         self.averager.follow(self.progress.epoch)
 
     def _current_state(self) -> tuple[dict, list]:
         def read():
-            params = [p.detach().clone() for p in self.backend.stage.parameters() if p.requires_grad]
-            return {"epoch": self.progress.epoch}, params
+            return {"epoch": self.progress.epoch}, [to_host(master) for master in self.backend.weights.masters]
 
         return self._executor.submit(read).result()
 
