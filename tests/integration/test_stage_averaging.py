@@ -1,5 +1,6 @@
 """Workers of one stage learn as one model: SPARTA averaging keeps their weights together."""
 
+import json
 import signal
 from pathlib import Path
 
@@ -45,6 +46,32 @@ def test_averaging_keeps_workers_of_a_stage_close(swarm_harness):
     assert with_averaging < 0.5 * without, f"averaged distance {with_averaging:.4g} vs independent {without:.4g}"
     for state in averaged + independent:
         assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_a_swarm_on_the_production_policy_trains_and_averages_its_offloaded_masters(swarm_harness):
+    """llama-8b's policy on the tiny model: bfloat16 weights and wire, float32 masters and AdamW state
+    on the CPU, checkpointed layers, chunked loss, subspace boundaries; two workers of body1 average."""
+    production = {
+        "boundary": {"codec": "subspace", "compression_rate": 16, "wire_dtype": "bfloat16"},
+        "server": {**SERVER, "averaging": AVERAGING, "precision": {
+            "dtype": "bfloat16", "master_weights": "cpu", "activation_checkpointing": True, "loss_chunk_tokens": 192,
+        }},
+    }
+    swarm = swarm_harness.create(production, steps=STEPS, workers={"body1": 2})
+    swarm.start()
+    assert run_trainer_to_end(swarm, 400) == 0
+    summary = json.loads(swarm.summary_path.read_text())
+    assert summary["completed"] == STEPS, summary
+    losses = [loss for _, loss in summary["losses"]]
+    assert sum(losses[:10]) / 10 - sum(losses[-10:]) / 10 > 1.0, "the loss fell"
+    rounds = event_lines(swarm, "server_body1_0.log", "AveragingRound")
+    assert sum("ok=True" in line for line in rounds) >= 2, rounds
+    assert swarm.stop() == []
+    directory = Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1"
+    states = [load_checkpoint(path) for path in sorted(directory.glob("*.pt"))]
+    for state in states:
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state["model"].values()), "float32 masters"
+    assert relative_distance(states[0]["model"], states[1]["model"]) < 0.1
 
 
 def event_lines(swarm, log_name: str, event: str) -> list[str]:

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, PrecisionConfig, StageKind, build_boundary_codec, split_into_stages
 from agora_server.server import ServerConfig
-from agora_server.server.memory_plan import DEVICE_RESERVE_BYTES, GIB, measure_micro_batch, meta_stage, plan_stage
+from agora_server.server.memory_plan import DEVICE_RESERVE_BYTES, GIB, measure_micro_batch, meta_stage, plan_stage, with_checkpointing
 
 MODEL = ModelConfig(vocab_size=4096, hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=688, max_seq_len=512)
 BATCH, SEQ = 2, 512
@@ -99,3 +99,15 @@ def test_the_largest_batch_is_the_largest_that_fits():
     vram = DEVICE_RESERVE_BYTES + three.device.peak + (three.device.peak - one.device.peak) // 4
     assert plan_stage(MODEL, spec, BoundaryConfig(), server, 0, SEQ, 1, vram).max_batch == 3
     assert plan_stage(MODEL, spec, BoundaryConfig(), server, 0, SEQ, 1, DEVICE_RESERVE_BYTES + one.device.peak - 1).max_batch == 0
+
+
+def test_auto_checkpointing_keeps_the_activations_only_where_they_fit():
+    spec = split_into_stages(MODEL.num_layers, [2, 2, 2])[2]
+    auto = ServerConfig(precision=PrecisionConfig(dtype="bfloat16", activation_checkpointing="auto"))
+    keep = plan_stage(MODEL, spec, BoundaryConfig(), with_checkpointing(auto, False), 0, SEQ, BATCH)
+    roomy = DEVICE_RESERVE_BYTES + keep.device.peak
+    chosen = plan_stage(MODEL, spec, BoundaryConfig(), auto, 0, SEQ, BATCH, roomy)
+    assert not chosen.checkpointing and chosen.device == keep.device
+    tight = plan_stage(MODEL, spec, BoundaryConfig(), auto, 0, SEQ, BATCH, roomy - 1)
+    assert tight.checkpointing and tight.device.activations < keep.device.activations
+    assert chosen.max_batch == tight.max_batch, "the largest batch is the checkpointed one either way"

@@ -125,6 +125,31 @@ def test_cuda_failures_and_the_coordinator_stop_the_worker_once():
     assert stopped_by_coordinator[0].detail == "access revoked by the operator"
 
 
+def test_out_of_memory_is_shown_in_the_guides_words_and_stops_nothing():
+    from agora.cli.troubleshooting import match_line
+    from agora_server.server.backend import OUT_OF_MEMORY
+
+    health, _, stopped, _ = monitor()
+    event = ev.ComputeFailed(
+        stage="tail", rpc="backward", error=f"{OUT_OF_MEMORY}: a micro-batch of this size does not fit", cuda=False, out_of_memory=True
+    )
+    health(event)
+    assert not stopped, "a dropped micro-batch is not a reason to stop"
+    (line,) = console_lines(event)
+    assert line.startswith("[SERVER] CUDA out of memory") and match_line(line).key == "cuda_oom"
+    assert console_lines(ev.ComputeFailed(stage="tail", rpc="backward", error="ValueError: bad", cuda=False)) == []
+
+
+def test_the_memory_plan_line_warns_when_the_gpu_is_too_small_for_the_batch():
+    gib = 2**30
+    planned = dict(stage="tail", vram_bytes=24 * gib, peak_bytes=int(19.5 * gib), host_bytes=50 * gib, batch=2, seq_len=4096, checkpointing=True)
+    (line,) = console_lines(ev.MemoryPlanned(**planned, max_batch=5))
+    assert line == ("[SERVER] Memory plan for stage tail: 19.5 GiB of this GPU's 24.0 GiB at micro-batch 2 x 4096 tokens, "
+                    "activations checkpointed (recomputed in the backward); 50 GiB of host memory")
+    _, warning = console_lines(ev.MemoryPlanned(**planned, max_batch=1))
+    assert "at most 1" in warning and "--batch_size_override 1" in warning
+
+
 def test_cuda_failure_classification():
     assert is_cuda_failure(RuntimeError("CUDA error: device-side assert triggered"))
     assert is_cuda_failure(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"))

@@ -46,7 +46,9 @@ def describe_policy(config: RunConfig) -> str:
     precision = config.server.precision
     placement = "on the CPU" if precision.master_weights == "cpu" else "on the GPU"
     parts = [f"{precision.dtype} weights", f"float32 master weights and optimizer state {placement}"]
-    parts.append("per-layer activation checkpointing" if precision.activation_checkpointing else "no activation checkpointing")
+    checkpointing = precision.activation_checkpointing
+    parts.append({True: "per-layer activation checkpointing", False: "no activation checkpointing"}.get(
+        checkpointing, "per-layer activation checkpointing where a stage needs it"))
     parts.append(f"loss in chunks of {precision.loss_chunk_tokens} tokens" if precision.loss_chunk_tokens else "loss in one piece")
     codec = config.boundary
     parts.append(f"{codec.codec} boundaries ({config.boundary_width} values per token)")
@@ -58,26 +60,27 @@ def render_table(config: RunConfig, plans, vram_gib: float) -> str:
 
     header = (
         f"Memory plan of {config.run_name}: micro-batch {config.trainer.micro_batch_size} x {config.data.seq_len} tokens; {describe_policy(config)}.\n"
-        f"GiB per worker; a {vram_gib:g} GiB GPU leaves {vram_gib - DEVICE_RESERVE_BYTES / GIB:g} GiB for tensors.\n"
+        f"GiB per worker; a {vram_gib:g} GiB GPU leaves {vram_gib - DEVICE_RESERVE_BYTES / GIB:g} GiB for tensors.\n\n"
     )
-    columns = ("stage", "layers", "params", "weights", "grads", "optim", "consts", "activ", "GPU peak", "host", "max batch")
+    columns = ("stage", "layers", "params", "recompute", "weights", "grads", "optim", "consts", "activ", "GPU peak", "host", "max batch")
     rows = [columns]
     for plan in plans:
         d = plan.device
         rows.append((
-            plan.name, f"{plan.layers.start}-{plan.layers.stop - 1}", f"{plan.params / 1e9:.2f}B",
+            plan.name, f"{plan.layers.start}-{plan.layers.stop - 1}", f"{plan.params / 1e9:.2f}B", "yes" if plan.checkpointing else "no",
             *(f"{value / GIB:.2f}" for value in (d.weights, d.gradients, d.optimizer, d.constants, d.activations, d.peak, plan.host.total)),
             str(plan.max_batch),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    lines = ["  ".join(cell.rjust(width) if i > 1 else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
+    lines = ["  ".join(cell.rjust(width) if i > 2 else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))) for row in rows]
     fitting = min(plan.max_batch for plan in plans)
-    verdict = (
-        f"Every stage fits at micro-batch {fitting} or less." if fitting >= 1 else
-        "At least one stage does not fit this GPU even at micro-batch 1 (max batch 0)."
-    )
+    batch = config.trainer.micro_batch_size
+    if fitting >= batch:
+        verdict = f"Every stage fits this GPU at micro-batch {batch}; the largest micro-batch every stage fits is {fitting}."
+    else:
+        verdict = f"At least one stage does not fit this GPU at micro-batch {batch} (max batch {fitting})."
     host = max(plan.host.total for plan in plans) / GIB
-    return header + "\n".join(lines) + f"\n{verdict} Host memory per GPU: at most {host:.1f} GiB.\n"
+    return header + "\n".join(lines) + f"\n\n{verdict} Host memory per GPU: at most {host:.1f} GiB.\n"
 
 
 def this_machines_vram_gib() -> float | None:

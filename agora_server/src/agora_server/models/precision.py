@@ -28,9 +28,11 @@ class PrecisionConfig(BaseModel):
     only the compute-dtype weights and the float32 gradient sums on the GPU and steps the optimizer on
     the CPU once per epoch: AdamW state is 12 bytes per parameter, more than a 24 GB GPU holds for a
     1.9B-parameter stage. "device" keeps everything on the device (float32 on a CPU-only run is that)."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Literal["auto"] = False
     """Keep only each layer's input during the forward and recompute the layer in the backward: about
-    one layer's activations alive at a time instead of all of them, for about a third more compute."""
+    one layer's activations alive at a time instead of all of them, for a quarter more compute per
+    backward request. "auto": a worker checkpoints only when its stage does not fit its GPU otherwise
+    (the memory plan decides at start-up, per stage and GPU; a CPU worker never checkpoints)."""
     loss_chunk_tokens: int = Field(0, ge=0)
     """The tail computes logits and cross-entropy this many tokens at a time (recomputed in the
     backward), so float32 logits of a whole micro-batch (tokens x vocab) never exist at once.

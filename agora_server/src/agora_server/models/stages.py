@@ -76,7 +76,7 @@ class _Decoder(nn.Module):
     def run_layers(self, h: torch.Tensor) -> torch.Tensor:
         seq = h.shape[1]
         cos, sin = self.rope_cos[:seq].to(h.dtype), self.rope_sin[:seq].to(h.dtype)
-        recompute = self.precision.activation_checkpointing and torch.is_grad_enabled()
+        recompute = self.precision.activation_checkpointing is True and torch.is_grad_enabled()
         for layer in self.layers.values():
             h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
         return h

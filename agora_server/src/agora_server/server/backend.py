@@ -186,4 +186,3 @@ class StageBackend:
             self.counters.tokens += tokens
         rate = tokens / max(elapsed, 1e-6)
         self._throughput_ema = rate if self._throughput_ema is None else 0.8 * self._throughput_ema + 0.2 * rate
-

@@ -21,7 +21,7 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from agora_server.access import TRAINER, AccessGuard, AccessTokenError
-from agora_server.server.backend import StageBackend
+from agora_server.server.backend import MicroBatchOutOfMemory, StageBackend
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
 from agora_server.server.validation import BadRequest, StageSignature
 from agora_server.telemetry.events import ComputeFailed, Event, RequestRefused
@@ -81,6 +81,10 @@ class StageServicer(ServicerBase):
         compute = self.backend.forward if rpc is Rpc.FORWARD else self.backend.backward
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(self.executor, compute, inputs)
+        except MicroBatchOutOfMemory as e:
+            self.emit(ComputeFailed(stage=self.stage, rpc=rpc.value, error=str(e), cuda=False, out_of_memory=True))
+            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"failed: {e}"))
+            return
         except Exception as e:
             logger.exception("stage %s failed to run %s", self.stage, rpc.value)
             self.emit(ComputeFailed(stage=self.stage, rpc=rpc.value, error=f"{type(e).__name__}: {e}", cuda=is_cuda_failure(e)))

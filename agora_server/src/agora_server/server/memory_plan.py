@@ -76,6 +76,8 @@ class StagePlan:
     params: int
     batch: int
     seq_len: int
+    checkpointing: bool
+    """Whether the layers' activations are recomputed in the backward (decided here under "auto")."""
     device: DeviceBytes
     host: HostBytes
     max_batch: int | None = None
@@ -88,6 +90,7 @@ class StagePlan:
             "gpu_gib": round(self.device.peak / GIB, 2),
             "host_gib": round(self.host.total / GIB, 2),
             "max_batch": self.max_batch,
+            "activation_checkpointing": self.checkpointing,
             "gpu_breakdown_gib": {k: round(v / GIB, 3) for k, v in dataclasses.asdict(self.device).items()},
             "host_breakdown_gib": {k: round(v / GIB, 3) for k, v in dataclasses.asdict(self.host).items()},
         }
@@ -131,6 +134,16 @@ def plan_stage(
     batch: int = 1,
     vram_bytes: int | None = None,
 ) -> StagePlan:
+    """The stage's memory at ``batch`` x ``seq_len``, and the largest batch ``vram_bytes`` holds.
+    With activation checkpointing "auto", the stage keeps its activations when that fits ``vram_bytes``
+    (or no VRAM is given), and checkpoints otherwise; its largest batch is the checkpointed one."""
+    if server.precision.activation_checkpointing == "auto":
+        keep, recompute = (
+            plan_stage(model, spec, boundary, with_checkpointing(server, choice), seed, seq_len, batch, vram_bytes) for choice in (False, True)
+        )
+        if vram_bytes is None or keep.device.peak + DEVICE_RESERVE_BYTES <= vram_bytes:
+            return dataclasses.replace(keep, max_batch=recompute.max_batch)
+        return recompute
     precision = server.precision
     stage = meta_stage(model, spec, boundary, server, seed)
     trained = [p for p in stage.parameters() if p.requires_grad]
@@ -163,7 +176,12 @@ def plan_stage(
     max_batch = None
     if vram_bytes is not None:
         max_batch = _largest_batch(device, vram_bytes - DEVICE_RESERVE_BYTES, activations)
-    return StagePlan(spec.name, spec.layer_indices, params, batch, seq_len, device, host, max_batch)
+    return StagePlan(spec.name, spec.layer_indices, params, batch, seq_len, precision.activation_checkpointing, device, host, max_batch)
+
+
+def with_checkpointing(server: ServerConfig, checkpointing: bool) -> ServerConfig:
+    precision = server.precision.model_copy(update={"activation_checkpointing": checkpointing})
+    return server.model_copy(update={"precision": precision})
 
 
 def _largest_batch(at_batch: DeviceBytes, usable: int, activations) -> int:

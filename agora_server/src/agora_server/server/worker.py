@@ -28,6 +28,7 @@ from agora_server.server.backend import StageBackend
 from agora_server.server.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
 from agora_server.server.config import ServerConfig
 from agora_server.server.handler import StageServicer
+from agora_server.server.memory_plan import plan_stage, with_checkpointing
 from agora_server.server.validation import RequestLimits, StageSignature
 from agora_server.telemetry.contribution import contribution, heartbeat_counters
 from agora_server.telemetry.events import (
@@ -36,6 +37,7 @@ from agora_server.telemetry.events import (
     CheckpointLoaded,
     EventBus,
     HealthStop,
+    MemoryPlanned,
     ProgressReport,
     ServerStarted,
     ServerStopping,
@@ -71,11 +73,12 @@ class StageWorker:
         every periodic checkpoint (to upload it); it runs on the compute thread, so it must only queue.
         ``access``: this worker's access in a run with a coordinator; trainers and averaging partners
         must then hold access of their own (the DHT checks records itself, see ``dht_access``)."""
-        self.run, self.spec, self.server_config, self.dht, self.events = run, spec, server, dht, events
+        self.run, self.spec, self.dht, self.events = run, spec, dht, events
         self.device = device
         self.health = HealthMonitor(server.health, events.emit)
         events.subscribe(self.health)
         self.boundary = boundary
+        self.server_config = server = self._plan_memory(model, spec, boundary, server, seed, device)
         # weights are drawn on the CPU in float32 (they become the master weights, or move to the device);
         # the codec's constants are drawn straight onto the device
         codec = build_boundary_codec(boundary, model, seed, device)
@@ -144,6 +147,19 @@ class StageWorker:
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="p2p-handlers", daemon=True)
         self._p2p: P2P | None = None
+
+    def _plan_memory(self, model: ModelConfig, spec: StageSpec, boundary: BoundaryConfig, server: ServerConfig, seed: int, device: torch.device) -> ServerConfig:
+        """On a GPU, the memory plan of this stage for this GPU at the largest request it accepts; it
+        decides activation checkpointing where the run config leaves it to "auto" (a CPU never checkpoints)."""
+        if device.type != "cuda":
+            return with_checkpointing(server, False) if server.precision.activation_checkpointing == "auto" else server
+        vram = torch.cuda.get_device_properties(device).total_memory
+        plan = plan_stage(model, spec, boundary, server, seed, model.max_seq_len, server.max_batch_size, vram)
+        self.events.emit(MemoryPlanned(
+            stage=spec.name, vram_bytes=vram, peak_bytes=plan.device.peak, host_bytes=plan.host.total,
+            batch=plan.batch, seq_len=plan.seq_len, checkpointing=plan.checkpointing, max_batch=plan.max_batch,
+        ))
+        return with_checkpointing(server, plan.checkpointing)
 
     def _after_epoch(self, epoch: int) -> None:
         every = self.server_config.checkpoint_every

@@ -22,6 +22,28 @@ def _(event: ev.ServerStarted) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.MemoryPlanned) -> list[str]:
+    gib = 2**30
+    recompute = "checkpointed (recomputed in the backward)" if event.checkpointing else "kept for the backward"
+    lines = [
+        f"[SERVER] Memory plan for stage {event.stage}: {event.peak_bytes / gib:.1f} GiB of this GPU's {event.vram_bytes / gib:.1f} GiB "
+        f"at micro-batch {event.batch} x {event.seq_len} tokens, activations {recompute}; {event.host_bytes / gib:.0f} GiB of host memory"
+    ]
+    if event.max_batch < event.batch:
+        lines.append(
+            f"[SERVER] This GPU fits micro-batches of at most {event.max_batch} on this stage: larger requests will run out of memory "
+            f"(restart with --batch_size_override {max(event.max_batch, 1)})"
+        )
+    return lines
+
+
+@console_lines.register
+def _(event: ev.ComputeFailed) -> list[str]:
+    # the guide's "CUDA out of memory" reaches the console, where the launcher explains the fix
+    return [f"[SERVER] {event.error}"] if event.out_of_memory else []
+
+
+@console_lines.register
 def _(event: ev.OptimizerStepped) -> list[str]:
     return [f"[TRAINING] Training step {event.step}"]
 

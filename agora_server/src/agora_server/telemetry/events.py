@@ -28,6 +28,22 @@ class ServerStarted(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryPlanned(Event):
+    """What the stage needs of this GPU at the largest request it accepts (the memory plan)."""
+
+    stage: str
+    vram_bytes: int
+    peak_bytes: int
+    """Planned peak of the tensors on the GPU."""
+    host_bytes: int
+    batch: int
+    seq_len: int
+    checkpointing: bool
+    max_batch: int
+    """The largest micro-batch this GPU fits; below ``batch``, requests that large will run out of memory."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerStepped(Event):
     stage: str
     step: int
@@ -141,6 +157,8 @@ class ComputeFailed(Event):
     rpc: str
     error: str
     cuda: bool
+    out_of_memory: bool = False
+    """The device ran out of memory for this micro-batch: it was dropped, the worker goes on."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
