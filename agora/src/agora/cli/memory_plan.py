@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from agora.config import RunConfig
+if TYPE_CHECKING:  # torch loads with the config: --help stays instant
+    from agora.config import RunConfig
 
 GUIDE_VRAM_GIB = 24.0
 """The participant guide's smallest GPU: planned for when none is named and none is found here."""

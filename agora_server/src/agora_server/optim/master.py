@@ -36,8 +36,8 @@ class MasterWeights:
             master_device = torch.device("cpu") if precision.master_weights == "cpu" else self.device
             # .to returns the very tensor when it is already there: the built values, not a copy
             self.masters = [p.detach().to(master_device, torch.float32) for p in self.params]
-            for p in self.params:
-                p.data = p.data.to(self.device, precision.torch_dtype)
+            for p in self.params:  # a copy even where device and dtype match: never the master's storage
+                p.data = p.data.to(self.device, precision.torch_dtype, copy=True)
         else:
             self.masters = self.params
         module.to(self.device)  # buffers, and the params when they are their own masters
