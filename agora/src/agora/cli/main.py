@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=0, help="with --local: stop after N completed micro-batches (0: until Ctrl+C)")
     parser.add_argument("--workers-per-stage", type=int, default=1, help="with --local: workers serving each stage")
     parser.add_argument("--no-coordinator", action="store_true", help="with --local: assign stages directly instead of through a local coordinator")
+    parser.add_argument("--verbose", action="store_true", help="with --local: show every process's lines, not just the trainer's progress (the logs in logs/local/ have everything either way)")
     return parser
 
 
@@ -69,38 +70,56 @@ def run_tests(pytest_args: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "pytest", *(pytest_args or ["tests"])], cwd=REPO)
 
 
+LOCAL_LOG_DIR = Path("logs/local")
+
+
 def run_local(args: argparse.Namespace) -> int:
-    from agora.config import ConfigError, load_run_config
-    from agora.local_swarm import LocalSwarm, SwarmError
     from agora.processes import stop_on_signals
+
+    stop = stop_on_signals()  # before the slow imports: a Ctrl+C during them still stops cleanly
+    goal = f"{args.steps} micro-batches" if args.steps else "until Ctrl+C"
+    parts = "seed, " + ("" if args.no_coordinator else "coordinator, ") + f"{args.workers_per_stage} worker(s) per stage, one trainer"
+    print(f"[LOCAL] Starting a local swarm (run config {args.config}, {goal}): {parts}. Logs: {LOCAL_LOG_DIR}/. Stop with Ctrl+C.",
+          flush=True)
+
+    from agora.config import ConfigError, load_run_config
+    from agora.local_console import SwarmConsole, outcome_line
+    from agora.local_swarm import LocalSwarm, SwarmError
+    from agora_server.telemetry import events as ev
 
     try:
         config = load_run_config(args.config)
     except ConfigError as e:
         print(f"[LOCAL] {e}", file=sys.stderr)
         return 2
-    stages = ", ".join(s.name for s in config.stages)
-    print(
-        f"[LOCAL] Starting a local swarm of run {config.run_name}: seed, {'' if args.no_coordinator else 'coordinator, '}{args.workers_per_stage} worker(s) per stage"
-        f" ({stages}), one trainer. Logs: logs/local/. Stop with Ctrl+C.",
-        flush=True,
-    )
-    stop = stop_on_signals()
-    swarm = LocalSwarm(args.config, config, workers_per_stage=args.workers_per_stage, steps=args.steps, coordinator=not args.no_coordinator)
-    code = 1
+    console = SwarmConsole(sys.stdout, verbose=args.verbose)
+    # worker checkpoints belong to this run too: beside its logs, deleted with them by the next run
+    overrides = {"server": {"checkpoint_dir": str((LOCAL_LOG_DIR / "checkpoints").resolve())}}
+    swarm = LocalSwarm(args.config, config, workers_per_stage=args.workers_per_stage, steps=args.steps, log_dir=LOCAL_LOG_DIR,
+                       coordinator=not args.no_coordinator, console=console, die_with_launcher=True, config_overrides=overrides)
+    code, failure = 1, None
     try:
         swarm.start()
         trainer_code = swarm.wait_for_trainer(stop)
         code = 0 if trainer_code in (0, None) else trainer_code
     except SwarmError as e:
-        print(f"[LOCAL] {e}", file=sys.stderr)
+        failure = str(e)
     finally:
-        print("[LOCAL] Stopping the swarm...", flush=True)
+        console.say("[LOCAL] Stopping the swarm...")
         leftovers = swarm.stop()
     if leftovers:
         print(f"[LOCAL] Processes still running after shutdown: {', '.join(leftovers)}", file=sys.stderr)
         return 1
-    print("[LOCAL] Swarm stopped; no process left running.", flush=True)
+    if failure is not None:
+        console.say(f"[LOCAL] The swarm did not start: {failure}.")
+        return 1
+    finished = swarm.events_of("trainer", ev.TrainerFinished)
+    errors = swarm.events_of("trainer", ev.ProcessError)
+    summary = swarm.summary_path if swarm.summary_path.exists() else None
+    dashboard = swarm.dashboard_copy if swarm.dashboard_copy.exists() else None
+    console.say(outcome_line(finished[-1] if finished else None, trainer_code=swarm.process("trainer").popen.returncode,
+                             stopped_by_user=stop.is_set(), log_dir=f"{LOCAL_LOG_DIR}/", summary=summary and str(summary),
+                             dashboard=dashboard and str(dashboard), trainer_error=errors[-1].message if errors else None))
     return code
 
 
