@@ -114,10 +114,10 @@ def admit(
         "code_version": code_version(),
         "email": email,
     }
+    stop = stop or threading.Event()
     emit(ev.JoiningRun(coordinator=client.base_url))
     with PortTestListener(host, port):  # closed before the p2p daemon binds the same port
-        answer = client.put("/api/join", request)
-    stop = stop or threading.Event()
+        answer = _unless_stopped(stop, lambda: client.put("/api/join", request))
     deadline = time.monotonic() + timeout
     ticket = {"request_id": answer.get("request_id"), "session_token": answer.get("session_token")}
     weights: Path | None = None
@@ -137,11 +137,33 @@ def admit(
             raise AdmissionError(AUTH_TIMEOUT_MESSAGE.format(seconds=timeout))
         if stop.wait(pause):  # the coordinator says when to ask again
             raise AdmissionError("stopped while waiting in the authorization queue")
-        answer = client.put("/api/authorization_status", {**ticket, "download": progress})
+        answer = _unless_stopped(stop, lambda: client.put("/api/authorization_status", {**ticket, "download": progress}))
     access = Access.model_validate(answer)
     emit(ev.AccessGranted(username=access.username, stage=access.stage, expires_at=access.expires_at,
                           dashboard_url=access.dashboard_url))
     return access, weights
+
+
+def _unless_stopped(stop: threading.Event, call: Callable[[], dict]) -> dict:
+    """``call()``, unless ``stop`` is set first: a coordinator that accepts the connection and never
+    answers must not hold a stopping node for the whole call timeout."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["answer"] = call()
+        except BaseException as e:  # handed to the waiting thread, raised there
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="coordinator-call", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        if stop.is_set() and thread.is_alive():
+            raise AdmissionError("stopped while waiting for the coordinator")
+    if "error" in result:
+        raise result["error"]
+    return result["answer"]
 
 
 def trainer_access(client: CoordinatorClient, identity: WorkerIdentity, timeout: float | None = None) -> Access:

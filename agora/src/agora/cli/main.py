@@ -3,7 +3,7 @@
 Examples:
   python3 agora_cli.py                              # guided setup, checks, then join the run (settings reused next time)
   python3 agora_cli.py --gpu_id 1                   # a second instance for GPU 1 (port 49201, its own key and log)
-  python3 agora_cli.py --skip_input --token hf_...  # no questions (for scripts and agents)
+  python3 agora_cli.py --skip_input --token -       # no questions (scripts, agents): the token from stdin, or set AGORA_TOKEN
   python3 agora_cli.py --reconfigure                # answer every question again
   python3 agora_cli.py status                       # the workers on this machine
   python3 agora_cli.py stop [--gpu_id N]            # stop them
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agora_cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     participant = parser.add_argument_group("joining a run (flags of the participant guide)")
     participant.add_argument("--gpu_id", type=int, default=None, help="GPU to use (default: 0)")
-    participant.add_argument("--token", default=None, help="HuggingFace token (saved with mode 0600, never printed)")
+    participant.add_argument("--token", default=None, help="HuggingFace token (saved with mode 0600, never printed); '-' reads it from stdin, and without the flag AGORA_TOKEN is used if set")
     participant.add_argument("--email", default=None, help="email address (optional)")
     participant.add_argument("--host_port", type=_port, default=None, help="listening port (default: 49200 + gpu_id)")
     participant.add_argument("--announce_port", type=_port, default=None, help="external port, if different from host_port (e.g. on RunPod)")
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     participant.add_argument("--reconfigure", action="store_true", help="ask every question again")
     participant.add_argument("--preflight_only", action="store_true", help="set up and run the checks, then stop without starting the worker")
     participant.add_argument("--run_json", default=None, help="the run to join (default: run.json in the repository)")
+    participant.add_argument("--any_token", action="store_true", help="accept a token that does not look like a HuggingFace one (runs with their own token file)")
     parser.add_argument("--local", action="store_true", help="run a seed, workers and a trainer on 127.0.0.1 (CPU)")
     parser.add_argument("--config", default="local-tiny", help="run config for --local (default: local-tiny)")
     parser.add_argument("--steps", type=int, default=0, help="with --local: stop after N completed micro-batches (0: until Ctrl+C)")
