@@ -1,4 +1,4 @@
-"""One table of error strings: the README, the agent skill and the CLI's code must not drift from it."""
+"""One table of error strings: docs/troubleshooting.md (generated from it), the agent skill and the CLI's code must not drift from it."""
 
 from __future__ import annotations
 

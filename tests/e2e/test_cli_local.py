@@ -80,8 +80,8 @@ def test_the_default_console_is_short_and_ends_with_the_outcome():
     assert any(line.startswith("[LOCAL] Dashboard (live charts): http://127.0.0.1:") for line in lines)
     for stage in ("head", "body1", "tail"):
         assert f"[SERVER] Training started on stage {stage}" in result.stdout
-    reports = [line for line in lines if "[TRAINER] step " in line]
-    assert reports and "[TRAINER] step 60/60 | loss " in reports[-1], reports
+    reports = [line for line in lines if "[TRAINER] micro-batches " in line]
+    assert reports and "[TRAINER] micro-batches 60/60 | loss " in reports[-1], reports
     assert "validation " in reports[-1] and "stages served 3/3" in reports[-1]
     # worker detail stays in the log files
     assert "[TRAINING] Training step" not in result.stdout and "[PROGRESS]" not in result.stdout
@@ -104,7 +104,7 @@ def test_the_local_swarm_runs_again_right_after_a_run_and_after_its_cli_was_kill
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in cli.stdout:  # the swarm is up and training
-            if "[TRAINER] step " in line:
+            if "[TRAINER] micro-batches " in line:
                 break
         else:
             raise AssertionError("the swarm to be killed never trained")

@@ -370,7 +370,9 @@ class PipelineTrainer:
                 if missing:
                     await self._pause_while_unserved(missing, len(tasks), started)
                     continue
-                if len(tasks) < self.config.max_in_flight and self.ledger.completed + len(tasks) < steps:
+                # a running validation takes one of the in-flight places: the workers see no more calls at once than without it
+                room = self.config.max_in_flight - (1 if scoring is not None and not scoring.done() else 0)
+                if len(tasks) < room and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs
                     tokens, labels = await asyncio.to_thread(next, batches)
                     self.ledger.sent += 1

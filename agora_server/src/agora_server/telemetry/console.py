@@ -181,7 +181,7 @@ def _(event: ev.TrainingStarted) -> list[str]:
 
 @console_lines.register
 def _(event: ev.ValidationMeasured) -> list[str]:
-    return [f"[TRAINER] validation loss {event.loss:.3f} at step {event.step} ({event.batches} held-out batches, {event.seconds:.1f}s)"]
+    return [f"[TRAINER] validation loss {event.loss:.3f} after {event.step} micro-batches ({event.batches} held-out batches, {event.seconds:.1f}s)"]
 
 
 def _loss(value: float | None) -> str:
@@ -190,11 +190,12 @@ def _loss(value: float | None) -> str:
 
 @console_lines.register
 def _(event: ev.TrainerReport) -> list[str]:
-    step = f"{event.step}/{event.total_steps}" if event.total_steps else str(event.step)
+    # "micro-batches", not "step": a worker's [TRAINING] step is an optimizer step of its stage
+    done = f"{event.step}/{event.total_steps}" if event.total_steps else str(event.step)
     smoothed = event.smoothed_loss if event.smoothed_loss is not None else event.loss
-    parts = [f"[TRAINER] step {step}", f"loss {_loss(smoothed)}"]
+    parts = [f"[TRAINER] micro-batches {done}", f"loss {_loss(smoothed)}"]
     if event.validation_loss is not None:
-        parts.append(f"validation {_loss(event.validation_loss)} (step {event.validation_step})")
+        parts.append(f"validation {_loss(event.validation_loss)} (at {event.validation_step})")
     parts.append(f"{event.tokens_per_second:,.0f} tokens/s")
     if event.stages_total:
         parts.append(f"stages served {event.stages_served}/{event.stages_total} ({event.workers} workers)")
