@@ -166,7 +166,10 @@ def test_dashboard_charts_the_trainers_reports_and_the_workers_over_time(harness
     assert [p["validation_loss"] for p in history["training"] if p["validation_loss"] is not None] == [9.1 - s / 20 for s in (0, 20, 40)]
     assert len(history["stages"]["head"]) >= 6 and history["stages"]["head"][-1]["training"] == 1
 
-    charts = charts_in(rendered_dom(f"{coord.url}/?refresh=1", tmp_path / "chromium-profile")).charts
+    dom = rendered_dom(f"{coord.url}/?refresh=1", tmp_path / "chromium-profile")
+    page = read_page(dom)
+    assert (page.by_id["step"], page.by_id["served"]) == ("50 / 60", "1 / 3"), "the trainer's latest report"
+    charts = charts_in(dom).charts
     assert charts["loss"] == {"training (smoothed)": 6, "validation": 3}
     assert charts["tokens_per_second"] == {"tokens/s (trainer)": 6}
     assert charts["workers"]["head"] >= 6 and charts["workers"]["body1"] >= 6
