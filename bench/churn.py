@@ -44,7 +44,6 @@ from benchlib import REPO, run_and_print
 STAGES = ("head", "tail")
 WORKERS_PER_STAGE = 3
 SAMPLE_EVERY = 5.0
-SERVING = "[SERVER] Serving stage "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,10 +82,9 @@ class Churn:
                 process = self.swarm.process(name)
                 if process.popen.poll() is not None:
                     continue
-                lines = self.swarm.lines.get(name, [])[process.first_line :]
-                announced = [line.split(SERVING, 1)[1].split()[0] for line in lines if SERVING in line]
-                if announced:
-                    found[name] = announced[-1]
+                started = [e for e in self.swarm.events.get(name, [])[process.first_event :] if type(e).__name__ == "ServerStarted"]
+                if started:
+                    found[name] = started[-1].stage
         return found
 
     def kill(self, name: str, stage: str, down: float, why: str) -> None:
@@ -114,6 +112,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from agora.config import load_run_config
     from agora.local_swarm import LocalSwarm
+    from agora_server.telemetry import events as ev
 
     log_dir = args.log_dir.resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         churn = Churn(swarm, rng)
         try:
             swarm.start(timeout=600)
-            if not swarm.wait_for_output("trainer", "[TRAINER] step ", 300):
+            if swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.TrainerReport), 300) is None:
                 raise RuntimeError(f"the trainer never reported; see {log_dir}")
             churn.started = time.monotonic()
             outage_at = args.duration / 2 if args.outage > 0 else None

@@ -48,7 +48,7 @@ def test_reconfigure_keeps_the_corrupt_file_aside_and_writes_a_new_one(participa
     path.chmod(0o644)  # edited by hand
     before = path.read_bytes()
 
-    child = participant.spawn("--reconfigure", "--skip_input", "--token", "hf_newtokenNEWTOKEN0000wxyz",
+    child = participant.spawn("--reconfigure", "--skip_input", "--token", "hf_newtokenNEWTOKEN0000wxyzABCDEFGHIJ",
                               "--host_port", str(free_port()), "--preflight_only")
     child.expect(pexpect.EOF)
     child.close()
@@ -56,5 +56,5 @@ def test_reconfigure_keeps_the_corrupt_file_aside_and_writes_a_new_one(participa
     assert f"[SETUP] Kept the unreadable settings file as {path}.bad" in said
     bad = path.with_name(path.name + ".bad")
     assert bad.read_bytes() == before and stat.S_IMODE(bad.stat().st_mode) == 0o600
-    assert participant.settings()["token"] == "hf_newtokenNEWTOKEN0000wxyz"
-    assert SECRET not in said and "hf_newtokenNEWTOKEN0000wxyz" not in said
+    assert participant.settings()["token"] == "hf_newtokenNEWTOKEN0000wxyzABCDEFGHIJ"
+    assert SECRET not in said and "hf_newtokenNEWTOKEN0000wxyzABCDEFGHIJ" not in said

@@ -100,3 +100,38 @@ def test_seed_latency_over_real_tcp():
     assert pf.check_seeds(())[0].status == pf.WARN
     assert pf.seed_address("/dns4/seed.example/tcp/31337/p2p/Qm") == ("seed.example", 31337)
     assert pf.seed_address("/ip4/1.2.3.4/udp/1/quic") is None
+
+
+def test_the_coordinator_check_tells_placeholder_silence_and_a_live_run_apart(tmp_path):
+    import http.server
+    import json
+    import threading
+
+    run_file = tmp_path / "run.json"
+    for placeholder in ("https://auth.agora.example", "http://coordinator.invalid:8000", "https://example.com"):
+        result = pf.check_coordinator(placeholder, run_file)
+        assert result.status == pf.FAIL and placeholder in result.message and str(run_file) in result.message
+        assert "--local" in result.fix
+    assert pf.check_coordinator(None, run_file).status == pf.WARN
+
+    class RunInfo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"run_name": "r1", "stages": [{"serving": 2}, {"serving": 1}], "queue_length": 4}).encode()
+            self.send_response(200 if self.path == "/api/run_info" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RunInfo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        live = pf.check_coordinator(url, run_file)
+        assert live.status == pf.OK and live.message == f"run r1 at {url}: 3 node(s) serving, 4 waiting; dashboard {url}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+    silent = pf.check_coordinator(url, run_file)  # nothing listens any more
+    assert silent.status == pf.WARN and f"the coordinator at {url} (auth_server in {run_file}) did not answer" in silent.message

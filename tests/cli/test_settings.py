@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from agora.cli import instances, settings
+from agora.cli import settings
 from agora.cli.settings import Settings, SettingsError
 
 
@@ -44,14 +44,39 @@ def test_corrupt_file_gives_a_clear_error_and_stays_untouched(home, content):
     assert bad.read_text() == content and not path.exists()
 
 
-def test_status_reads_stage_and_contribution_from_either_log_form(tmp_path):
-    console = tmp_path / "console.log"
-    console.write_text("[SERVER] Serving stage body1 as QmX\n[PROGRESS] Your contribution: 12 samples\n[PROGRESS] Your contribution: 40 samples\n")
-    assert instances.read_log_facts(console) == instances.LogFacts("body1", 40)
-    records = tmp_path / "file.log"
-    records.write_text(
-        "2026-01-01 INFO agora.events: ServerStarted stage='tail' peer_id='Qm' maddrs=()\n"
-        "2026-01-01 INFO agora.events: ProgressReport stage='tail' window_seconds=10.0 forward_batches=1 backward_batches=1 total_samples=4 contribution_samples=7\n"
-    )
-    assert instances.read_log_facts(records) == instances.LogFacts("tail", 7)
-    assert instances.read_log_facts(tmp_path / "missing.log") == instances.LogFacts(None, None)
+def test_the_worker_status_file_follows_the_workers_events(tmp_path):
+    from agora.worker_status import WorkerStatusWriter, read_status, status_path_for
+    from agora_server.telemetry import events as ev
+
+    path = status_path_for(tmp_path / "logs" / "server_gpu0.log")
+    assert path == tmp_path / "logs" / "server_gpu0.status.json"
+    writer = WorkerStatusWriter(path)
+    assert read_status(path).state == "starting"
+    steps = [
+        (ev.JoiningRun(coordinator="http://c"), "joining"),
+        (ev.AuthQueued(position=2, estimated_wait_seconds=60), "queued"),
+        (ev.DownloadProgress(bytes_done=0, bytes_total=None), "downloading"),
+        (ev.AccessGranted(username="me", stage="body1", expires_at=0, dashboard_url="http://c/?node=Qm"), "admitted"),
+        (ev.ServerStarted(stage="body1", peer_id="Qm", maddrs=()), "training"),
+        (ev.WarmupStarted(stage="body1", stage_epoch=5), "warming up"),
+        (ev.WarmupComplete(stage="body1", epoch=5, requests_served=0, timed_out=False), "training"),
+    ]
+    for event, state in steps:
+        writer(event)
+        assert read_status(path).state == state, event
+    writer(ev.ProgressReport(stage="body1", window_seconds=60, forward_batches=1, backward_batches=1, total_samples=8, contribution_samples=40))
+    writer(ev.ProcessError(tag="AUTH", message="Could not reach the coordinator"))
+    final = read_status(path)
+    assert (final.stage, final.contribution_samples, final.dashboard_url) == ("body1", 40, "http://c/?node=Qm")
+    assert (final.state, final.message) == ("failed", "Could not reach the coordinator")
+    assert read_status(tmp_path / "missing.json") is None
+
+
+def test_token_shape_and_the_values_shared_between_gpus(home):
+    assert settings.looks_like_hf_token("hf_" + "a1B2" * 8 + "c3")
+    for bad in ("abc", "hf_short", "hf_" + "a" * 33 + "!", " hf_" + "a" * 34, "api_" + "a" * 34):
+        assert not settings.looks_like_hf_token(bad), bad
+    assert settings.shared_from_other_gpu(1) is None
+    settings.save(Settings(gpu_id=0, token="hf_x", email="me@example.org", use_docker=True, host_port=50000))
+    assert settings.shared_from_other_gpu(1) == (0, {"token": "hf_x", "email": "me@example.org", "use_docker": True})
+    assert settings.shared_from_other_gpu(0) is None, "a GPU does not share with itself"

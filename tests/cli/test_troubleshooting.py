@@ -1,4 +1,4 @@
-"""One table of error strings: the README, the agent skill and the CLI's code must not drift from it."""
+"""One table of error strings: docs/troubleshooting.md (generated from it), the agent skill and the CLI's code must not drift from it."""
 
 from __future__ import annotations
 
@@ -28,7 +28,13 @@ def test_the_table_has_every_string_of_the_guide():
         assert any(t.startswith(text) or text in t for t in guide), text
 
 
-@pytest.mark.parametrize("doc", ["README.md", ".claude/skills/agora-join/SKILL.md"])
+def test_the_troubleshooting_page_is_the_generated_one():
+    page = (REPO / "docs" / "troubleshooting.md").read_text()
+    assert page == known.troubleshooting_page(), "docs/troubleshooting.md is stale: run python3 scripts/troubleshooting_doc.py"
+    assert "docs/troubleshooting.md" in (REPO / "README.md").read_text(), "the README links to it"
+
+
+@pytest.mark.parametrize("doc", ["docs/troubleshooting.md", ".claude/skills/agora-join/SKILL.md"])
 def test_docs_list_every_message_with_its_fix(doc):
     text = (REPO / doc).read_text()
     for entry in known.TABLE:
@@ -59,6 +65,8 @@ def test_cli_code_uses_the_constants_not_copies_of_the_strings():
     ("[TRAINING] Training step 3", None),
     ("[SERVER] Lost contact with the coordinator and this node's access expired. Exiting run.", "access_expired"),
     ("[SERVER] Checkpoint not saved: could not write checkpoint /c/x.pt: the disk is full", "checkpoint_not_saved"),
+    ("[AUTH] Could not reach the coordinator at https://auth.agora.example (ConnectError: [Errno -2] Name or service not known).",
+     "coordinator_unreachable"),
 ])
 def test_worker_output_lines_are_recognised(line, key):
     found = known.match_line(line)
@@ -66,10 +74,12 @@ def test_worker_output_lines_are_recognised(line, key):
 
 
 def test_the_workers_own_messages_are_the_tables(tmp_path):
+    from agora.worker import COORDINATOR_UNREACHABLE_MESSAGE
     from agora_server.server.checkpoint import CheckpointError, read_checkpoint
     from agora_server.telemetry.health import ACCESS_EXPIRED_MESSAGE
 
     assert ACCESS_EXPIRED_MESSAGE == known.ACCESS_EXPIRED.template
+    assert COORDINATOR_UNREACHABLE_MESSAGE == known.COORDINATOR_UNREACHABLE.template
     damaged = tmp_path / "peer.pt"
     damaged.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError) as err:

@@ -96,9 +96,10 @@ class Node:
         body.update(overrides)
         return body
 
-    def signed_heartbeat(self, uid: str, sent_at: float, samples: int, tokens: int) -> tuple[bytes, dict]:
+    def signed_heartbeat(self, uid: str, sent_at: float, samples: int, tokens: int, **extra) -> tuple[bytes, dict]:
+        """``extra``: further body fields, e.g. ``phase="warming_up"`` or ``leaving=True``."""
         raw = json.dumps({"peer_id": self.peer_id, "uid": uid, "sent_at": sent_at,
-                          "samples_processed": samples, "tokens_processed": tokens}).encode()
+                          "samples_processed": samples, "tokens_processed": tokens, **extra}).encode()
         headers = {**self.auth, "Content-Type": "application/json",
                    "X-Agora-Signature": base64.b64encode(self.identity.sign(raw)).decode()}
         return raw, headers

@@ -132,28 +132,29 @@ def test_slow_download_drops_the_node_from_the_queue(harness, listener):
     assert status[0] == "dropped", "the refusal's own poll records the drop (it used to roll it back)"
 
 
-def test_queue_positions_and_wait_estimate_follow_observed_admissions(harness, listener):
+def test_queue_positions_and_wait_estimate_follow_observed_departures(harness, listener):
     coord = harness.start(access_token_lifetime_s=100,
-                          queue={"capacity": 1, "poll_interval_s": 10, "initial_admission_interval_s": 300,
-                                 "abandon_after_s": 10_000, "max_active_per_user": 5})
+                          queue={"capacity": 1, "poll_interval_s": 10, "abandon_after_s": 10_000, "max_active_per_user": 5})
     a, b, c, d = (harness.node(u) for u in ("alice", "bob", "carol", "alice"))
     assert join(coord, a, listener.port).json()["status"] == "access"
     qb, qc, qd = (join(coord, n, listener.port).json() for n in (b, c, d))
     assert [q["position"] for q in (qb, qc, qd)] == [1, 2, 3]
-    # nothing observed yet: the configured 300 s per admission
-    assert [q["estimated_wait_seconds"] for q in (qb, qc, qd)] == [300, 600, 900]
+    # nobody has left the full run yet: no figure rather than a made-up one
+    assert [q["estimated_wait_seconds"] for q in (qb, qc, qd)] == [None, None, None]
     assert qb["next_poll_seconds"] == 10 and not qb["joins_paused"]
+    assert "fewer than two nodes have left" in coord.http.get("/api/run_info").json()["wait_estimate_basis"]
 
     harness.clock.advance(100)  # a's access runs out unrefreshed: b moves up
     assert poll(coord, b, qb).json()["status"] == "access"
     harness.clock.advance(100)
     assert poll(coord, c, qc).json()["status"] == "access"
-    # two admissions 100 s apart: the estimate now comes from the observed rate
+    # two departures 100 s apart: a place frees up every 100 s
     still = poll(coord, d, qd).json()
     assert (still["status"], still["position"], still["estimated_wait_seconds"]) == ("queued", 1, 100)
     assert still["session_token"] is None, "the session token is only handed out once"
     info = coord.http.get("/api/run_info").json()
     assert (info["queue_length"], info["active_nodes"], info["estimated_wait_seconds"]) == (1, 1, 200)
+    assert info["wait_estimate_basis"] == "a place freed up every 100s on average over the last 2 departures"
 
 
 def test_paused_joins_queue_everyone_and_admit_nobody(harness, listener):

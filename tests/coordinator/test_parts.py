@@ -118,10 +118,12 @@ def test_queue_arithmetic():
     waiting = [queue.Waiting("a", False), queue.Waiting("b", True), queue.Waiting("c", True)]
     assert queue.pick_admissions(waiting, free=1, joins_paused=False) == ["b"]
     assert queue.pick_admissions(waiting, free=5, joins_paused=True) == []
-    assert queue.admission_interval([100.0], 300) == 300
-    assert queue.admission_interval([10.0, 70.0, 40.0], 300) == 30
+    assert queue.departure_interval([100.0]) is None, "one departure is no rate"
+    assert queue.departure_interval([10.0, 70.0, 40.0]) == 30
+    assert queue.departure_interval([5.0, 5.0]) is None
     assert queue.estimated_wait_s(3, 30, joins_paused=False) == 90
     assert queue.estimated_wait_s(3, 30, joins_paused=True) is None
+    assert queue.estimated_wait_s(3, None, joins_paused=False) is None
     assert queue.next_poll_s(4.2, 10) == 5 and queue.next_poll_s(600, 10) == 10 and queue.next_poll_s(0, 10) == 1
 
 

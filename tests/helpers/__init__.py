@@ -1,1 +1,1 @@
-"""Test helpers shared by several test files."""
+"""Helpers shared by the test packages: browsers, page readers, a stand-in second device."""

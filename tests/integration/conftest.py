@@ -1,7 +1,6 @@
 """Helpers that run real swarms on 127.0.0.1 and always take them down, even when a test fails."""
 
 import io
-import re
 import threading
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import yaml
 
 from agora.config import deep_merge, load_run_config
 from agora.local_swarm import LocalSwarm
+from agora_server.telemetry import events as ev
 
 # faster reports and shorter bans than the shipped config, so tests see events within seconds
 TEST_OVERRIDES = {
@@ -66,30 +66,20 @@ def ports_in_use(ports: set[int]) -> set[int]:
     return {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port in ports and c.status == psutil.CONN_LISTEN}
 
 
-TRAINER_STEP = r"\[TRAINER\] step (\d+) "
-
-
 def wait_for_trainer_step(swarm: LocalSwarm, step: int, timeout: float) -> bool:
     """The trainer reported at least ``step`` completed micro-batches (reports land on the first count
     past each multiple of report_every, so the exact number may be higher)."""
-    return _wait_for_count(swarm, "trainer", TRAINER_STEP, step, timeout)
+    reached = swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.TrainerReport) and e.step >= step, timeout)
+    return reached is not None
 
 
 def trainer_step(swarm: LocalSwarm) -> int:
     """The trainer's latest reported count of completed micro-batches (0 before its first report)."""
-    steps = [int(m.group(1)) for line in swarm.lines.get("trainer", []) if (m := re.search(TRAINER_STEP, line))]
-    return max(steps, default=0)
+    return max((e.step for e in swarm.events_of("trainer", ev.TrainerReport)), default=0)
 
 
 def wait_for_worker_step(swarm: LocalSwarm, name: str, step: int, timeout: float) -> bool:
     """The worker took at least ``step`` optimizer steps (a worker that follows its stage jumps over
     step numbers, so the exact one may never be printed)."""
-    return _wait_for_count(swarm, name, r"\[TRAINING\] Training step (\d+)$", step, timeout)
-
-
-def _wait_for_count(swarm: LocalSwarm, name: str, pattern: str, at_least: int, timeout: float) -> bool:
-    def reached(line: str) -> bool:
-        found = re.search(pattern, line)
-        return found is not None and int(found.group(1)) >= at_least
-
-    return swarm.wait_for_line(name, reached, timeout)
+    reached = swarm.wait_for_event(name, lambda e: isinstance(e, ev.OptimizerStepped) and e.step >= step, timeout)
+    return reached is not None

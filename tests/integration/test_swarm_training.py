@@ -3,6 +3,8 @@
 import json
 import signal
 
+from agora.local_console import outcome_line
+from agora_server.telemetry import events as ev
 from tests.integration.conftest import ports_in_use, run_trainer_to_end, wait_for_trainer_step
 
 STEPS = 60
@@ -66,3 +68,23 @@ def test_an_emptied_stage_pauses_the_trainer_until_a_worker_returns(swarm_harnes
     assert summary["sent"] == summary["completed"] + sum(summary["dropped"].values()), "every micro-batch is accounted for"
     assert summary["pauses"] and summary["longest_stall"] >= max(length for _, length in summary["pauses"]) * 0.5
     assert swarm.process("body1#0") is restarted and restarted.popen.poll() is None, "the trainer did not crash the returning worker"
+
+
+def test_micro_batches_a_stop_abandons_count_as_cancelled_not_failed(swarm_harness):
+    swarm = swarm_harness.create(steps=10**6)  # runs until stopped, as `--local` without --steps
+    swarm.start()
+    assert wait_for_trainer_step(swarm, 10, 180)
+    swarm.kill("body1#0", signal.SIGKILL)  # what is in flight now waits for a body1 worker that never comes
+    paused = swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.TrainerPaused), 60)
+    assert paused is not None and paused.in_flight > 0
+    assert swarm.stop() == []  # SIGTERM to the trainer first: the stop the participant asked for
+
+    (finished,) = swarm.events_of("trainer", ev.TrainerFinished)
+    assert finished.stopped and finished.cancelled == paused.in_flight, finished
+    assert finished.dropped == {}, "abandoned because of the stop, not failed"
+    summary = json.loads(swarm.summary_path.read_text())
+    assert summary["stopped"] and summary["dropped"] == {"cancelled": finished.cancelled}
+    assert summary["sent"] == summary["completed"] + finished.cancelled
+    line = outcome_line(finished, trainer_code=0, stopped_by_user=True, log_dir="logs", summary=None, dashboard=None)
+    assert line.startswith(f"[LOCAL] Stopped by you after {finished.completed} micro-batches")
+    assert f"{finished.cancelled} in flight cancelled by the stop" in line and "none dropped" in line

@@ -7,7 +7,8 @@ import urllib.request
 
 from pathlib import Path
 
-from tests.coordinator.test_dashboard import rendered_dom
+from agora_server.telemetry import events as ev
+from tests.helpers.chromium import charts_in, rendered_dom, screenshot
 from tests.integration.conftest import run_trainer_to_end, wait_for_trainer_step
 
 
@@ -46,12 +47,23 @@ def test_coordinator_admits_assigns_and_counts_what_each_worker_counts(swarm_har
         time.sleep(1)
     assert recorded == expected, "the dashboard's contribution must equal the worker's own"
 
-    dom = rendered_dom(f"{swarm.coordinator_url}/?refresh=1", swarm.log_dir / "chromium-profile")
+    head = swarm.events_of("head#0", ev.ServerStarted)[0].peer_id
+    page = f"{swarm.coordinator_url}/?refresh=1&node={head}"
+    dom = rendered_dom(page, swarm.log_dir / "chromium-profile")
     for spec in swarm.config.stages:
         assert spec.name in dom
     for samples in expected.values():
         assert f"{samples:,}" in dom, f"{samples:,} samples are not on the rendered dashboard"
-    assert "local-participant" in dom
+    assert "local-participant" in dom and "your node" in dom
+    # the charts hold what the running swarm reported: the trainer's losses and speed, the workers over time
+    charts = charts_in(dom).with_data()
+    assert {"loss", "tokens_per_second", "workers", "node_states"} <= set(charts), charts
+    reports = len(swarm.events_of("trainer", ev.TrainerReport))
+    validations = len(swarm.events_of("trainer", ev.ValidationMeasured))
+    assert charts["loss"]["training (smoothed)"] >= reports >= 2 and charts["loss"]["validation"] == validations >= 2
+    assert all(charts["workers"][spec.name] >= 2 for spec in swarm.config.stages)
+    shot = screenshot(page, swarm.log_dir / "dashboard.png", swarm.log_dir / "chromium-profile")
+    assert shot.stat().st_size > 20_000, "a blank page"
     assert swarm.stop() == []
 
 

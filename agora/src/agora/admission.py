@@ -12,7 +12,9 @@ rules stop the worker with a message.
 from __future__ import annotations
 
 import base64
+import collections
 import json
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,11 @@ class AdmissionError(RuntimeError):
 class CoordinatorUnavailable(AdmissionError):
     """The coordinator did not answer (network, 5xx): worth another try."""
 
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+        """What went wrong, without the address (e.g. ``ConnectError: [Errno 111] Connection refused``)."""
+
 
 class CoordinatorClient:
     """PUT calls with the participant's token; refusals become AdmissionError with the coordinator's message."""
@@ -59,12 +66,18 @@ class CoordinatorClient:
         try:
             answer = self._http.put(path, json=body if content is None else None, content=content, headers=headers, timeout=wait)
         except httpx.HTTPError as e:
-            raise CoordinatorUnavailable(f"the coordinator at {self._http.base_url} did not answer: {type(e).__name__}") from None
+            reason = f"{type(e).__name__}: {e}"[:300] if str(e) else type(e).__name__
+            raise CoordinatorUnavailable(f"the coordinator at {self._http.base_url} did not answer: {reason}", reason) from None
         if answer.status_code >= 500:
-            raise CoordinatorUnavailable(f"the coordinator answered {answer.status_code}: {_detail(answer)}")
+            reason = f"it answered {answer.status_code}: {_detail(answer)}"
+            raise CoordinatorUnavailable(f"the coordinator {reason}", reason)
         if answer.status_code >= 400:
             raise AdmissionError(_detail(answer))
-        return answer.json()
+        return answer.json() if answer.content else {}
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url).rstrip("/")
 
     def close(self) -> None:
         self._http.close()
@@ -101,15 +114,17 @@ def admit(
         "code_version": code_version(),
         "email": email,
     }
-    with PortTestListener(host, port):  # closed before the p2p daemon binds the same port
-        answer = client.put("/api/join", request)
     stop = stop or threading.Event()
+    emit(ev.JoiningRun(coordinator=client.base_url))
+    with PortTestListener(host, port):  # closed before the p2p daemon binds the same port
+        answer = _unless_stopped(stop, lambda: client.put("/api/join", request))
     deadline = time.monotonic() + timeout
     ticket = {"request_id": answer.get("request_id"), "session_token": answer.get("session_token")}
     weights: Path | None = None
     progress = {"complete": True}  # nothing to download unless the coordinator says so
     while answer["status"] == "queued":
-        emit(ev.AuthQueued(position=answer["position"], estimated_wait_seconds=answer["estimated_wait_seconds"]))
+        emit(ev.AuthQueued(position=answer["position"], estimated_wait_seconds=answer["estimated_wait_seconds"],
+                           joins_paused=bool(answer.get("joins_paused"))))
         fetched_now = False
         if answer.get("download_required") and answer.get("checkpoint_url") and weights is None:
             dest = weights_for(answer["stage"])
@@ -122,10 +137,33 @@ def admit(
             raise AdmissionError(AUTH_TIMEOUT_MESSAGE.format(seconds=timeout))
         if stop.wait(pause):  # the coordinator says when to ask again
             raise AdmissionError("stopped while waiting in the authorization queue")
-        answer = client.put("/api/authorization_status", {**ticket, "download": progress})
+        answer = _unless_stopped(stop, lambda: client.put("/api/authorization_status", {**ticket, "download": progress}))
     access = Access.model_validate(answer)
-    emit(ev.AccessGranted(username=access.username, stage=access.stage, expires_at=access.expires_at))
+    emit(ev.AccessGranted(username=access.username, stage=access.stage, expires_at=access.expires_at,
+                          dashboard_url=access.dashboard_url))
     return access, weights
+
+
+def _unless_stopped(stop: threading.Event, call: Callable[[], dict]) -> dict:
+    """``call()``, unless ``stop`` is set first: a coordinator that accepts the connection and never
+    answers must not hold a stopping node for the whole call timeout."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["answer"] = call()
+        except BaseException as e:  # handed to the waiting thread, raised there
+            result["error"] = e
+
+    thread = threading.Thread(target=run, name="coordinator-call", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        if stop.is_set() and thread.is_alive():
+            raise AdmissionError("stopped while waiting for the coordinator")
+    if "error" in result:
+        raise result["error"]
+    return result["answer"]
 
 
 def trainer_access(client: CoordinatorClient, identity: WorkerIdentity, timeout: float | None = None) -> Access:
@@ -183,8 +221,9 @@ def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tu
 
 class CoordinatorSession:
     """Heartbeats and token refreshes for an admitted worker, on a thread of their own; for a trainer
-    (``trainer=True``) only the renewals. Every renewed token goes to ``peer_access``, from which the
-    peer's records, calls and averaging rounds take it.
+    (``trainer=True``) the renewals and its progress reports (the dashboard's charts). Every renewed
+    token goes to ``peer_access``, from which the peer's records, calls and averaging rounds take it.
+    A worker that stops says so in a last heartbeat, so its place frees up at once.
 
     The access is renewed ``refresh_margin`` seconds before it expires, or a third of its lifetime
     before if that is less: a short-lived token (a test's) is then renewed once per lifetime like a
@@ -215,6 +254,9 @@ class CoordinatorSession:
         self._baseline: dict[str, float] = {}  # counters when this access began: heartbeats report what came after
         self._last_sent_at = 0.0
         self._upload: tuple[Path, int] | None = None  # the newest checkpoint not yet uploaded
+        self._phase = "training"
+        self._reports: collections.deque[dict] = collections.deque(maxlen=1000)  # a trainer's, not yet sent
+        self._ended = False  # refused or expired: nothing more to tell the coordinator
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="coordinator-session", daemon=True)
@@ -223,6 +265,13 @@ class CoordinatorSession:
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.WorkerStats):
             self._stats = event
+        elif isinstance(event, ev.WarmupStarted):
+            self._phase = "warming_up"
+        elif isinstance(event, ev.WarmupComplete):
+            self._phase = "training"
+        elif self.trainer and isinstance(event, (ev.TrainerReport, ev.ValidationMeasured, ev.TrainerFinished)):
+            self._reports.append(_training_report(self.access.peer_id, event))
+            self._wake.set()
 
     def start(self, counters_at_access: ev.WorkerStats | None) -> None:
         """Begin reporting; ``counters_at_access`` is the worker's state before it served anything
@@ -239,8 +288,17 @@ class CoordinatorSession:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        started = self._thread.ident is not None
         if self._thread.is_alive():  # not started if the worker failed to build
             self._thread.join(15)
+        if started and not self._ended:
+            try:  # one quick try each: a stopping peer must not hang on an unreachable coordinator
+                if self.trainer:
+                    self._send_reports(timeout=5.0)
+                else:
+                    self._heartbeat(leaving=True, timeout=5.0)
+            except AdmissionError:
+                pass
         self.client.close()
 
     def _loop(self) -> None:
@@ -258,15 +316,18 @@ class CoordinatorSession:
                     action = "report progress"
                 self._heartbeat()
                 self._send_upload()
+                self._send_reports()
                 backoff, self._answered_at = 0.0, self.clock()
             except CoordinatorUnavailable as e:
                 left = self.access.expires_at - self.clock()
                 if left <= 0:
+                    self._ended = True
                     self.emit(ev.CoordinatorStop(reason=_expired_reason(self.access.expires_at, self._answered_at, e), access_expired=True))
                     return
                 backoff = min(self.max_backoff, 2 * backoff if backoff else 2.0)
                 self.emit(ev.CoordinatorUnreachable(action=action, error=str(e), retry_in=min(backoff, left), expires_in=left))
             except AdmissionError as e:
+                self._ended = True
                 self.emit(ev.CoordinatorStop(reason=str(e)))
                 return
 
@@ -320,7 +381,17 @@ class CoordinatorSession:
         if self.peer_access is not None:
             self.peer_access.renew(access.access_token)
 
-    def _heartbeat(self) -> None:
+    def _send_reports(self, timeout: float | None = None) -> None:
+        while self._reports:
+            try:
+                self.client.put("/api/training_report", self._reports[0], timeout=timeout or self._call_timeout())
+            except CoordinatorUnavailable:
+                raise  # kept: sent with the next try
+            except AdmissionError:
+                pass  # refused (e.g. not an operator any more): the charts miss it, training goes on
+            self._reports.popleft()
+
+    def _heartbeat(self, leaving: bool = False, timeout: float | None = None) -> None:
         stats = self._stats
         if stats is None:
             return
@@ -334,13 +405,17 @@ class CoordinatorSession:
                 "sent_at": sent_at,
                 "samples_processed": done.samples,
                 "tokens_processed": done.tokens,
+                "phase": self._phase,
+                "leaving": leaving,
             }
         ).encode()
         signature = base64.b64encode(self.identity.sign(body)).decode()
         answer = self.client.put("/api/heartbeat", content=body, headers={"Content-Type": "application/json", "X-Agora-Signature": signature},
-                                 timeout=self._call_timeout())
+                                 timeout=timeout or self._call_timeout())
         self._last_sent_at = sent_at
         self.heartbeats += 1
+        if leaving:
+            return
         move = answer.get("move_to_stage")
         if move and move != self.access.stage:
             # its records, calls and rounds would all be refused on the old stage from now on; a restart
@@ -350,3 +425,20 @@ class CoordinatorSession:
             self._set_access(self.access.model_copy(update={"access_token": answer["access_token"], "expires_at": answer["expires_at"]}))
         elif answer.get("expires_at"):
             self.access = self.access.model_copy(update={"expires_at": answer["expires_at"]})
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _training_report(peer_id: str, event: ev.Event) -> dict:
+    """The body of ``/api/training_report`` for one of the trainer's events."""
+    if isinstance(event, ev.ValidationMeasured):
+        return {"peer_id": peer_id, "step": event.step, "validation_loss": _finite(event.loss)}
+    if isinstance(event, ev.TrainerFinished):
+        return {"peer_id": peer_id, "step": event.completed, "loss": _finite(event.final_loss),
+                "dropped": sum(event.dropped.values()), "finished": True}
+    loss = event.smoothed_loss if event.smoothed_loss is not None else event.loss
+    return {"peer_id": peer_id, "step": event.step, "total_steps": event.total_steps, "loss": _finite(loss),
+            "tokens_per_second": _finite(event.tokens_per_second), "stages_served": event.stages_served,
+            "stages_total": event.stages_total, "workers": event.workers, "dropped": event.dropped}

@@ -1,7 +1,12 @@
 """A whole swarm on this machine: seed DHT, one or more workers per stage, one trainer, on 127.0.0.1.
 
 Every child runs in its own process group (its DHT process and p2pd daemons included), so
-stopping a child stops all of it, and nothing is left bound to a port afterwards.
+stopping a child stops all of it, and nothing is left bound to a port afterwards. Children send
+their events as JSON lines (``agora_server.telemetry.eventstream``); the swarm keeps them per child
+(``events``, ``wait_for_event``), renders their console lines (``lines``) and shows them through a
+``SwarmConsole`` (everything, or the quiet view). Each run owns its log directory's state
+(``agora.local_state``): the previous run's coordinator database, checkpoints and logs are deleted
+at start, and processes a killed run left behind are stopped first.
 
 Two optional hooks, both keyed by the child's name ("seed", "head#0", "trainer"), let a caller
 place children elsewhere (bench/compression.py runs each one in its own network namespace):
@@ -11,6 +16,7 @@ place children elsewhere (bench/compression.py runs each one in its own network 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -25,9 +31,16 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 import psutil
+import yaml
 
 from agora.config import RunConfig, deep_merge
+from agora.local_console import SwarmConsole
+from agora.local_state import RunState, SwarmBusy, group_members
 from agora.ports import free_port
+from agora.processes import EVENT_STREAM_ENV
+from agora_server.telemetry import events as ev
+from agora_server.telemetry.console import console_lines
+from agora_server.telemetry.eventstream import decode_event
 
 
 DEFAULT_HOST = "127.0.0.1"
@@ -44,22 +57,26 @@ class SwarmProcess:
     pump: threading.Thread
     first_line: int = 0
     """Index of this run's first line among the lines printed under its name."""
+    first_event: int = 0
+    """Index of this run's first event among the events sent under its name."""
 
     @property
     def pgid(self) -> int:
         return self.popen.pid  # start_new_session makes the child its group's leader
 
 
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Live (non-zombie) processes of a process group."""
-    members = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int, libc) -> Callable[[], None]:
+    """A preexec_fn: the kernel sends the child SIGTERM when the launcher dies, even by SIGKILL."""
+
+    def arrange() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
 
 
 class LocalSwarm:
@@ -79,7 +96,14 @@ class LocalSwarm:
         prom_gateway: str | None = None,
         coordinator: bool = False,
         coordinator_settings: dict | None = None,
+        console: SwarmConsole | None = None,
+        die_with_launcher: bool = False,
+        config_overrides: dict | None = None,
     ):
+        """``console``: how children's lines are shown (default: all of them, on ``output``).
+        ``die_with_launcher``: children get SIGTERM from the kernel if this process dies (Linux); the
+        CLI asks for it, so that a killed ``--local`` leaves nothing running. ``config_overrides``: laid
+        over the run config for this swarm's children (written to a config file of its own)."""
         self.config_ref, self.config, self.steps = config_ref, config, steps
         self.prom_gateway = prom_gateway
         self.coordinator = coordinator
@@ -89,20 +113,32 @@ class LocalSwarm:
         self._token: str | None = None  # the local participants' token; only in this process and its children's environment
         self.workers = {spec.name: workers_per_stage for spec in config.stages} | (workers or {})
         self.log_dir, self.output, self.grace_seconds = Path(log_dir), output or sys.stdout, grace_seconds
+        self.console = console or SwarmConsole(self.output, verbose=True)
         self.wrap, self.host = wrap, host
         self.keys_dir = Path(tempfile.mkdtemp(prefix="agora-local-keys-"))
+        if config_overrides:
+            self.config = type(config).model_validate(deep_merge(config.model_dump(mode="json"), config_overrides))
+            self.config_ref = str(self.keys_dir / "run-config.yaml")
+            Path(self.config_ref).write_text(yaml.safe_dump(self.config.model_dump(mode="json")), encoding="utf-8")
         self.summary_path = self.log_dir / "trainer-summary.json"
+        self.dashboard_copy = self.log_dir / "dashboard.html"
+        self.state = RunState(self.log_dir)
         self.processes: list[SwarmProcess] = []
         self.seed_maddrs: list[str] = []
         self._seed_ready = threading.Event()
-        self._output_lock = threading.Lock()
         self._seen = threading.Condition()
         self.lines: dict[str, list[str]] = {}
+        self.events: dict[str, list[ev.Event]] = {}
+        self._claimed = False
+        self._stopping = False
+        self._preexec = None
+        if die_with_launcher and sys.platform.startswith("linux"):
+            self._preexec = _die_with(os.getpid(), ctypes.CDLL(None, use_errno=True))
 
     # --- children -----------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str], on_line=None, env_extra: dict | None = None) -> SwarmProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{EVENT_STREAM_ENV: "1"}, **(env_extra or {}))
         prefix = self.wrap(name) if self.wrap is not None else []
         popen = subprocess.Popen(
             [*prefix, sys.executable, *args],
@@ -113,9 +149,12 @@ class LocalSwarm:
             text=True,
             bufsize=1,
             start_new_session=True,  # own process group: signals reach its DHT process and p2pd too
+            preexec_fn=self._preexec,
         )
+        self.state.add(name, popen.pid)
         pump = threading.Thread(target=self._pump, args=(name, popen, on_line), daemon=True, name=f"pump-{name}")
-        process = SwarmProcess(name, popen, pump, self.lines_printed(name))
+        with self._seen:
+            process = SwarmProcess(name, popen, pump, len(self.lines.get(name, [])), len(self.events.get(name, [])))
         self.processes.append(process)
         pump.start()
         return process
@@ -124,10 +163,22 @@ class LocalSwarm:
         for line in popen.stdout:
             if on_line is not None and on_line(line):
                 continue
+            event = decode_event(line)
+            rendered = console_lines(event) if event is not None else [line.rstrip()]
             with self._seen:
-                self.lines.setdefault(name, []).append(line.rstrip())
+                if event is not None:
+                    self.events.setdefault(name, []).append(event)
+                self.lines.setdefault(name, []).extend(rendered)
                 self._seen.notify_all()
-            self._print(f"{name:<10}| {line.rstrip()}")
+            if event is None:
+                self.console.child_text(name, line.rstrip())
+            else:
+                self.console.child_event(name, event, rendered)
+        code = popen.wait()
+        if code != 0 and not (self._stopping and code == -signal.SIGTERM):
+            with self._seen:
+                texts = [line for line in self.lines.get(name, []) if not line.startswith("[")][-8:]
+            self.console.child_exited(name, code, texts)
 
     def wait_for_output(self, name: str, text: str, timeout: float) -> bool:
         """Wait until a child has printed a line containing ``text``."""
@@ -139,15 +190,31 @@ class LocalSwarm:
         with self._seen:
             return self._seen.wait_for(lambda: any(matches(line) for line in self.lines.get(name, [])[since:]), timeout)
 
+    def wait_for_event(self, name: str, matches: Callable[[ev.Event], bool], timeout: float, since: int = 0) -> ev.Event | None:
+        """Wait until a child has sent an event for which ``matches`` is true; that event, or None on
+        timeout. ``since``: ignore the events before that index (an earlier run of a restarted child)."""
+        found: list[ev.Event] = []
+
+        def seen() -> bool:
+            found[:] = [e for e in self.events.get(name, [])[since:] if matches(e)][:1]
+            return bool(found)
+
+        with self._seen:
+            return found[0] if self._seen.wait_for(seen, timeout) else None
+
+    def events_of(self, name: str, kind: type[ev.Event]) -> list[ev.Event]:
+        with self._seen:
+            return [e for e in self.events.get(name, []) if isinstance(e, kind)]
+
     def lines_printed(self, name: str) -> int:
         """How many lines a child (all its runs under that name) has printed so far."""
         with self._seen:
             return len(self.lines.get(name, []))
 
-    def _print(self, line: str) -> None:
-        with self._output_lock:
-            self.output.write(line + "\n")
-            self.output.flush()
+    def events_sent(self, name: str) -> int:
+        """How many events a child (all its runs under that name) has sent so far."""
+        with self._seen:
+            return len(self.events.get(name, []))
 
     def _on_seed_line(self, line: str) -> bool:
         if line.startswith("{") and "seed_maddrs" in line:
@@ -166,8 +233,13 @@ class LocalSwarm:
         return [] if listen == DEFAULT_HOST else ["--host_maddrs", f"/ip4/{listen}/tcp/0"]
 
     def start(self, timeout: float = 120.0, *, trainer: bool = True) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.summary_path.unlink(missing_ok=True)
+        try:
+            left = self.state.claim()
+        except SwarmBusy as e:
+            raise SwarmError(str(e)) from None
+        self._claimed = True
+        if left:
+            self.console.say(f"[LOCAL] Stopped {len(left)} process(es) a killed earlier run had left running ({', '.join(left)})")
         deadline = time.monotonic() + timeout
         if self.coordinator:  # first: the seed checks DHT records with the coordinator's public key
             self._start_coordinator(deadline)
@@ -177,8 +249,8 @@ class LocalSwarm:
                 worker = self.start_worker(spec.name, index)
                 if self.coordinator:
                     # one join at a time: the coordinator fills the least-filled stage, ties in pipeline
-                    # order, so sequential joins give exactly the planned layout
-                    self._wait_for_access(worker, time.monotonic() + timeout)
+                    # order, so sequential joins into this run's fresh database give exactly the planned layout
+                    self._wait_for_access(worker, spec.name, time.monotonic() + timeout)
         if trainer:
             self._spawn("trainer", self._trainer_args(), env_extra=self._token_env())
 
@@ -199,6 +271,10 @@ class LocalSwarm:
         while not self._seed_ready.wait(0.2):
             if seed.popen.poll() is not None or time.monotonic() > deadline:
                 raise SwarmError(f"the seed DHT did not start; see {self.log_dir / 'seed.log'}")
+
+    @property
+    def dashboard_url(self) -> str | None:
+        return f"{self.coordinator_url}/" if self.coordinator_url else None
 
     def _token_env(self) -> dict | None:
         return {"AGORA_TOKEN": self._token} if self.coordinator else None
@@ -228,6 +304,8 @@ class LocalSwarm:
             "queue": {"capacity": max(1, total), "max_active_per_user": max(1, total) + 4},
             "operators": ["local-participant"],  # the local trainer runs under the same token
             "checkpoints": {"directory": str((self.log_dir / "coordinator-checkpoints").resolve())},
+            # workers beat every 5 s here: sample and judge silence on that scale, not production's
+            "dashboard": {"sample_interval_s": 2, "lapse_after_s": 15},
         }
         config_path = self.keys_dir / "coordinator.yaml"
         config_path.write_text(yaml.safe_dump(deep_merge(settings, self.coordinator_settings)))
@@ -237,6 +315,7 @@ class LocalSwarm:
             try:
                 with urllib.request.urlopen(f"{self.coordinator_url}/api/run_info", timeout=2) as answer:
                     self.coordinator_public_key = json.load(answer)["coordinator_public_key"]
+                    self.console.say(f"[LOCAL] Dashboard (live charts): {self.dashboard_url}")
                     return
             except OSError:
                 if coordinator.popen.poll() is not None or time.monotonic() > deadline:
@@ -244,12 +323,14 @@ class LocalSwarm:
                     raise SwarmError(f"the coordinator did not start; its last lines: {said}") from None
                 time.sleep(0.2)
 
-    def _wait_for_access(self, worker: SwarmProcess, deadline: float) -> None:
-        with self._seen:
-            while not any("[AUTH] Access granted" in line for line in self.lines.get(worker.name, [])[worker.first_line :]):
-                if worker.popen.poll() is not None or time.monotonic() > deadline:
-                    raise SwarmError(f"{worker.name} was not admitted by the coordinator; see {self.log_dir}")
-                self._seen.wait(0.5)
+    def _wait_for_access(self, worker: SwarmProcess, stage: str, deadline: float) -> None:
+        granted = None
+        while granted is None:
+            granted = self.wait_for_event(worker.name, lambda e: isinstance(e, ev.AccessGranted), 0.5, since=worker.first_event)
+            if granted is None and (worker.popen.poll() is not None or time.monotonic() > deadline):
+                raise SwarmError(f"{worker.name} was not admitted by the coordinator; see {self.log_dir}")
+        if granted.stage != stage:  # the label would lie about what the worker serves
+            raise SwarmError(f"the coordinator gave {worker.name} stage {granted.stage} instead of {stage}; see {self.log_dir}")
 
     def start_worker(self, stage: str, index: int) -> SwarmProcess:
         tag, name = f"{stage}_{index}", self.worker_name(stage, index)
@@ -325,18 +406,38 @@ class LocalSwarm:
         """Stop the trainer first (it finishes in-flight work), then the workers, then the seed.
 
         Returns descriptions of anything still alive afterwards (empty when clean)."""
+        self._stopping = True
         tiers = [
             [p for p in self.processes if p.name == "trainer"],
             [p for p in self.processes if p.name not in ("trainer", "seed", "coordinator")],
             [p for p in self.processes if p.name in ("seed", "coordinator")],
         ]
-        for tier in tiers:
+        for index, tier in enumerate(tiers):
+            if index == 2:  # the workers have said goodbye: the dashboard shows the whole run now
+                self.save_dashboard()
             self._stop_tier(tier)
         shutil.rmtree(self.keys_dir, ignore_errors=True)
-        return [f"{proc.pid} {proc.name()}" for p in self.processes for proc in group_members(p.pgid)]
+        leftovers = [f"{proc.pid} {proc.name()}" for p in self.processes for proc in group_members(p.pgid)]
+        if not leftovers and self._claimed:
+            self.state.release()
+        return leftovers
+
+    def save_dashboard(self) -> Path | None:
+        """Keep the dashboard, with its data, as a file that still shows the run once the coordinator is gone."""
+        import urllib.request
+
+        if self.coordinator_url is None or not any(p.name == "coordinator" and p.popen.poll() is None for p in self.processes):
+            return None
+        try:
+            with urllib.request.urlopen(f"{self.coordinator_url}/dashboard/snapshot", timeout=10) as answer:
+                self.dashboard_copy.write_bytes(answer.read())
+        except OSError:
+            return None
+        return self.dashboard_copy
 
     def _stop_tier(self, tier: list[SwarmProcess]) -> None:
         # SIGTERM to the leader only: it shuts its own DHT process and p2pd down in order
+        tier = [p for p in tier if p.popen.returncode is None or group_members(p.pgid)]
         for process in tier:
             if process.popen.poll() is None:
                 _signal(process.popen.pid, signal.SIGTERM)

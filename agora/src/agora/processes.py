@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from agora.signals import stop_on_signals
 from agora_server.telemetry import ConsolePrinter, EventBus, EventLogger, open_file_log
 
-__all__ = ["setup_process", "start_metrics_push", "stop_on_signals"]
+__all__ = ["EVENT_STREAM_ENV", "setup_process", "start_metrics_push", "stop_on_signals"]
+
+EVENT_STREAM_ENV = "AGORA_EVENT_STREAM"
+"""Set to 1 by a launcher that reads its children's events (the local swarm): stdout then carries
+each event as a JSON line (``agora_server.telemetry.eventstream``) instead of its console lines."""
 
 
 def setup_process(log_file: str | None) -> EventBus:
-    """Console gets the tagged event lines; the file gets everything, hivemind's logs included."""
+    """Console gets the tagged event lines (or the events themselves, for a launcher that reads them);
+    the file gets everything, hivemind's logs included."""
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("in_root_logger")
@@ -27,7 +33,12 @@ def setup_process(log_file: str | None) -> EventBus:
         root.addHandler(stderr)
     events = EventBus()
     events.subscribe(EventLogger())  # the file first: when a console line shows, the record is written
-    events.subscribe(ConsolePrinter())
+    if os.environ.get(EVENT_STREAM_ENV) == "1":
+        from agora_server.telemetry.eventstream import EventStreamWriter
+
+        events.subscribe(EventStreamWriter())
+    else:
+        events.subscribe(ConsolePrinter())
     return events
 
 

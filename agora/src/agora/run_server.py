@@ -42,13 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop_on_signals()  # before torch and numpy load: a Ctrl+C during their import must still stop cleanly
-    from agora.worker import WorkerLaunchError, run_worker
+    from agora.worker import run_worker
 
-    try:
-        return run_worker(args)
-    except WorkerLaunchError as e:
-        print(f"[SERVER] {e}", file=sys.stderr, flush=True)
-        return 1
+    return run_worker(args)
 
 
 if __name__ == "__main__":

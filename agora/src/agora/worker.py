@@ -14,10 +14,16 @@ from agora.ports import free_port
 from agora.processes import setup_process, start_metrics_push, stop_on_signals
 
 DEFAULT_PORT = 49200
+COORDINATOR_UNREACHABLE_MESSAGE = "Could not reach the coordinator at {url} ({error})."
+"""Also in the CLI's table of known errors, with what to do (the address comes from run.json)."""
 
 
 class WorkerLaunchError(RuntimeError):
     """The worker cannot start; the message says why and what to do."""
+
+    def __init__(self, message: str, tag: str = "SERVER"):
+        super().__init__(message)
+        self.tag = tag
 
 
 def pick_device(config: RunConfig) -> torch.device:
@@ -50,10 +56,26 @@ def build_worker(**kwargs):
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from hivemind import DHT
+    from agora.worker_status import WorkerStatusWriter, status_path_for
+    from agora_server.telemetry.events import ProcessError, ServerStopping
 
     log_file = args.log_file or f"logs/server_gpu{args.gpu_id}.log"
     events = setup_process(log_file)
+    events.subscribe(WorkerStatusWriter(status_path_for(log_file)))
+    try:
+        return _run(args, events)
+    except WorkerLaunchError as e:
+        if stop_on_signals().is_set():  # stopped by its owner while starting: not a failure
+            events.emit(ServerStopping(stage="", reason=f"signal received ({e})"))
+            return 0
+        # an event, not a bare print: the log file and the status file must say why, too
+        events.emit(ProcessError(tag=e.tag, message=str(e)))
+        return 1
+
+
+def _run(args: argparse.Namespace, events) -> int:
+    from hivemind import DHT
+
     try:
         config = effective_server_config(load_run_config(args.config), args.batch_size_override)
     except ConfigError as e:
@@ -108,12 +130,12 @@ def run_worker(args: argparse.Namespace) -> int:
         worker.start()
         worker.serve(stop)
     finally:
-        if session is not None:
-            session.stop()
         if worker is not None:
             verdict = worker.halted
             reason = verdict.message if verdict else "signal received" if stop.is_set() else "error"
             worker.shutdown(reason)
+        if session is not None:  # after the worker's final counters: its last heartbeat carries them
+            session.stop()
         if pusher is not None:
             pusher.stop()
         dht.shutdown()
@@ -125,7 +147,7 @@ def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_ma
     (a free port chosen if none was given: the port test needs the real one), the stage weights
     downloaded while queued (None if this identity has its own checkpoint), the session (holding the
     access) and the DHT validator that signs with it."""
-    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, access_for, admit
+    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, CoordinatorUnavailable, access_for, admit
     from agora_server.peer_keys import WorkerIdentity
     from agora_server.server.checkpoint import checkpoint_path
 
@@ -147,9 +169,12 @@ def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_ma
         access, weights = admit(
             client, identity, host=host, port=port, emit=events.emit, timeout=args.auth_timeout, email=args.email, weights_for=weights_for, stop=stop
         )
+    except CoordinatorUnavailable as e:
+        client.close()
+        raise WorkerLaunchError(COORDINATOR_UNREACHABLE_MESSAGE.format(url=args.auth_server, error=e.reason), tag="AUTH") from None
     except AdmissionError as e:
         client.close()
-        raise WorkerLaunchError(str(e)) from None
+        raise WorkerLaunchError(str(e), tag="AUTH") from None
     peer_access, validator = access_for(config, access, identity)
     session = CoordinatorSession(client, identity, access, events.emit, heartbeat_interval=args.heartbeat_interval, peer_access=peer_access)
     return host_maddrs, weights, session, validator

@@ -60,11 +60,12 @@ def container_spec(s: Settings, plan: WorkerPlan, image: str, repo_dir: str) -> 
     )
 
 
-def docker_client():
+def docker_client(timeout: float | None = None):
+    """A client whose engine has answered a ping; DockerLaunchError with the fix otherwise."""
     import docker
 
     try:
-        client = docker.from_env()
+        client = docker.from_env(**({"timeout": timeout} if timeout else {}))
         client.ping()
     except Exception as e:  # DockerException, connection and permission errors all mean "no engine for us"
         raise DockerLaunchError(known.DOCKER_UNAVAILABLE.format(reason=_short(e)) + "\n" + known.DOCKER_UNAVAILABLE.fix) from None

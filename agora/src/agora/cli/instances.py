@@ -1,11 +1,16 @@
-"""The workers this machine runs: one small 0600 state file per GPU under ~/.agora, read by status and stop."""
+"""The workers this machine runs: one small 0600 state file per GPU under ~/.agora, read by status and stop.
+
+The launcher writes it when it starts a worker and adds the exit code when the worker ends; ``stop``
+marks the stop as the participant's own request before it signals the worker, so the launcher can
+say so instead of reporting a failure. What the worker is doing comes from the worker itself
+(``agora.worker_status``: the status file beside its log).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 
 from agora.cli.settings import agora_home, write_private_json
@@ -22,6 +27,10 @@ class Instance:
     pid: int | None = None
     pgid: int | None = None
     container: str | None = None
+    exit_code: int | None = None
+    """Set by the launcher when the worker has ended."""
+    stop_requested: bool = False
+    """``agora_cli.py stop`` asked it to stop: an exit then is the participant's doing, not a failure."""
 
 
 def state_path(gpu_id: int) -> Path:
@@ -36,6 +45,20 @@ def record(instance: Instance) -> Path:
 
 def forget(gpu_id: int) -> None:
     state_path(gpu_id).unlink(missing_ok=True)
+
+
+def recorded_for(gpu_id: int) -> Instance | None:
+    return next((i for i in recorded() if i.gpu_id == gpu_id), None)
+
+
+def update(gpu_id: int, **changes) -> Instance | None:
+    """Change fields of the GPU's record, if it still has one."""
+    current = recorded_for(gpu_id)
+    if current is None:
+        return None
+    changed = dataclasses.replace(current, **changes)
+    record(changed)
+    return changed
 
 
 def recorded() -> list[Instance]:
@@ -59,34 +82,3 @@ def native_alive(instance: Instance) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
-
-
-# The console form ([SERVER] ..., [PROGRESS] ...) and the file log's event records carry the same facts.
-_STAGE = (re.compile(r"\[SERVER\] Serving stage (\S+) as"), re.compile(r"(?:ServerStarted|AccessGranted) .*?stage='([^']+)'"))
-_CONTRIBUTION = (re.compile(r"\[PROGRESS\] Your contribution: (\d+) samples"), re.compile(r"ProgressReport .*?contribution_samples=(\d+)"))
-
-
-@dataclasses.dataclass(frozen=True)
-class LogFacts:
-    stage: str | None
-    contribution: int | None
-
-
-def read_log_facts(path: str | Path, tail_bytes: int = 4 * 2**20) -> LogFacts:
-    """The latest stage and contribution in the log (its last few MB; the worker's log rotates anyway)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - tail_bytes))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return LogFacts(None, None)
-    stage = contribution = None
-    for line in text.splitlines():
-        for pattern in _STAGE:
-            if m := pattern.search(line):
-                stage = m.group(1)
-        for pattern in _CONTRIBUTION:
-            if m := pattern.search(line):
-                contribution = int(m.group(1))
-    return LogFacts(stage, contribution)

@@ -1,7 +1,8 @@
 """Runs the worker as a child in its own process group, relays its output and explains how it ended.
 
 Ctrl+C and SIGTERM reach only this CLI (the worker has its own session), so they are forwarded to
-the worker's group; if it has not exited after the grace period, the group is killed.
+the worker's group; if it has not exited after the grace period, the group is killed. A stop asked for
+with ``agora_cli.py stop`` (from another terminal) is the participant's doing too, and reported as such.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ GRACE_SECONDS = 30.0
 
 class NativeRun:
     def __init__(self, plan: WorkerPlan, gpu_id: int, log_file: Path, workdir: Path, repo: Path,
-                 grace: float = GRACE_SECONDS, say: Callable[[str], None] = print):
+                 grace: float = GRACE_SECONDS, say: Callable[[str], None] = print, run_file: Path | None = None):
+        """``run_file``: the run.json the worker's addresses came from, named when one of them fails."""
         self.plan, self.gpu_id, self.log_file, self.workdir, self.repo = plan, gpu_id, log_file, workdir, repo
+        self.run_file = run_file
         self.grace, self.say = grace, say
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
         self.seen: list[known.KnownError] = []
@@ -62,7 +65,7 @@ class NativeRun:
             if proc.poll() is None:  # e.g. the CLI itself failed: never leave the worker behind
                 self._kill()
                 proc.wait()
-            instances.forget(self.gpu_id)
+            instances.update(self.gpu_id, exit_code=proc.returncode)  # status says how it ended
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -100,12 +103,15 @@ class NativeRun:
 
     def explain(self, code: int) -> int:
         """Say how the worker ended and what to do; returns the CLI's exit code."""
-        stopped_by_user = bool(self._signals)
+        record = instances.recorded_for(self.gpu_id)
+        stopped_elsewhere = record is not None and record.stop_requested and record.pid == self.proc.pid
+        stopped_by_user = bool(self._signals) or stopped_elsewhere
         if self.killed_after_grace:
             self.say(f"[SERVER] The worker did not stop within {self.grace:.0f}s and was killed.")
             return 1
         if stopped_by_user and code in (0, -signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL):
-            self.say("[SERVER] Worker stopped. Rejoin any time with: python3 agora_cli.py" + (f" --gpu_id {self.gpu_id}" if self.gpu_id else ""))
+            how = " (asked by agora_cli.py stop)" if stopped_elsewhere and not self._signals else ""
+            self.say(f"[SERVER] Worker stopped{how}. Rejoin any time with: python3 agora_cli.py" + (f" --gpu_id {self.gpu_id}" if self.gpu_id else ""))
             return 0
         if code == 0:
             self.say("[SERVER] Worker exited.")
@@ -118,5 +124,7 @@ class NativeRun:
             self.say(f"[SERVER] Server exited with {code}")
         for error in found:
             self.say(f"[SERVER] {error.display}: {error.fix}")
+            if error is known.COORDINATOR_UNREACHABLE and self.run_file is not None:
+                self.say(f"[SERVER] The address came from auth_server in {self.run_file}.")
         self.say(f"[SERVER] Full log: {self.log_file}")
         return 1

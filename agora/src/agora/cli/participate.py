@@ -35,7 +35,7 @@ def participate(args: argparse.Namespace) -> int:
         settings = resolve(args, say)
     except SetupCancelled as e:
         error(f"[SETUP] {e}")
-        return 1
+        return e.exit_code
     except (RunInfoError, SettingsError) as e:
         fix = _fix_for(e)
         error(f"[SETUP] {e}" + (f"\n[SETUP] {fix}" if fix else ""))
@@ -63,6 +63,8 @@ def participate(args: argparse.Namespace) -> int:
             gpus_on_machine=max(1, len(store.saved_gpu_ids())),
             workdir=workdir,
             constraints=REPO / "constraints.txt",
+            auth_server=run.auth_server,
+            run_file=run.path,
         ),
         emit=show_check,
     )
@@ -92,7 +94,7 @@ def participate(args: argparse.Namespace) -> int:
 
     plan = worker_plan(settings, run, run.config_ref, report.batch_size, config.server.max_batch_size, public_ip)
     log_file = (workdir / settings.log_path).resolve()
-    return NativeRun(plan, settings.gpu_id, log_file, workdir, REPO, say=say).run()
+    return NativeRun(plan, settings.gpu_id, log_file, workdir, REPO, say=say, run_file=run.path).run()
 
 
 def _fix_for(e: Exception) -> str:

@@ -7,11 +7,15 @@ feed it edge cases; ``run_preflight`` gathers the real inputs from this machine.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 import socket
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -180,6 +184,52 @@ def check_seeds(seeds: tuple[str, ...], timeout: float = 3.0) -> list[CheckResul
     return results
 
 
+# Names reserved for examples (RFC 2606): a coordinator there is a placeholder, never a run.
+_PLACEHOLDER_HOSTS = re.compile(r"(^|\.)(example|invalid)$|(^|\.)example\.(com|net|org)$")
+
+
+def is_placeholder(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return bool(_PLACEHOLDER_HOSTS.search(host.lower()))
+
+
+def fetch_run_info(url: str, timeout: float = 5.0) -> dict:
+    """The coordinator's public /api/run_info; OSError or ValueError when it does not answer with one."""
+    with urllib.request.urlopen(f"{url.rstrip('/')}/api/run_info", timeout=timeout) as answer:
+        return json.loads(answer.read(1 << 20))
+
+
+def check_coordinator(url: str | None, run_file: Path, fetch: Callable[[str], dict] = fetch_run_info) -> CheckResult:
+    """The run's coordinator (``auth_server`` of run.json): a placeholder fails, silence is a warning
+    (the worker tries anyway, and says the same if it fails), an answer shows the run and its dashboard."""
+    if not url:
+        return CheckResult("Coordinator", WARN, f"{run_file} names no coordinator (auth_server); the worker will not join a run",
+                           "Use the run.json of the run you join.")
+    if is_placeholder(url):
+        return CheckResult("Coordinator", FAIL, known.PLACEHOLDER_COORDINATOR.format(path=run_file, url=url), known.PLACEHOLDER_COORDINATOR.fix)
+    try:
+        info = fetch(url)
+        stages = info["stages"]
+        serving = sum(int(s.get("serving", s.get("workers", 0))) for s in stages)
+        name = info["run_name"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = getattr(e, "reason", None) or e
+        return CheckResult("Coordinator", WARN, f"the coordinator at {url} (auth_server in {run_file}) did not answer ({reason})",
+                           known.COORDINATOR_UNREACHABLE.fix)
+    return CheckResult("Coordinator", OK, f"run {name} at {url}: {serving} node(s) serving, {info.get('queue_length', 0)} waiting;"
+                                          f" dashboard {url.rstrip('/')}/")
+
+
+def check_docker_engine() -> CheckResult:
+    from agora.cli.docker_launch import DockerLaunchError, docker_client
+
+    try:
+        docker_client(timeout=5)
+    except DockerLaunchError as e:
+        return CheckResult("Docker", FAIL, str(e).splitlines()[0], known.DOCKER_UNAVAILABLE.fix)
+    return CheckResult("Docker", OK, "the Docker engine answers")
+
+
 @dataclasses.dataclass(frozen=True)
 class PreflightInput:
     """Everything run_preflight needs to know about the run and this participant's settings."""
@@ -196,6 +246,8 @@ class PreflightInput:
     gpus_on_machine: int
     workdir: Path
     constraints: Path
+    auth_server: str | None = None
+    run_file: Path = Path("run.json")
 
 
 @dataclasses.dataclass
@@ -218,6 +270,10 @@ def run_preflight(inp: PreflightInput, emit: Callable[[CheckResult], None], band
         results.append(result)
         emit(result)
 
+    # first the checks that decide whether anything else is worth checking
+    if inp.use_docker:
+        add(check_docker_engine())
+    add(check_coordinator(inp.auth_server, inp.run_file))
     if not inp.use_docker:  # the image brings its own Python and torch
         add(check_python(sys.version_info[:2]))
         pinned = pinned_version("torch", inp.constraints)

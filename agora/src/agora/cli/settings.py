@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 from agora.cli import troubleshooting as known
@@ -12,6 +13,16 @@ from agora.cli import troubleshooting as known
 DEFAULT_PORT = 49200
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+SHARED_FIELDS = ("token", "email", "use_docker")
+"""The participant's, not the GPU's: a new GPU id starts from another GPU's saved values for these."""
+TOKEN_ENV = "AGORA_TOKEN"
+"""Where the CLI (and the worker it starts) takes the token from when no ``--token`` is given."""
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{34}")
+
+
+def looks_like_hf_token(token: str) -> bool:
+    """The shape of a HuggingFace user access token: ``hf_`` and 34 letters and digits."""
+    return _HF_TOKEN.fullmatch(token) is not None
 
 
 class SettingsError(RuntimeError):
@@ -161,6 +172,20 @@ def set_aside_unreadable(gpu_id: int) -> Path | None:
     os.replace(path, bad)
     os.chmod(bad, FILE_MODE)  # it may hold a token, and a hand-edited file may not have been private
     return bad
+
+
+def shared_from_other_gpu(gpu_id: int) -> tuple[int, dict] | None:
+    """(GPU id, its token, email and mode) from the first other GPU whose saved settings can be read."""
+    for other in saved_gpu_ids():
+        if other == gpu_id:
+            continue
+        try:
+            saved = load(other)
+        except SettingsError:
+            continue
+        if saved is not None and saved.token:
+            return other, {name: getattr(saved, name) for name in SHARED_FIELDS}
+    return None
 
 
 def saved_gpu_ids() -> list[int]:

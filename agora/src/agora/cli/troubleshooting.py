@@ -1,8 +1,8 @@
 """The one table of error strings a participant can meet, with what to do about each.
 
-The CLI prints these messages (preflight, launch, exit explanations) from the constants below, the
-README's Troubleshooting section and `.claude/skills/agora-join/SKILL.md` list every one of them,
-and tests/cli/test_troubleshooting.py fails if the three drift apart. Messages marked ``guide`` are
+The CLI prints these messages (preflight, launch, exit explanations) from the constants below;
+docs/troubleshooting.md (generated from this table) and `.claude/skills/agora-join/SKILL.md` list every
+one of them, and tests/cli/test_troubleshooting.py fails if they drift apart. Messages marked ``guide`` are
 the participant guide's exact strings (placeholders in braces); the others are the CLI's own.
 """
 
@@ -51,7 +51,8 @@ CUDA_NOT_AVAILABLE = KnownError(
     "cuda_not_available",
     "CUDA is not available. Exiting run.",
     "No usable NVIDIA GPU was found. Check `nvidia-smi` shows the GPU and driver; with Docker, make sure the "
-    "NVIDIA Container Toolkit is installed so the container can be given the GPU.",
+    "NVIDIA Container Toolkit is installed so the container can be given the GPU. No GPU on this machine? See the "
+    "whole system train here on the CPU: `python3 agora_cli.py --local --steps 300`.",
 )
 GPU_NOT_ELIGIBLE = KnownError(
     "gpu_not_eligible",
@@ -193,6 +194,30 @@ ACCESS_EXPIRED = KnownError(
     "run's dashboard) and reachable from this machine, then start again.",
     source="worker",
 )
+COORDINATOR_UNREACHABLE = KnownError(
+    "coordinator_unreachable",
+    "Could not reach the coordinator at {url} ({error}).",
+    "The address is `auth_server` in run.json (or the file given with `--run_json`); the shipped run.json holds "
+    "a placeholder. Put the run's coordinator address there (the run's announcement or dashboard gives it), "
+    "and check that this machine can reach it. No run to join yet? `python3 agora_cli.py --local --steps 300` "
+    "runs a whole swarm on this machine.",
+    source="worker",
+)
+PLACEHOLDER_COORDINATOR = KnownError(
+    "placeholder_coordinator",
+    "{path} names no real coordinator: auth_server is the placeholder {url}.",
+    "Put the address of the run you join into run.json (`auth_server`, from the run's announcement or dashboard), "
+    "or point `--run_json` at the run's file. To try Agora on this machine first: `python3 agora_cli.py --local "
+    "--steps 300`.",
+    source="cli",
+)
+UNUSUAL_TOKEN = KnownError(
+    "unusual_token",
+    "This does not look like a HuggingFace token (hf_ followed by 34 letters and digits).",
+    "Copy the token again from huggingface.co/settings/tokens (a typo or a cut-off paste is the usual cause). "
+    "If your run accepts other tokens (a local token file), pass `--any_token`.",
+    source="cli",
+)
 CHECKPOINT_NOT_SAVED = KnownError(
     "checkpoint_not_saved",
     "Checkpoint not saved: {reason}",
@@ -211,8 +236,9 @@ CHECKPOINT_UNREADABLE = KnownError(
 TABLE: tuple[KnownError, ...] = (
     WRONG_TORCH, CUDA_NOT_AVAILABLE, GPU_NOT_ELIGIBLE, VERIFICATION_FAILED, PORT_TEST_FAILED, AUTH_TIMEOUT,
     INVALID_TOKEN, PEER_ID_USED, ALREADY_QUEUED, DOWNLOAD_TOO_SLOW, UNKNOWN_CONNECTION, ALLREDUCE_FAILED,
-    CUDA_FAILED, CUDA_OOM, RAM_EXCEEDED, SERVER_KILLED, ACCESS_EXPIRED, CHECKPOINT_NOT_SAVED, CHECKPOINT_UNREADABLE,
-    PORT_IN_USE, MISSING_VALUES, SETTINGS_UNREADABLE, LOW_RAM, LOW_DISK, SPEEDTEST_UNREACHABLE, DOCKER_UNAVAILABLE,
+    CUDA_FAILED, CUDA_OOM, RAM_EXCEEDED, SERVER_KILLED, ACCESS_EXPIRED, COORDINATOR_UNREACHABLE, CHECKPOINT_NOT_SAVED,
+    CHECKPOINT_UNREADABLE, PORT_IN_USE, MISSING_VALUES, SETTINGS_UNREADABLE, LOW_RAM, LOW_DISK, SPEEDTEST_UNREACHABLE,
+    DOCKER_UNAVAILABLE, PLACEHOLDER_COORDINATOR, UNUSUAL_TOKEN,
 )
 
 
@@ -225,5 +251,17 @@ def match_line(line: str) -> KnownError | None:
 
 
 def markdown_rows() -> str:
-    """README/SKILL rows (`| message | what to do |`), for pasting after a change to the table."""
+    """The table's rows (`| message | what to do |`), as docs/troubleshooting.md and the agent skill show them."""
     return "\n".join(f"| `{k.display}` | {k.fix} |" for k in TABLE)
+
+
+def troubleshooting_page() -> str:
+    """docs/troubleshooting.md, whole: written by ``scripts/troubleshooting_doc.py``, checked by a test."""
+    return (
+        "# Troubleshooting\n\n"
+        "Messages a participant can meet, from the worker (the participant guide's strings and the worker's own) or\n"
+        "from the CLI, and what to do. Generated from the one table in `agora/src/agora/cli/troubleshooting.py` by\n"
+        "`python3 scripts/troubleshooting_doc.py`; the CLI prints the same fixes, and a test keeps this page and the\n"
+        "agent skill in step with the table. Placeholders are in angle brackets.\n\n"
+        "| Message | What to do |\n|---|---|\n" + markdown_rows() + "\n"
+    )

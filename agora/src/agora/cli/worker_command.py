@@ -6,7 +6,7 @@ import dataclasses
 import urllib.request
 
 from agora.cli.run_info import RunInfo
-from agora.cli.settings import Settings
+from agora.cli.settings import TOKEN_ENV, Settings
 
 SCRIPT = "agora/src/agora/run_server.py"
 
@@ -35,7 +35,7 @@ def worker_plan(s: Settings, run: RunInfo, config_ref: str, batch_size: int | No
         args += ["--batch_size_override", str(batch_size)]
     if run.seeds:
         args += ["--initial_peers", *run.seeds]  # last: nargs="*" takes everything after it
-    env = {"AGORA_TOKEN": s.token or ""}
+    env = {TOKEN_ENV: s.token or ""}
     return WorkerPlan(args, env)
 
 

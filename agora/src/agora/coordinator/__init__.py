@@ -1,18 +1,21 @@
 """The coordinator: one HTTP service per run that admits nodes, assigns stages and signs access.
 
 - ``config.py``      CoordinatorConfig (YAML → typed settings), load_coordinator_config
-- ``db.py``          SQLAlchemy models (User, IdentityBinding, QueueRequest, ActiveNode, Contribution), Database
+- ``db.py``          SQLAlchemy models (User, IdentityBinding, QueueRequest, ActiveNode, Contribution, NodeState,
+                     NodeTransition, StageSample, TrainingPoint), Database
 - ``tokens.py``      TokenVerifier protocol; HuggingFaceVerifier, TokenFileVerifier, CachingVerifier, add_token
 - ``signing.py``     the coordinator's Ed25519 key (0600) and AccessSigner
-- ``queue.py``       capacity, admissions, wait estimate, poll interval
+- ``queue.py``       capacity, admissions, wait estimate (from observed departures), poll interval
+- ``node_states.py`` each node's state for the dashboard (queued … training, lapsed, gone) and its changes
 - ``assignment.py``  choose_stage (least filled, with hysteresis), choose_move (refill an empty stage)
 - ``porttest.py``    probe (coordinator side) and PortTestListener (worker side)
 - ``errors.py``      Refusal: every refusal's HTTP status and message (the guide's strings)
 - ``schemas.py``     request and answer bodies of the HTTP API
 - ``service.py``     Coordinator: the rules, on top of the database (who may upload a checkpoint included)
 - ``checkpoints.py`` CheckpointStore: each stage's latest checkpoint on disk, atomic uploads named by sha256
+- ``history.py``     the dashboard's data: workers per stage sampled over time, trainers' reports, the node list
 - ``metrics.py``     CoordinatorMetrics: the Prometheus registry behind ``/metrics``
-- ``dashboard.html`` the self-contained live dashboard page served at ``/``
+- ``dashboard.html`` the self-contained live dashboard page served at ``/`` (inline-SVG charts, per-node view)
 - ``app.py``         create_app(config): the FastAPI routes
 
 Newcomers download checkpoints with ``agora.checkpoint_download.download_checkpoint``.

@@ -7,12 +7,14 @@ dashboard at ``/``, Prometheus metrics at ``/metrics``.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Callable
 
-from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,14 +32,17 @@ from agora.coordinator.schemas import (
     ErrorAnswer,
     HeartbeatAnswer,
     HeartbeatRequest,
+    HistoryAnswer,
     JoinAnswer,
     JoinRequest,
+    NodeInfo,
     RefreshRequest,
     RunInfo,
     StatusRequest,
     StopNodeAnswer,
     StopNodeRequest,
     TrainerAccessRequest,
+    TrainingReport,
 )
 from agora.coordinator.service import Coordinator, PortProbe
 from agora.coordinator.signing import AccessSigner, load_or_create_key
@@ -76,11 +81,21 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock,
     )
 
+    async def sample_periodically() -> None:
+        while True:
+            await asyncio.sleep(config.dashboard.sample_interval_s)
+            try:
+                await run_in_threadpool(coordinator.sample)
+            except Exception:  # a failed sample costs one point of a chart, never the service
+                pass
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        sampler = asyncio.create_task(sample_periodically())
         try:
             yield
         finally:
+            sampler.cancel()
             db.close()
 
     app = FastAPI(title=f"Agora coordinator ({config.run_name})", version="1", lifespan=lifespan,
@@ -125,6 +140,12 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         answer = await run_in_threadpool(coordinator.heartbeat, token, raw, body, signature)
         metrics.heartbeats.inc()
         return answer
+
+    @app.put("/api/training_report", status_code=204, responses=_REFUSALS)
+    def training_report(body: TrainingReport, token: str | None = Depends(_token)):
+        """Operators' trainers only: progress (smoothed loss, validation loss, speed) for the dashboard's charts."""
+        coordinator.training_report(token, body)
+        return Response(status_code=204)
 
     @app.post("/api/admin/stop_node", response_model=StopNodeAnswer, responses=_REFUSALS)
     def stop_node(body: StopNodeRequest, token: str | None = Depends(_token)):
@@ -189,6 +210,16 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         """What each participant's node has done, per stage."""
         return coordinator.contributions()
 
+    @app.get("/api/history", response_model=HistoryAnswer)
+    def run_history(since: float = Query(0.0, ge=0, description="Unix seconds; only points from then on")):
+        """The charts' data: the trainers' reports and the workers per stage over time."""
+        return coordinator.history(since)
+
+    @app.get("/api/nodes", response_model=list[NodeInfo])
+    def run_nodes(node: str | None = Query(None, max_length=128, description="Only this peer id")):
+        """Every node taking part (and the latest that left): state, last heartbeat, queue place, work, timeline."""
+        return coordinator.nodes(node)
+
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     def prometheus_metrics():
         """Prometheus text format: nodes per stage, queue, admissions, refusals, heartbeats, work done."""
@@ -198,5 +229,19 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     def dashboard_page():
         return HTMLResponse(dashboard)
+
+    @app.get("/dashboard/snapshot", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard_snapshot():
+        """The dashboard with its data inside: a file that still shows the run after the coordinator stops."""
+        data = {
+            "info": coordinator.run_info().model_dump(mode="json"),
+            "contributions": [c.model_dump(mode="json") for c in coordinator.contributions()],
+            "history": coordinator.history().model_dump(mode="json"),
+            "nodes": [n.model_dump(mode="json") for n in coordinator.nodes()],
+        }
+        # "</" would end the script element early; JSON allows "<\/" for it
+        embedded = json.dumps(data).replace("</", "<\\/")
+        marker = '<script id="snapshot" type="application/json"></script>'
+        return HTMLResponse(dashboard.replace(marker, marker.replace("></", f">{embedded}</"), 1))
 
     return app

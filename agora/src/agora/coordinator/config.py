@@ -32,10 +32,9 @@ class QueueConfig(BaseModel):
     """What a queued worker is told to wait before its next status poll."""
     joins_paused: bool = False
     """Queue new joins but admit nobody, e.g. while the operators repair the run."""
-    initial_admission_interval_s: float = Field(default=300.0, gt=0)
-    """Assumed seconds between admissions until two have been observed; only feeds the wait estimate."""
-    admission_rate_window: int = Field(default=20, ge=2)
-    """How many recent admissions the observed admission rate is averaged over."""
+    wait_estimate_window: int = Field(default=20, ge=2)
+    """How many recent departures (nodes whose access ended) the wait estimate averages the interval
+    over; no estimate is given before two departures have been seen."""
     abandon_after_s: float = Field(default=300.0, gt=0)
     """A waiting request not polled for this long is dropped so it stops holding a place."""
     download_deadline_s: float = Field(default=3600.0, gt=0)
@@ -63,6 +62,21 @@ class CheckpointConfig(BaseModel):
     public_url: str | None = Field(default=None, pattern=r"^https?://")
     """Base URL nodes reach the coordinator at (e.g. behind a reverse proxy), for the checkpoint URL in
     answers. Unset: the URL the node's own request came to."""
+
+
+class DashboardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_interval_s: float = Field(default=30.0, gt=0)
+    """Seconds between samples of the workers per stage (the dashboard's chart); also how often a
+    silent node is checked for having lapsed."""
+    lapse_after_s: float = Field(default=120.0, gt=0)
+    """A node holding access but silent (no heartbeat) this long shows as lapsed and no longer counts
+    as serving its stage. Keep it above the workers' heartbeat interval (30 s) with room for a slow one."""
+    history_points: int = Field(default=400, ge=10)
+    """Most points per series the history API returns (older samples are thinned evenly)."""
+    timeline_changes: int = Field(default=50, ge=1)
+    """State changes shown per node."""
 
 
 class CoordinatorConfig(BaseModel):
@@ -99,6 +113,7 @@ class CoordinatorConfig(BaseModel):
     queue: QueueConfig = QueueConfig()
     port_test: PortTestConfig = PortTestConfig()
     checkpoints: CheckpointConfig = CheckpointConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     @model_validator(mode="after")
     def _unique_stages(self) -> "CoordinatorConfig":
@@ -120,14 +135,20 @@ class CoordinatorConfig(BaseModel):
     def serves_checkpoints(self) -> bool:
         return self.checkpoints.directory is not None
 
+    def public_base(self, base_url: str | None = None) -> str:
+        """The URL nodes reach this coordinator at: ``checkpoints.public_url``, else the URL of the asking request."""
+        return (self.checkpoints.public_url or base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def dashboard_url(self, peer_id: str | None = None, base_url: str | None = None) -> str:
+        return f"{self.public_base(base_url)}/" + (f"?node={peer_id}" if peer_id else "")
+
     def checkpoint_url(self, stage: str, base_url: str | None = None) -> str | None:
         """Where a node of ``stage`` downloads weights; ``base_url``: the URL the asking request came to."""
         if self.checkpoint_url_template is not None:
             return self.checkpoint_url_template.replace("{stage}", stage)
         if not self.serves_checkpoints:
             return None
-        base = self.checkpoints.public_url or base_url or f"http://{self.host}:{self.port}"
-        return f"{base.rstrip('/')}/api/checkpoints/{stage}"
+        return f"{self.public_base(base_url)}/api/checkpoints/{stage}"
 
 
 def load_coordinator_config(path: str | Path | None, overrides: dict | None = None) -> CoordinatorConfig:

@@ -1,5 +1,6 @@
 """What the coordinator remembers across restarts: accounts, identity bindings, the queue, active
-nodes, contributions and which checkpoint each stage serves. SQLAlchemy 2.x models; times are unix seconds (floats) so any backend
+nodes, contributions, which checkpoint each stage serves, and the dashboard's history (node states
+and their changes, workers per stage over time, the trainers' reports). SQLAlchemy 2.x models; times are unix seconds (floats) so any backend
 stores them the same way."""
 
 from __future__ import annotations
@@ -127,6 +128,71 @@ class StageCheckpoint(Base):
     uploader_username: Mapped[str] = mapped_column(String(255))
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     uploaded_at: Mapped[float] = mapped_column(Float)
+
+
+class NodeState(Base):
+    """Where one peer stands, for the dashboard: its state, since when, and when it last reported.
+    One row per peer id, kept after the node has gone (its last state says how it ended)."""
+
+    __tablename__ = "node_states"
+
+    peer_id: Mapped[str] = mapped_column(ForeignKey("identity_bindings.peer_id"), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32))
+    """queued | downloading | starting | warming_up | training | lapsed | left | expired | stopped | restarted | dropped"""
+    since: Mapped[float] = mapped_column(Float)
+    phase: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """What the node's last heartbeat said it does (warming_up or training); lapsed hides it, not replaces it."""
+    last_heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class NodeTransition(Base):
+    """Every state change of every node: the per-node timelines, and departures for the wait estimate."""
+
+    __tablename__ = "node_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    peer_id: Mapped[str] = mapped_column(String(128), index=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[str] = mapped_column(String(64))
+
+
+class StageSample(Base):
+    """Workers of one stage at one moment, by state: the workers-per-stage chart."""
+
+    __tablename__ = "stage_samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    stage: Mapped[str] = mapped_column(String(64))
+    training: Mapped[int] = mapped_column(Integer)
+    warming_up: Mapped[int] = mapped_column(Integer)
+    starting: Mapped[int] = mapped_column(Integer)
+    lapsed: Mapped[int] = mapped_column(Integer)
+    queued: Mapped[int] = mapped_column(Integer)
+
+
+class TrainingPoint(Base):
+    """One report of a trainer (an operator's): loss, validation loss and speed over time."""
+
+    __tablename__ = "training_points"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float, index=True)
+    trainer: Mapped[str] = mapped_column(String(128))
+    step: Mapped[int] = mapped_column(Integer)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    validation_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stages_served: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stages_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    workers: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    dropped: Mapped[int] = mapped_column(Integer, default=0)
+    finished: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Database:

@@ -1,4 +1,5 @@
-"""Queue arithmetic: free slots, who is admitted next, how long a place in line will take."""
+"""Queue arithmetic: free slots, who is admitted next, how long a place in line will take (measured from
+how often nodes leave the run, not assumed)."""
 
 from __future__ import annotations
 
@@ -28,19 +29,20 @@ def pick_admissions(waiting: Sequence[Waiting], free: int, joins_paused: bool) -
     return [w.request_id for w in waiting if w.ready][:free]
 
 
-def admission_interval(admission_times: Sequence[float], initial_interval_s: float) -> float:
-    """Mean seconds between recent admissions out of the queue; the configured guess until two are seen."""
-    times = sorted(admission_times)
+def departure_interval(departure_times: Sequence[float]) -> float | None:
+    """Mean seconds between recent departures (nodes whose access ended), the rate at which places in
+    a full run free up; None until two have been seen (no honest estimate before)."""
+    times = sorted(departure_times)
     if len(times) < 2:
-        return initial_interval_s
+        return None
     span = times[-1] - times[0]
-    return span / (len(times) - 1) if span > 0 else initial_interval_s
+    return span / (len(times) - 1) if span > 0 else None
 
 
-def estimated_wait_s(position: int, interval_s: float, joins_paused: bool) -> float | None:
-    """Seconds until the node at ``position`` (1-based) is admitted; None while joins are paused
-    (no estimate is honest then)."""
-    if joins_paused:
+def estimated_wait_s(position: int, interval_s: float | None, joins_paused: bool) -> float | None:
+    """Seconds until the node at ``position`` (1-based) is admitted; None while joins are paused or
+    before the departure rate is known."""
+    if joins_paused or interval_s is None:
         return None
     return max(0.0, position * interval_s)
 

@@ -70,6 +70,29 @@ class HeartbeatRequest(_Request):
     samples_processed: int = _COUNT
     """Totals since this access was granted (not since the last heartbeat)."""
     tokens_processed: int = _COUNT
+    phase: Literal["warming_up", "training"] | None = None
+    """What the node does now: catching up with its stage, or training (older workers send none)."""
+    leaving: bool = False
+    """The node is stopping: its access ends now and its place frees up at once."""
+
+
+class TrainingReport(_Request):
+    """A trainer's progress, for the dashboard's charts; operators' trainers only."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    step: int = _COUNT
+    """Micro-batches completed so far."""
+    total_steps: int = Field(default=0, ge=0, le=2**53)
+    loss: float | None = Field(default=None, ge=0, le=1e6)
+    """Smoothed training loss."""
+    validation_loss: float | None = Field(default=None, ge=0, le=1e6)
+    """Set when this report is a validation measurement."""
+    tokens_per_second: float | None = Field(default=None, ge=0, le=1e12)
+    stages_served: int | None = Field(default=None, ge=0, le=10_000)
+    stages_total: int | None = Field(default=None, ge=0, le=10_000)
+    workers: int | None = Field(default=None, ge=0, le=10**7)
+    dropped: int = Field(default=0, ge=0, le=2**53)
+    finished: bool = False
 
 
 class StopNodeRequest(_Request):
@@ -93,6 +116,8 @@ class AccessAnswer(BaseModel):
     expires_at: float
     checkpoint_url: str | None
     coordinator_public_key: str
+    dashboard_url: str | None = None
+    """This node's view on the run's dashboard."""
 
 
 class QueuedAnswer(BaseModel):
@@ -125,6 +150,14 @@ class StageInfo(BaseModel):
     name: str
     need: int
     workers: int
+    """Nodes holding access to this stage (lapsed ones included: they hold a place until it expires)."""
+    serving: int = 0
+    """Of those, the ones that have not lapsed: starting, warming up or training."""
+    training: int = 0
+    warming_up: int = 0
+    lapsed: int = 0
+    queued: int = 0
+    """Waiting in the queue for this stage."""
 
 
 class RunInfo(BaseModel):
@@ -134,7 +167,9 @@ class RunInfo(BaseModel):
     active_nodes: int
     queue_length: int
     estimated_wait_seconds: float | None
-    """For a node that joins now."""
+    """For a node that joins now; None while joins are paused or before two departures were seen."""
+    wait_estimate_basis: str = ""
+    """What the estimate rests on, in words (the departures it was measured from)."""
     joins_paused: bool
     coordinator_public_key: str
     """Checks every access token of the run; seeds need it to refuse records from unadmitted peers."""
@@ -163,3 +198,60 @@ class CheckpointAnswer(BaseModel):
     epoch: int | None
     uploader: str
     uploaded_at: float
+
+
+class TimelineEntry(BaseModel):
+    at: float
+    state: str
+    stage: str
+
+
+class NodeInfo(BaseModel):
+    """One node as the dashboard shows it."""
+
+    peer_id: str
+    username: str
+    stage: str
+    state: str
+    """queued, downloading, starting, warming_up, training or lapsed while it takes part; left,
+    expired, stopped, restarted or dropped once it has gone."""
+    since: float
+    last_heartbeat_at: float | None
+    queue_position: int | None = None
+    download_bytes: int | None = None
+    download_total: int | None = None
+    samples: int = 0
+    tokens: int = 0
+    timeline: list[TimelineEntry] = []
+    """Its latest state changes, oldest first."""
+
+
+class TrainingSample(BaseModel):
+    at: float
+    step: int
+    total_steps: int
+    loss: float | None
+    validation_loss: float | None
+    tokens_per_second: float | None
+    stages_served: int | None
+    stages_total: int | None
+    workers: int | None
+    dropped: int
+    finished: bool
+
+
+class StageSampleInfo(BaseModel):
+    at: float
+    training: int
+    warming_up: int
+    starting: int
+    lapsed: int
+    queued: int
+
+
+class HistoryAnswer(BaseModel):
+    """The dashboard's time series, oldest first, each thinned to at most ``dashboard.history_points``."""
+
+    now: float
+    training: list[TrainingSample]
+    stages: dict[str, list[StageSampleInfo]]

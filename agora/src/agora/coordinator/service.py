@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 
 from agora_server.access import TRAINER, WORKER, AccessClaims, AccessTokenError, verify_access_token
 
-from agora.coordinator import assignment, porttest, queue
+from agora.coordinator import assignment, history, porttest, queue
+from agora.coordinator import node_states as ns
 from agora.coordinator.checkpoints import Uploader
 from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, NodeStop, QueueRequest, StageCheckpoint, User
@@ -33,7 +34,9 @@ from agora.coordinator.schemas import (
     ContributionInfo,
     HeartbeatAnswer,
     HeartbeatRequest,
+    HistoryAnswer,
     JoinRequest,
+    NodeInfo,
     QueuedAnswer,
     StopNodeAnswer,
     StopNodeRequest,
@@ -42,6 +45,7 @@ from agora.coordinator.schemas import (
     StageInfo,
     StatusRequest,
     TrainerAccessRequest,
+    TrainingReport,
 )
 from agora.coordinator.signing import AccessSigner
 from agora.coordinator.tokens import InvalidToken, TokenServiceUnavailable, TokenVerifier
@@ -73,6 +77,7 @@ class Coordinator:
         self.config, self.db, self.verifier, self.signer = config, db, verifier, signer
         self._probe, self._clock = probe, clock
         self._lock = threading.Lock()
+        self._last_sample = -float("inf")
         self._forgive_downtime()
 
     def _forgive_downtime(self) -> None:
@@ -123,6 +128,7 @@ class Coordinator:
             # a node that restarts while it still holds access gives that slot back and joins afresh
             old = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == body.peer_id))
             if old is not None:
+                ns.end_node(s, old, ns.RESTARTED, now)
                 s.delete(old)
                 s.flush()
             self._expire(s, now)
@@ -139,6 +145,7 @@ class Coordinator:
             )
             s.add(request)
             s.flush()
+            ns.set_state(s, body.peer_id, user.id, stage, ns.QUEUED if request.download_complete else ns.DOWNLOADING, now)
             self._admit(s, now)
             return self._answer(s, request, user, now, session_token, base_url)
 
@@ -206,6 +213,8 @@ class Coordinator:
                 request.download_bytes = body.download.bytes_done
                 request.download_total = body.download.bytes_total
                 request.download_complete = request.download_complete or body.download.complete
+                ns.set_state(s, request.peer_id, request.user_id, request.stage,
+                             ns.QUEUED if request.download_complete else ns.DOWNLOADING, now)
             self._expire(s, now)
             self._admit(s, now)
             try:
@@ -216,6 +225,8 @@ class Coordinator:
 
     def _expire(self, s: Session, now: float) -> None:
         for node in s.scalars(select(ActiveNode).where(ActiveNode.expires_at <= now)):
+            # the moment it ran out, not the moment we noticed: the wait estimate measures departures
+            ns.end_node(s, node, ns.EXPIRED, min(now, node.expires_at))
             s.delete(node)
         q = self.config.queue
         for request in s.scalars(select(QueueRequest).where(QueueRequest.status == WAITING)):
@@ -223,6 +234,9 @@ class Coordinator:
                 request.status, request.drop_reason = DROPPED, DROPPED_ABANDONED
             elif not request.download_complete and request.enqueued_at < now - q.download_deadline_s:
                 request.status, request.drop_reason = DROPPED, DROPPED_SLOW_DOWNLOAD
+            else:
+                continue
+            ns.set_state(s, request.peer_id, request.user_id, request.stage, ns.DROPPED, now)
         s.flush()
 
     def _admit(self, s: Session, now: float) -> None:
@@ -238,6 +252,8 @@ class Coordinator:
             s.add(ActiveNode(uid=secrets.token_hex(8), peer_id=request.peer_id, user_id=request.user_id,
                              stage=request.stage, granted_at=now, expires_at=now + self.config.access_token_lifetime_s))
             s.get(IdentityBinding, request.peer_id).last_stage = request.stage
+            state = ns.set_state(s, request.peer_id, request.user_id, request.stage, ns.STARTING, now)
+            state.phase, state.last_heartbeat_at = None, None
         s.flush()
 
     def _waiting(self, s: Session) -> list[QueueRequest]:
@@ -253,10 +269,12 @@ class Coordinator:
         rows = s.execute(select(ActiveNode.stage, func.count()).group_by(ActiveNode.stage))
         return {stage: count for stage, count in rows}
 
+    def _departure_interval(self, s: Session) -> tuple[float | None, int]:
+        times = ns.departure_times(s, self.config.queue.wait_estimate_window)
+        return queue.departure_interval(times), len(times)
+
     def _wait_estimate(self, s: Session, position: int) -> float | None:
-        recent = s.scalars(select(QueueRequest.admitted_at).where(QueueRequest.waited.is_(True))
-                           .order_by(QueueRequest.admitted_at.desc()).limit(self.config.queue.admission_rate_window))
-        interval = queue.admission_interval(list(recent), self.config.queue.initial_admission_interval_s)
+        interval, _ = self._departure_interval(s)
         return queue.estimated_wait_s(position, interval, self.config.queue.joins_paused)
 
     def _download_required(self, s: Session, stage: str) -> bool:
@@ -289,7 +307,7 @@ class Coordinator:
         public_key = s.get(IdentityBinding, node.peer_id).public_key
         claims = AccessClaims(peer_id=node.peer_id, stage=node.stage, username=user.username, uid=node.uid,
                               issued_at=self._clock(), expires_at=node.expires_at, role=WORKER, public_key=public_key)
-        return self._grant(claims, self.config.checkpoint_url(node.stage, base_url))
+        return self._grant(claims, self.config.checkpoint_url(node.stage, base_url), base_url)
 
     def trainer_access(self, token: str | None, body: TrainerAccessRequest) -> AccessAnswer:
         """Access to call every stage, for an operator's trainer; asked again to renew it. Trainers take
@@ -304,10 +322,12 @@ class Coordinator:
                               public_key=public_key)
         return self._grant(claims, checkpoint_url=None)
 
-    def _grant(self, claims: AccessClaims, checkpoint_url: str | None) -> AccessAnswer:
+    def _grant(self, claims: AccessClaims, checkpoint_url: str | None, base_url: str | None = None) -> AccessAnswer:
+        node = claims.peer_id if claims.role == WORKER else None
         return AccessAnswer(stage=claims.stage, uid=claims.uid, username=claims.username, peer_id=claims.peer_id,
                             access_token=self.signer.issue(claims), expires_at=claims.expires_at,
-                            checkpoint_url=checkpoint_url, coordinator_public_key=self.signer.public_key)
+                            checkpoint_url=checkpoint_url, coordinator_public_key=self.signer.public_key,
+                            dashboard_url=self.config.dashboard_url(node, base_url))
 
     # ---- active nodes
 
@@ -332,6 +352,7 @@ class Coordinator:
         with self._lock, self.db.session() as s:
             node = s.scalar(select(ActiveNode).where(ActiveNode.peer_id == body.peer_id))
             if node is not None:
+                ns.end_node(s, node, ns.STOPPED, self._clock())
                 s.delete(node)
             if s.get(IdentityBinding, body.peer_id) is not None:
                 s.merge(NodeStop(peer_id=body.peer_id, reason=body.reason, operator=username, at=self._clock()))
@@ -362,7 +383,13 @@ class Coordinator:
             if node.last_sent_at is not None and body.sent_at <= node.last_sent_at:
                 raise CoordinatorRefusal(Refusal.STALE_HEARTBEAT)
             self._record_contribution(s, node, body, now)
+            if body.leaving:  # its place frees up now, not when its access would have run out
+                ns.end_node(s, node, ns.LEFT, now)
+                s.delete(node)
+                return HeartbeatAnswer(expires_at=now)
+            ns.heard_from(s, node, body.phase, now)
             self._expire(s, now)  # a stage counts as empty only once its last node's access has run out
+            self._sample_if_due(s, now)
             return self._maybe_move(s, node, user)
 
     def _record_contribution(self, s: Session, node: ActiveNode, body: HeartbeatRequest, now: float) -> None:
@@ -421,17 +448,73 @@ class Coordinator:
     def run_info(self) -> RunInfo:
         with self._lock, self.db.session() as s:
             now = self._clock()
-            self._expire(s, now)
-            self._admit(s, now)
+            self._refresh_states(s, now)
+            counts = history.stage_counts(s, [st.name for st in self.config.stages])
             workers = self._workers_per_stage(s)
             waiting = len(self._waiting(s))
             return RunInfo(
                 run_name=self.config.run_name,
-                stages=[StageInfo(name=st.name, need=st.need, workers=workers.get(st.name, 0)) for st in self.config.stages],
+                stages=[self._stage_info(st.name, st.need, counts[st.name]) for st in self.config.stages],
                 capacity=self.config.queue.capacity, active_nodes=sum(workers.values()), queue_length=waiting,
                 estimated_wait_seconds=self._newcomer_wait(s, waiting, sum(workers.values())),
+                wait_estimate_basis=self._wait_basis(s, waiting, sum(workers.values())),
                 joins_paused=self.config.queue.joins_paused, coordinator_public_key=self.signer.public_key,
             )
+
+    @staticmethod
+    def _stage_info(name: str, need: int, count) -> StageInfo:
+        serving = sum(count[state] for state in ns.SERVING_STATES)
+        return StageInfo(name=name, need=need, workers=serving + count[ns.LAPSED], serving=serving,
+                         training=count[ns.TRAINING], warming_up=count[ns.WARMING_UP], lapsed=count[ns.LAPSED],
+                         queued=count["queued"])
+
+    def _wait_basis(self, s: Session, waiting: int, active: int) -> str:
+        if self.config.queue.joins_paused:
+            return "joins are paused"
+        if not waiting and queue.free_slots(self.config.queue.capacity, active):
+            return "the run has free places"
+        interval, seen = self._departure_interval(s)
+        if interval is None:
+            return "not known yet: the run is full and fewer than two nodes have left it so far"
+        return f"a place freed up every {interval:.0f}s on average over the last {seen} departures"
+
+    def _refresh_states(self, s: Session, now: float) -> None:
+        """Expiries, admissions and lapses as of now, and a sample for the charts if one is due."""
+        self._expire(s, now)
+        self._admit(s, now)
+        ns.mark_lapsed(s, self.config.dashboard.lapse_after_s, now)
+        self._sample_if_due(s, now)
+
+    def _sample_if_due(self, s: Session, now: float) -> None:
+        if now - self._last_sample < self.config.dashboard.sample_interval_s:
+            return
+        s.flush()
+        history.take_sample(s, self.config, now)
+        self._last_sample = now
+
+    def sample(self) -> None:
+        """Called periodically, so the charts go on while nobody calls (nodes gone silent lapse then too)."""
+        with self._lock, self.db.session() as s:
+            self._refresh_states(s, self._clock())
+
+    def training_report(self, token: str | None, body: TrainingReport) -> None:
+        """A trainer's progress for the charts; like trainer access, operators only."""
+        username = self.authenticate(token)
+        if username not in self.config.operators:
+            raise CoordinatorRefusal(Refusal.NOT_OPERATOR)
+        with self._lock, self.db.session() as s:
+            history.record_training(s, body, self._clock())
+
+    def history(self, since: float = 0.0) -> HistoryAnswer:
+        with self._lock, self.db.session() as s:
+            now = self._clock()
+            self._refresh_states(s, now)
+            return history.history(s, self.config, since, now)
+
+    def nodes(self, peer_id: str | None = None) -> list[NodeInfo]:
+        with self._lock, self.db.session() as s:
+            self._refresh_states(s, self._clock())
+            return history.nodes(s, self.config, peer_id)
 
     def _newcomer_wait(self, s: Session, waiting: int, active: int) -> float | None:
         if not waiting and not self.config.queue.joins_paused and queue.free_slots(self.config.queue.capacity, active):

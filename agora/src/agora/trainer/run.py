@@ -17,32 +17,38 @@ from agora.processes import setup_process, start_metrics_push
 def run_trainer(args: argparse.Namespace) -> int:
     from hivemind import DHT
 
-    from agora_server.data import PackedBatches
+    from agora_server.data import PackedBatches, validation_batches
     from agora_server.pipeline import PipelineTrainer
-    from agora_server.telemetry.events import CoordinatorStop
+    from agora_server.telemetry.events import CoordinatorStop, ProcessError
 
     events = setup_process(args.log_file)
+
+    def fail(message: str) -> int:
+        events.emit(ProcessError(tag="TRAINER", message=message))
+        return 1
+
     try:
         config = load_run_config(args.config)
     except ConfigError as e:
-        print(f"[TRAINER] {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     packed = PackedBatches(config.data, config.trainer.micro_batch_size, rank=args.rank, world_size=args.world_size)
     if packed.vocab_size > config.model.vocab_size:
-        print(
-            f"[TRAINER] tokenizer {config.data.tokenizer!r} has {packed.vocab_size} tokens but model.vocab_size is"
-            f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}",
-            file=sys.stderr,
-        )
-        return 1
+        return fail(f"tokenizer {config.data.tokenizer!r} has {packed.vocab_size} tokens but model.vocab_size is"
+                    f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}")
     batches = iter(packed)
+    held_out = None
+    if config.trainer.validation_every and config.data.validation_fraction > 0:
+        try:
+            held_out = validation_batches(config.data, config.trainer.micro_batch_size, config.trainer.validation_batches,
+                                          tokenizer=packed.tokenizer)
+        except ValueError as e:
+            return fail(f"no validation: {e}")
     session = validator = None
     if args.auth_server:
         try:
             session, validator = _admit_trainer(args, config, events)
         except RuntimeError as e:
-            print(f"[TRAINER] {e}", file=sys.stderr)
-            return 1
+            return fail(str(e))
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=args.host_maddrs,
@@ -53,6 +59,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     )
     if session is not None:
         session.peer_access.on_renew(lambda token: validator.renew_in(dht, token))
+        events.subscribe(session)  # its reports feed the coordinator's dashboard
         session.start(None)
     trainer = PipelineTrainer(
         dht=dht,
@@ -75,17 +82,16 @@ def run_trainer(args: argparse.Namespace) -> int:
 
         def on_event(event) -> None:  # access lost for good: workers would refuse every call from now on
             if isinstance(event, CoordinatorStop):
-                print(f"[TRAINER] {event.reason}", file=sys.stderr, flush=True)
+                events.emit(ProcessError(tag="TRAINER", message=event.reason))
                 loop.call_soon_threadsafe(stop.set)
 
         events.subscribe(on_event)
-        return await trainer.train(batches, steps, stop)
+        return await trainer.train(batches, steps, stop, validation=held_out, total_steps=args.steps)
 
     try:
         summary = asyncio.run(_train())
     except TimeoutError as e:
-        print(f"[TRAINER] {e}", file=sys.stderr)
-        return 1
+        return fail(str(e))
     finally:
         if session is not None:
             session.stop()

@@ -25,5 +25,15 @@ class TrainerConfig(BaseModel):
     """Seconds between reads of the stage records in the DHT."""
     report_every: int = Field(10, gt=0)
     """Completed micro-batches between trainer reports."""
+    loss_smoothing: int = Field(50, gt=0)
+    """Span, in micro-batches, of the moving average behind the reported training loss. Single
+    micro-batch losses swing with the text they hold; raise it for a steadier curve, lower it to see
+    changes sooner."""
+    validation_every: int = Field(200, ge=0)
+    """Completed micro-batches between validation measurements (the held-out batches, forward only);
+    also measured before the first and after the last micro-batch. 0 turns validation off."""
+    validation_batches: int = Field(8, gt=0)
+    """Micro-batches of held-out text per validation measurement. More gives a steadier figure and
+    costs more forward passes of every stage."""
     default_throughput: float = Field(1000.0, gt=0)
     """Tokens/s assumed for a worker that has not measured its throughput yet."""

@@ -5,9 +5,14 @@ pipeline: workers step on their own, gradients may be slightly stale). Each stag
 to the worker with the earliest expected finish; a worker that fails or times out is banned
 and the call is retried on another one. Backward re-runs the forward on the worker, so any
 worker of a stage can take it. Every micro-batch ends in the ledger as completed or as
-dropped with a reason: nothing is lost silently. When a stage has no usable worker left, the
+dropped with a reason: nothing is lost silently (micro-batches abandoned because the trainer was
+told to stop count as ``cancelled``, not as failures). When a stage has no usable worker left, the
 trainer pauses (sends nothing new) until one returns, rather than feeding micro-batches that
 could only be dropped.
+
+The reported training loss is a bias-corrected moving average of the micro-batch losses; the
+validation loss scores a fixed list of held-out batches through the pipeline, forward only, before
+the first micro-batch, every ``validation_every`` micro-batches and after the last.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 
@@ -34,10 +40,18 @@ from agora_server.telemetry.events import (
     TrainerPaused,
     TrainerReport,
     TrainerResumed,
+    TrainingStarted,
+    ValidationMeasured,
     WaitingForStages,
     WorkerBanned,
 )
 from agora_server.wire import Rpc
+
+logger = logging.getLogger(__name__)
+
+CANCELLED = "cancelled"
+"""Drop reason of the micro-batches a stopping trainer abandons: the user's stop, not a failure."""
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class MicroBatchDroppedError(Exception):
@@ -57,6 +71,33 @@ class Ledger:
     def in_flight(self) -> int:
         return self.sent - self.completed - sum(self.dropped.values())
 
+    @property
+    def cancelled(self) -> int:
+        return self.dropped[CANCELLED]
+
+    @property
+    def failed(self) -> int:
+        """Dropped for a reason other than a stop."""
+        return sum(count for reason, count in self.dropped.items() if reason != CANCELLED)
+
+
+class SmoothedLoss:
+    """Exponential moving average with the start-up bias removed (as Adam does for its moments), so
+    the first values are not pulled towards zero."""
+
+    def __init__(self, span: int):
+        self.beta = 1.0 - 2.0 / (span + 1)
+        self._average = 0.0
+        self._weight = 0.0
+
+    def add(self, value: float) -> None:
+        self._average = self.beta * self._average + (1 - self.beta) * value
+        self._weight = self.beta * self._weight + (1 - self.beta)
+
+    @property
+    def value(self) -> float | None:
+        return self._average / self._weight if self._weight else None
+
 
 @dataclasses.dataclass
 class TrainerSummary:
@@ -66,6 +107,12 @@ class TrainerSummary:
     retried: int
     losses: list[tuple[int, float]]
     """(completed micro-batch number, its mean token loss), in completion order."""
+    smoothed_losses: list[tuple[int, float]]
+    """(completed micro-batch number, the smoothed training loss then), at every report."""
+    validation: list[tuple[int, float]]
+    """(completed micro-batches when measured, validation loss)."""
+    stopped: bool
+    """Told to stop before its micro-batches were done."""
     tokens: int
     """Tokens of the completed micro-batches."""
     seconds: float
@@ -114,6 +161,10 @@ class PipelineTrainer:
         }
         self.ledger = Ledger()
         self.losses: list[tuple[int, float]] = []
+        self.smoothed = SmoothedLoss(config.loss_smoothing)
+        self.smoothed_losses: list[tuple[int, float]] = []
+        self.validations: list[tuple[int, float]] = []
+        self._total_steps = 0
         self.tokens_done = 0
         self.pauses: list[tuple[float, float]] = []
         self._last_completion = 0.0
@@ -149,13 +200,17 @@ class PipelineTrainer:
 
     async def wait_for_all_stages(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        said: tuple[str, ...] = ()
+        await self._refresh_directory()  # look before saying anything is missing
         while True:
             missing = self._unserved_stages()
             if not missing:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no worker announced stage(s) {', '.join(missing)} within {timeout:.0f}s")
-            self.events.emit(WaitingForStages(stages=missing))
+            if missing != said:  # once per change, not once per look
+                self.events.emit(WaitingForStages(stages=missing))
+                said = missing
             await self._refresh_directory()
             await self._wait_for_directory_update(min(self.config.refresh_period, 2.0))
 
@@ -181,7 +236,9 @@ class PipelineTrainer:
             while peer is None:  # nobody serves this stage right now: wait for one to (re)appear
                 waited_since = waited_since or time.monotonic()
                 # a stopping trainer drains what can finish; waiting for a stage to come back is not that
-                if time.monotonic() - waited_since > self.config.stage_wait_timeout or self._stopping.is_set():
+                if self._stopping.is_set():
+                    raise MicroBatchDroppedError(CANCELLED)
+                if time.monotonic() - waited_since > self.config.stage_wait_timeout:
                     raise MicroBatchDroppedError(f"no_worker:{spec.name}")
                 await self._wait_for_directory_update(self.config.refresh_period * 2)
                 peer = balancer.choose(tokens, exclude=tried)
@@ -230,7 +287,7 @@ class PipelineTrainer:
         except MicroBatchDroppedError as e:
             self._drop(microbatch, e.reason)
         except asyncio.CancelledError:
-            self._drop(microbatch, "cancelled")
+            self._drop(microbatch, CANCELLED)
             raise
         except Exception as e:  # a bug must not make a micro-batch vanish from the ledger
             self._drop(microbatch, f"error:{type(e).__name__}")
@@ -241,16 +298,51 @@ class PipelineTrainer:
             self.ledger.completed += 1
             self.tokens_done += tokens.numel()
             self.losses.append((self.ledger.completed, loss))
+            self.smoothed.add(loss)
 
     def _drop(self, microbatch: int, reason: str) -> None:
         self.ledger.dropped[reason] += 1
         self.events.emit(MicroBatchDropped(microbatch=microbatch, reason=reason))
 
+    # --- validation -----------------------------------------------------------------------
+
+    async def _score(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """Forward only through every stage: (summed token loss, tokens scored)."""
+        *front, tail = self.stages
+        boundary: torch.Tensor | None = None
+        for spec in front:
+            inputs = [tokens] if spec.kind is StageKind.HEAD else [boundary]
+            (boundary,) = await self._call_stage(spec, Rpc.FORWARD, inputs, -1)
+        (per_token_loss,) = await self._call_stage(tail, Rpc.FORWARD, [boundary, labels], -1)
+        valid = labels != -100
+        return float((per_token_loss.float() * valid).sum()), int(valid.sum())
+
+    async def measure_validation(self, batches: list[Batch]) -> float | None:
+        """Score the held-out batches with the stages' current weights; None if a stage failed them
+        (the measurement is skipped: training goes on, and nothing enters the ledger)."""
+        step, started = self.ledger.completed, time.perf_counter()
+        loss_sum, counted = 0.0, 0
+        try:
+            for tokens, labels in batches:
+                summed, count = await self._score(tokens, labels)
+                loss_sum, counted = loss_sum + summed, counted + count
+        except MicroBatchDroppedError as e:
+            logger.warning("validation at step %d skipped: %s", step, e.reason)
+            return None
+        loss = loss_sum / max(counted, 1)
+        self.validations.append((step, loss))
+        self.events.emit(ValidationMeasured(step=step, loss=loss, batches=len(batches), tokens=counted,
+                                            seconds=time.perf_counter() - started))
+        return loss
+
     # --- the loop -------------------------------------------------------------------------
 
-    async def train(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, stop: asyncio.Event) -> TrainerSummary:
+    async def train(self, batches: Iterator[Batch], steps: int, stop: asyncio.Event,
+                    validation: list[Batch] | None = None, total_steps: int = 0) -> TrainerSummary:
         """Run until ``steps`` micro-batches completed or ``stop`` is set; in-flight ones then finish,
-        except those waiting for a stage without workers: they count as dropped."""
+        except those waiting for a stage without workers: they count as cancelled. ``validation``:
+        the held-out batches (none: no validation); ``total_steps`` is what reports show as the goal
+        (0: open-ended)."""
         self._stopping = stop
         self._directory_updated = asyncio.Event()
         p2p = await self.dht.replicate_p2p()
@@ -258,16 +350,29 @@ class PipelineTrainer:
         directory = asyncio.create_task(self._directory_loop())
         tasks: set[asyncio.Task] = set()
         started = time.perf_counter()
+        every = self.config.validation_every if validation else 0
+        scoring: asyncio.Task | None = None  # the periodic validation running beside training
+        self._total_steps = total_steps
         try:
             await self.wait_for_all_stages(self.config.stage_wait_timeout)
+            self.events.emit(TrainingStarted(stages=tuple(s.name for s in self.stages), total_steps=total_steps))
+            if every:  # before any update: the baseline every later measurement compares with
+                await self.measure_validation(validation)
             started = self._last_completion = time.perf_counter()  # training time starts once every stage has a worker
             last_report = (started, 0, 0)  # time, tokens and completed count of the last report
+            next_validation = every
             while self.ledger.completed < steps and not stop.is_set():
+                if every and self.ledger.completed >= next_validation and (scoring is None or scoring.done()):
+                    # beside the micro-batches, not between them: the pipeline keeps its stages busy
+                    scoring = asyncio.create_task(self.measure_validation(validation))
+                    next_validation = (self.ledger.completed // every + 1) * every
                 missing = self._unserved_stages()
                 if missing:
                     await self._pause_while_unserved(missing, len(tasks), started)
                     continue
-                if len(tasks) < self.config.max_in_flight and self.ledger.completed + len(tasks) < steps:
+                # a running validation takes one of the in-flight places: the workers see no more calls at once than without it
+                room = self.config.max_in_flight - (1 if scoring is not None and not scoring.done() else 0)
+                if len(tasks) < room and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs
                     tokens, labels = await asyncio.to_thread(next, batches)
                     self.ledger.sent += 1
@@ -285,7 +390,14 @@ class PipelineTrainer:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+            if scoring is not None and not stop.is_set():
+                await scoring
+            if every and not stop.is_set() and (not self.validations or self.validations[-1][0] != self.ledger.completed):
+                await self.measure_validation(validation)
         finally:
+            if scoring is not None and not scoring.done():
+                scoring.cancel()
+                await asyncio.gather(scoring, return_exceptions=True)
             directory.cancel()
             await asyncio.gather(directory, return_exceptions=True)
             await p2p.shutdown()
@@ -296,6 +408,9 @@ class PipelineTrainer:
             dropped=dict(self.ledger.dropped),
             retried=self.ledger.retried,
             losses=self.losses,
+            smoothed_losses=self.smoothed_losses,
+            validation=self.validations,
+            stopped=stop.is_set() and self.ledger.completed < steps,
             tokens=self.tokens_done,
             seconds=time.perf_counter() - started,
             longest_stall=self._longest_stall,
@@ -304,13 +419,21 @@ class PipelineTrainer:
             bytes_received=dict(self._caller.bytes_received),
             boundary_bytes=dict(self._caller.boundary_bytes),
         )
+        first = [loss for _, loss in self.losses[: self.config.report_every]]
         self.events.emit(
             TrainerFinished(
                 completed=summary.completed,
                 sent=summary.sent,
-                dropped=summary.dropped,
+                dropped={reason: n for reason, n in summary.dropped.items() if reason != CANCELLED},
                 retried=summary.retried,
-                final_loss=self._recent_loss(),
+                final_loss=self.smoothed.value,
+                first_loss=sum(first) / len(first) if first else None,
+                validation_first=self.validations[0][1] if self.validations else None,
+                validation_last=self.validations[-1][1] if self.validations else None,
+                cancelled=self.ledger.cancelled,
+                stopped=summary.stopped,
+                seconds=summary.seconds,
+                tokens=summary.tokens,
             )
         )
         return summary
@@ -318,6 +441,11 @@ class PipelineTrainer:
     def _recent_loss(self) -> float | None:
         recent = [loss for _, loss in self.losses[-self.config.report_every :]]
         return sum(recent) / len(recent) if recent else None
+
+    def _served(self) -> tuple[int, int]:
+        """(stages with a usable worker, usable workers over all stages)."""
+        usable = [len(self.balancers[s.name].usable()) for s in self.stages]
+        return sum(1 for n in usable if n), sum(usable)
 
     def _maybe_report(self, last_report: tuple[float, int, int]) -> tuple[float, int, int]:
         # compared with the last report, not with the count before this wait: completions that land
@@ -327,15 +455,28 @@ class PipelineTrainer:
             return last_report
         now = time.perf_counter()
         rate = (self.tokens_done - last_report[1]) / max(now - last_report[0], 1e-6)
+        since_last = [loss for _, loss in self.losses[last_report[2]:]]
+        served, workers = self._served()
+        smoothed = self.smoothed.value
+        self.smoothed_losses.append((self.ledger.completed, smoothed))
+        validation = self.validations[-1] if self.validations else (None, None)
         self.events.emit(
             TrainerReport(
                 step=self.ledger.completed,
-                loss=self._recent_loss(),
+                loss=sum(since_last) / len(since_last) if since_last else self._recent_loss(),
                 tokens_per_second=rate,
                 sent=self.ledger.sent,
                 completed=self.ledger.completed,
-                dropped=sum(self.ledger.dropped.values()),
+                dropped=self.ledger.failed,
                 retried=self.ledger.retried,
+                total_steps=self._total_steps,
+                smoothed_loss=smoothed,
+                validation_loss=validation[1],
+                validation_step=validation[0],
+                stages_served=served,
+                stages_total=len(self.stages),
+                workers=workers,
+                cancelled=self.ledger.cancelled,
             )
         )
         return now, self.tokens_done, self.ledger.completed

@@ -101,21 +101,37 @@ def _(event: ev.ProgressReport) -> list[str]:
     ]
 
 
-def format_wait(seconds: float | None) -> str:
-    if seconds is None:
+def format_wait(seconds: float | None, joins_paused: bool = False) -> str:
+    if joins_paused:
         return "unknown (joins are paused)"
+    if seconds is None:
+        return "unknown (no place has freed up yet to measure it)"
     minutes = max(1, round(seconds / 60))
     return f"{minutes // 60}h {minutes % 60}m" if minutes >= 60 else f"{minutes}m"
 
 
 @console_lines.register
+def _(event: ev.JoiningRun) -> list[str]:
+    return [f"[AUTH] Joining the run through the coordinator at {event.coordinator}"]
+
+
+@console_lines.register
 def _(event: ev.AuthQueued) -> list[str]:
-    return [f"[AUTH] Authorization queue: position {event.position}, estimated wait: {format_wait(event.estimated_wait_seconds)}"]
+    wait = format_wait(event.estimated_wait_seconds, event.joins_paused)
+    return [f"[AUTH] Authorization queue: position {event.position}, estimated wait: {wait}"]
 
 
 @console_lines.register
 def _(event: ev.AccessGranted) -> list[str]:
-    return [f"[AUTH] Access granted for {event.username}"]
+    lines = [f"[AUTH] Access granted for {event.username}"]
+    if event.dashboard_url:
+        lines.append(f"[AUTH] This node on the run's dashboard: {event.dashboard_url}")
+    return lines
+
+
+@console_lines.register
+def _(event: ev.ProcessError) -> list[str]:
+    return [f"[{event.tag}] {event.message}"]
 
 
 @console_lines.register
@@ -180,21 +196,57 @@ def _(event: ev.WorkerBanned) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.TrainingStarted) -> list[str]:
+    goal = f"{event.total_steps} micro-batches" if event.total_steps else "until stopped"
+    return [f"[TRAINER] Every stage has a worker ({', '.join(event.stages)}); training {goal}"]
+
+
+@console_lines.register
+def _(event: ev.ValidationMeasured) -> list[str]:
+    return [f"[TRAINER] validation loss {event.loss:.3f} after {event.step} micro-batches ({event.batches} held-out batches, {event.seconds:.1f}s)"]
+
+
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@console_lines.register
 def _(event: ev.TrainerReport) -> list[str]:
-    return [
-        f"[TRAINER] step {event.step} | loss {event.loss:.4f} | {event.tokens_per_second:,.0f} tokens/s"
-        f" | micro-batches sent {event.sent}, completed {event.completed}, dropped {event.dropped}, retried {event.retried}"
-    ]
+    # "micro-batches", not "step": a worker's [TRAINING] step is an optimizer step of its stage
+    done = f"{event.step}/{event.total_steps}" if event.total_steps else str(event.step)
+    smoothed = event.smoothed_loss if event.smoothed_loss is not None else event.loss
+    parts = [f"[TRAINER] micro-batches {done}", f"loss {_loss(smoothed)}"]
+    if event.validation_loss is not None:
+        parts.append(f"validation {_loss(event.validation_loss)} (at {event.validation_step})")
+    parts.append(f"{event.tokens_per_second:,.0f} tokens/s")
+    if event.stages_total:
+        parts.append(f"stages served {event.stages_served}/{event.stages_total} ({event.workers} workers)")
+    drops = f"dropped {event.dropped}"
+    if event.retried:
+        drops += f", retried {event.retried}"
+    if event.cancelled:
+        drops += f", cancelled {event.cancelled}"
+    parts.append(drops)
+    return [" | ".join(parts)]
+
+
+def _arrow(first: float | None, last: float | None) -> str:
+    if first is None or last is None:
+        return _loss(last)
+    return f"{first:.3f} → {last:.3f}"
 
 
 @console_lines.register
 def _(event: ev.TrainerFinished) -> list[str]:
     dropped = ", ".join(f"{reason}: {count}" for reason, count in sorted(event.dropped.items())) or "none"
-    loss = "n/a" if event.final_loss is None else f"{event.final_loss:.4f}"
-    return [
-        f"[TRAINER] Finished: {event.completed} micro-batches completed of {event.sent} sent;"
-        f" dropped: {dropped}; retried: {event.retried}; final loss {loss}"
-    ]
+    verb = "Stopped" if event.stopped else "Finished"
+    line = (f"[TRAINER] {verb}: {event.completed} micro-batches completed of {event.sent} sent;"
+            f" dropped: {dropped}; retried: {event.retried}; loss {_arrow(event.first_loss, event.final_loss)}")
+    if event.validation_last is not None:
+        line += f"; validation {_arrow(event.validation_first, event.validation_last)}"
+    if event.cancelled:
+        line += f"; cancelled by the stop: {event.cancelled}"
+    return [line]
 
 
 class ConsolePrinter:

@@ -162,10 +162,19 @@ class ComputeFailed(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class JoiningRun(Event):
+    """The node asks the coordinator for a place in the run."""
+
+    coordinator: str
+    """The coordinator's URL."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AuthQueued(Event):
     position: int
     estimated_wait_seconds: float | None
-    """None while the coordinator has paused joins."""
+    """None while joins are paused, or before the coordinator has seen a place free up."""
+    joins_paused: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -173,6 +182,18 @@ class AccessGranted(Event):
     username: str
     stage: str
     expires_at: float
+    dashboard_url: str | None = None
+    """This node's view on the run's dashboard, when the coordinator serves one."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProcessError(Event):
+    """A worker or trainer cannot go on: it could not start or join, or lost its access. ``message`` says
+    why and what to do."""
+
+    tag: str
+    """The console tag of the process: SERVER, AUTH or TRAINER."""
+    message: str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,6 +271,15 @@ class WaitingForStages(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingStarted(Event):
+    """Every stage has a worker: the trainer sends its first micro-batches."""
+
+    stages: tuple[str, ...]
+    total_steps: int
+    """Micro-batches to complete; 0 when the trainer runs until stopped."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerPaused(Event):
     """Mid-run, a stage has no usable worker: no new micro-batches are sent until one returns."""
 
@@ -279,14 +309,41 @@ class MicroBatchDropped(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ValidationMeasured(Event):
+    """The mean token loss of the held-out validation batches, scored through the pipeline (forward only)."""
+
+    step: int
+    """Completed micro-batches when the measurement began."""
+    loss: float
+    batches: int
+    tokens: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerReport(Event):
     step: int
     loss: float
+    """Mean token loss of the micro-batches completed since the previous report."""
     tokens_per_second: float
     sent: int
     completed: int
     dropped: int
     retried: int
+    total_steps: int = 0
+    """Micro-batches the trainer will complete; 0 when it runs until stopped."""
+    smoothed_loss: float | None = None
+    """Exponential moving average of the micro-batch losses (``trainer.loss_smoothing``), bias-corrected."""
+    validation_loss: float | None = None
+    """The latest validation loss, if one was measured."""
+    validation_step: int | None = None
+    stages_served: int = 0
+    """Stages with at least one worker the trainer can route to."""
+    stages_total: int = 0
+    workers: int = 0
+    """Usable workers over all stages."""
+    cancelled: int = 0
+    """Micro-batches abandoned because the trainer was told to stop (not failures)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -294,8 +351,20 @@ class TrainerFinished(Event):
     completed: int
     sent: int
     dropped: dict[str, int]
+    """Per reason; the micro-batches cancelled by a stop are under ``cancelled`` instead."""
     retried: int
     final_loss: float | None
+    """Smoothed training loss at the end."""
+    first_loss: float | None = None
+    """Mean loss of the first micro-batches (one report's worth)."""
+    validation_first: float | None = None
+    validation_last: float | None = None
+    cancelled: int = 0
+    stopped: bool = False
+    """Told to stop before completing its micro-batches (Ctrl+C, SIGTERM)."""
+    seconds: float = 0.0
+    """Training time, from the moment every stage had a worker."""
+    tokens: int = 0
 
 
 Subscriber = Callable[[Event], None]
