@@ -80,7 +80,8 @@ def test_micro_batches_a_stop_abandons_count_as_cancelled_not_failed(swarm_harne
     assert swarm.stop() == []  # SIGTERM to the trainer first: the stop the participant asked for
 
     (finished,) = swarm.events_of("trainer", ev.TrainerFinished)
-    assert finished.stopped and finished.cancelled == paused.in_flight, finished
+    # a micro-batch already past body1 on its way back (at the head's backward) may still finish
+    assert finished.stopped and 1 <= finished.cancelled <= paused.in_flight, finished
     assert finished.dropped == {}, "abandoned because of the stop, not failed"
     summary = json.loads(swarm.summary_path.read_text())
     assert summary["stopped"] and summary["dropped"] == {"cancelled": finished.cancelled}
