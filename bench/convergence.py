@@ -243,6 +243,10 @@ def run(args: argparse.Namespace) -> dict:
 def summarize(runs: dict) -> dict:
     base = runs.get("sync_adamw", {}).get("final_val_loss")
     summary: dict = {"sync_adamw_val_loss": base}
+    curve = [point["val_loss"] for point in runs.get("sync_adamw", {}).get("curve", [])]
+    if curve:
+        # after the first evaluation past warm-up, every one must be lower than the one before
+        summary["sync_validation_decreasing"] = all(later < earlier for earlier, later in zip(curve[1:], curve[2:]))
     for name in ("swarm_adamw", "swarm_nesterov"):
         run = runs.get(name, {})
         if "mean_val_loss" not in run:

@@ -150,7 +150,8 @@ def test_text_dataset_checks_its_column(config: DataConfig) -> None:
 
 
 def test_packed_batches_shapes_and_shifted_labels(config: DataConfig, tokenizer: Tokenizer) -> None:
-    batches = iter(PackedBatches(config, BATCH, tokenizer=tokenizer))
+    in_stream_order = config.model_copy(update={"sequence_shuffle_buffer": 0})
+    batches = iter(PackedBatches(in_stream_order, BATCH, tokenizer=tokenizer))
     first, second = next(batches), next(batches)
     for tokens, labels in (first, second):
         assert tokens.shape == labels.shape == (BATCH, SEQ_LEN)
@@ -186,6 +187,45 @@ def test_packed_batches_stop_or_repeat_at_the_end(config: DataConfig, tokenizer:
 
     with pytest.raises(ValueError, match="rank"):
         PackedBatches(config, BATCH, rank=2, world_size=2, tokenizer=tokenizer)
+
+
+def continuation_rate(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """How often a sequence is the stream's next window after the one before it (1.0: stream order)."""
+    rows = torch.cat([tokens for tokens, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    return float((rows[1:, 0] == labels[:-1, -1]).float().mean())
+
+
+def test_sequences_are_shuffled_across_documents(config: DataConfig, tokenizer: Tokenizer) -> None:
+    in_order = config.model_copy(update={"sequence_shuffle_buffer": 0})
+    assert continuation_rate(list(islice(PackedBatches(in_order, BATCH, tokenizer=tokenizer), 100))) > 0.95
+    mixed = list(islice(PackedBatches(config, BATCH, tokenizer=tokenizer), 100))
+    assert continuation_rate(mixed) < 0.1, "consecutive sequences come from all over the buffer"
+    again = list(islice(PackedBatches(config, BATCH, tokenizer=tokenizer), 100))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(mixed, again)), "deterministic per seed and rank"
+    other_rank = next(iter(PackedBatches(config, BATCH, tokenizer=tokenizer, rank=1, world_size=2)))[0]
+    assert not torch.equal(mixed[0][0], other_rank)
+
+
+def test_the_sequence_shuffle_loses_and_repeats_nothing() -> None:
+    import numpy as np
+
+    windows = [np.array([i, i + 1]) for i in range(1000)]
+    out = list(stream_module._shuffled(iter(windows), 64, np.random.default_rng(1)))
+    assert sorted(int(w[0]) for w in out) == list(range(1000))
+    assert [int(w[0]) for w in out] != list(range(1000))
+    again = list(stream_module._shuffled(iter(windows), 64, np.random.default_rng(1)))
+    assert all(np.array_equal(a, b) for a, b in zip(out, again))
+
+
+def test_validation_windows_are_sampled_across_the_whole_split(config: DataConfig, tokenizer: Tokenizer) -> None:
+    every = [w.copy() for w in PackedBatches(config, BATCH, split="validation", tokenizer=tokenizer, repeat=False).windows()]
+    position = {w.tobytes(): i for i, w in enumerate(every)}
+    sample = validation_batches(config, BATCH, max_batches=8, tokenizer=tokenizer)
+    picked = sorted(position[torch.cat([t[:, :1], l], dim=1)[row].numpy().tobytes()] for t, l in sample for row in range(BATCH))
+    assert len(set(picked)) == 8 * BATCH, "no window twice"
+    assert picked[0] < len(every) * 0.2 and picked[-1] > len(every) * 0.8, "from the start to the end of the split"
+    assert picked != list(range(8 * BATCH)), "not just the first windows"
 
 
 def test_validation_batches_are_fixed(config: DataConfig, tokenizer: Tokenizer) -> None:

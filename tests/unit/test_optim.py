@@ -17,22 +17,45 @@ from agora_server.optim import (
 )
 
 
-def torch_nadam_schedule(beta1, psi):
-    return lambda t: beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+def test_update_matches_a_hand_computed_reference_through_the_momentum_warmup():
+    """Four steps on one weight with μ rising 0.5 → 0.9 over three steps, written out by hand."""
+    import math
+
+    lr, beta2, eps, wd = 0.1, 0.999, 1e-8, 0.01
+    mu = {1: 0.5, 2: 0.7, 3: 0.9, 4: 0.9, 5: 0.9}
+    grads = [1.0, -2.0, 0.5, 3.0]
+    theta, m, v, product = 1.0, 0.0, 0.0, 1.0
+    expected = []
+    for t, g in enumerate(grads, start=1):
+        theta *= 1 - lr * wd
+        m = mu[t] * m + (1 - mu[t]) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        product *= mu[t]
+        look_ahead = (mu[t + 1] * m + (1 - mu[t + 1]) * g) / (1 - product * mu[t + 1])
+        theta -= lr * look_ahead / (math.sqrt(v / (1 - beta2**t)) + eps)
+        expected.append(theta)
+
+    p = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    opt = NesterovAdamW([p], lr=lr, betas=(0.9, beta2), eps=eps, weight_decay=wd, momentum_schedule=linear_momentum_warmup(0.9, 0.5, 3))
+    for g, want in zip(grads, expected):
+        p.grad = torch.tensor([g], dtype=torch.float64)
+        opt.step()
+        assert float(p.detach()) == pytest.approx(want, rel=1e-12)
 
 
-def test_matches_torch_nadam_under_the_same_momentum_schedule():
-    torch.manual_seed(0)
-    a = torch.randn(10, 7, requires_grad=True)
-    b = a.detach().clone().requires_grad_(True)
-    ours = NesterovAdamW([a], lr=1e-2, betas=(0.99, 0.999), weight_decay=0.1, momentum_schedule=torch_nadam_schedule(0.99, 0.004))
-    ref = torch.optim.NAdam([b], lr=1e-2, betas=(0.99, 0.999), weight_decay=0.1, momentum_decay=0.004, decoupled_weight_decay=True)
-    for step in range(25):
-        grad = torch.randn(10, 7, generator=torch.Generator().manual_seed(step))
-        a.grad, b.grad = grad.clone(), grad.clone()
+def test_steps_are_adams_size_from_the_first_one():
+    """Under a constant gradient the look-ahead average is the gradient itself, whatever μ does: the
+    optimizer moves exactly as Adam does (torch's NAdam, averaging at a fixed β1, moves 0.4-0.6 as far)."""
+    ours_p = torch.zeros(5, requires_grad=True)
+    adam_p = torch.zeros(5, requires_grad=True)
+    ours = NesterovAdamW([ours_p], lr=1e-2, betas=(0.99, 0.999), momentum_schedule=linear_momentum_warmup(0.99, 0.5, 50))
+    adam = torch.optim.Adam([adam_p], lr=1e-2, betas=(0.99, 0.999))
+    gradient = torch.tensor([1.0, -2.0, 0.3, 5.0, -0.1])
+    for _ in range(100):
+        ours_p.grad, adam_p.grad = gradient.clone(), gradient.clone()
         ours.step()
-        ref.step()
-    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+        adam.step()
+    assert torch.allclose(ours_p, adam_p, rtol=1e-5, atol=1e-6)
 
 
 def test_momentum_warmup_is_explicit_and_linear():
@@ -52,7 +75,8 @@ def test_weight_decay_is_decoupled():
 
 def test_config_selects_the_optimizer_and_minimises_a_quadratic():
     model = torch.nn.Linear(8, 1)
-    opt, _ = build_optimizer(model, OptimizerConfig(name="nesterov", lr=0.2, betas=(0.99, 0.999), momentum_warmup_steps=10, weight_decay=0.0))
+    # β1 = 0.9: a momentum horizon of 10 steps suits a 400-step run (0.99's 100 would be a quarter of it)
+    opt, _ = build_optimizer(model, OptimizerConfig(name="nesterov", lr=0.2, betas=(0.9, 0.999), momentum_warmup_steps=10, weight_decay=0.0))
     assert isinstance(opt, NesterovAdamW)
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     y = x @ torch.arange(8.0).unsqueeze(1)
@@ -63,7 +87,7 @@ def test_config_selects_the_optimizer_and_minimises_a_quadratic():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < first * 0.02
+    assert float(loss) < first * 1e-4
 
 
 def test_partition_covers_every_coordinate_once_per_cycle():

@@ -47,13 +47,21 @@ class DataConfig(BaseModel):
     """Tokens per training sequence. Raise it for longer context; it must not exceed the model's
     maximum sequence length, and activation memory grows with it."""
 
-    validation_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    validation_fraction: float = Field(0.05, ge=0.0, lt=0.5)
     """Share of documents held out for validation, chosen by a stable hash so the split never
-    changes between runs. Raise it if validation loss is too noisy; 0 disables validation."""
+    changes between runs (0.05: about 40 files of the offline corpus). Raise it if validation loss is
+    too noisy; 0 disables validation."""
 
     shuffle_buffer: int = Field(1000, ge=0)
     """Documents held in the streaming shuffle buffer (train split only). Larger mixes better but
     uses more memory and delays the first batch; 0 disables shuffling."""
+
+    sequence_shuffle_buffer: int = Field(2048, ge=0)
+    """Packed sequences held in a second shuffle buffer, after the documents' (train split only). A
+    document longer than a micro-batch fills many consecutive ones, so shuffling documents alone
+    still trains on one file for dozens of micro-batches; mixing the packed sequences gives every
+    micro-batch sequences of many documents. Costs this many sequences of memory (8 bytes per token)
+    and delays the first batch until the buffer is full; 0 disables it."""
 
     seed: int = 0
     """Seed of the shuffle (epoch ``e`` uses ``seed + e``). Change it to see the data in another

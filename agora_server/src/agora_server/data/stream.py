@@ -106,7 +106,8 @@ class PackedBatches:
 
     Each trainer rank reads a disjoint shard of the stream (``split_dataset_by_node``). The train
     split is shuffled with a buffer of ``config.shuffle_buffer`` documents and seed
-    ``config.seed + epoch``; the validation split is never shuffled. The output is a pure function of
+    ``config.seed + epoch``, then its packed sequences with a buffer of ``config.sequence_shuffle_buffer``
+    (seeded by seed and rank); the validation split is never shuffled. The output is a pure function of
     its arguments. With ``repeat=True`` the stream restarts at its end (the
     next epoch), so iteration never stops; with ``repeat=False`` it stops at the end of the data and
     the last, incomplete batch is dropped.
@@ -140,7 +141,9 @@ class PackedBatches:
         self._documents = open_text_dataset(config, split)
 
     def __iter__(self) -> Iterator[Batch]:
-        windows = self._windows()
+        windows = self.windows()
+        if self.split == "train" and self.config.sequence_shuffle_buffer > 1:
+            windows = _shuffled(windows, self.config.sequence_shuffle_buffer, np.random.default_rng([self.config.seed, self.rank]))
         while True:
             rows = list(itertools.islice(windows, self.batch_size))
             if len(rows) < self.batch_size:
@@ -149,8 +152,9 @@ class PackedBatches:
             # Contiguous copies: callers serialize these tensors, and views would drag the whole window along.
             yield packed[:, :-1].contiguous(), packed[:, 1:].contiguous()
 
-    def _windows(self) -> Iterator[np.ndarray]:
-        """Windows of ``seq_len + 1`` tokens, each starting at the previous window's last token."""
+    def windows(self) -> Iterator[np.ndarray]:
+        """Windows of ``seq_len + 1`` tokens in stream order, each starting at the previous window's
+        last token (views: copy one to keep it)."""
         seq_len = self.config.seq_len
         pending = np.empty(0, dtype=np.int64)
         epochs = itertools.count() if self.repeat else range(1)
@@ -197,21 +201,47 @@ class PackedBatches:
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
 
+def _shuffled(windows: Iterator[np.ndarray], size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The windows in a random order: each one out is drawn from a buffer of the next ``size``."""
+    buffer: list[np.ndarray] = []
+    for window in windows:
+        window = window.copy()  # a view would keep its whole token chunk alive in the buffer
+        if len(buffer) < size:
+            buffer.append(window)
+            continue
+        slot = int(rng.integers(size))
+        yield buffer[slot]
+        buffer[slot] = window
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+VALIDATION_POOL_TOKENS = 2**22
+"""The validation sample is drawn from the first 4M tokens of the split (32 MB of windows): all of the
+offline corpus's validation split, a bounded stretch of a streamed one."""
+VALIDATION_SEED = 0
+"""Fixed, not the training seed: runs with different data orders are scored on the same windows."""
+
+
 def validation_batches(
     config: DataConfig, batch_size: int, max_batches: int, *, tokenizer: Tokenizer | None = None
 ) -> list[Batch]:
-    """The first ``max_batches`` batches of the validation split: a fixed list, identical on every call.
-
-    Every trainer evaluates on the same list (no sharding, no shuffling), so losses are comparable.
-    Fewer batches come back when the split is smaller than ``max_batches`` batches.
-    """
+    """A fixed random sample of the validation split's windows as ``max_batches`` batches, identical on
+    every call and in every run. Drawn across the whole split (see ``VALIDATION_POOL_TOKENS``), not its
+    first windows, which would score a few documents. Fewer batches come back when the split is smaller."""
     if max_batches <= 0:
         raise ValueError(f"max_batches must be positive, got {max_batches}")
-    batches = PackedBatches(config, batch_size, split="validation", tokenizer=tokenizer, repeat=False)
-    result = list(itertools.islice(batches, max_batches))
-    if not result:
+    wanted = max_batches * batch_size
+    stream = PackedBatches(config, batch_size, split="validation", tokenizer=tokenizer, repeat=False).windows()
+    pool = [window.copy() for window in itertools.islice(stream, max(wanted, VALIDATION_POOL_TOKENS // (config.seq_len + 1)))]
+    if len(pool) < batch_size:
         raise ValueError(
             f"the validation split has too few tokens for one batch of {batch_size} x {config.seq_len}; "
             "lower the batch size or data.seq_len, or raise data.validation_fraction"
         )
+    chosen = np.random.default_rng(VALIDATION_SEED).choice(len(pool), size=min(wanted, len(pool)), replace=False)
+    result = []
+    for start in range(0, len(chosen) - batch_size + 1, batch_size):
+        packed = torch.from_numpy(np.stack([pool[i] for i in chosen[start : start + batch_size]]))
+        result.append((packed[:, :-1].contiguous(), packed[:, 1:].contiguous()))
     return result

@@ -1,18 +1,19 @@
 """Nesterov-corrected Adam for asynchronous pipelines (Ajanthan et al., ICML 2025).
 
 In an asynchronous pipeline a stage's gradient was computed on weights a few steps old. A
-Nesterov look-ahead with high momentum (β1 ≈ 0.99) compensates: the update uses where the
-momentum is about to take the weights, not where they are. This is NAdam (Dozat 2016) with
-decoupled weight decay:
+Nesterov look-ahead with high momentum compensates: the update uses where the momentum is about to
+take the weights, not where they are. This is NAdam (Dozat 2016) with decoupled weight decay, its
+momentum average built with the same momentum it is bias-corrected for:
 
-    m_t = β1 m + (1 − β1) g                v_t = β2 v + (1 − β2) g²
-    m̂   = μ_{t+1} m_t / (1 − Π_{i≤t+1} μ_i) + (1 − μ_t) g / (1 − Π_{i≤t} μ_i)
-    θ  ← θ − lr·wd·θ − lr · m̂ / (√(v_t / (1 − β2^t)) + ε)
+    m_t = μ_t m_{t−1} + (1 − μ_t) g_t                       v_t = β2 v_{t−1} + (1 − β2) g_t²
+    m̂_t = (μ_{t+1} m_t + (1 − μ_{t+1}) g_t) / (1 − Π_{i≤t+1} μ_i)       (the next step's average)
+    θ  ← θ − lr·wd·θ − lr · m̂_t / (√(v_t / (1 − β2^t)) + ε)
 
-μ_t is the momentum schedule. torch's NAdam warms it up with μ_t = β1(1 − ½·0.96^{tψ}), which
-at ψ = 0.004 is still ≈ 0.5 after 100 steps: a short or freshly joined run never reaches its
-high momentum. Here the warm-up is explicit and linear: μ goes from ``momentum_start`` to β1
-over ``momentum_warmup_steps`` steps.
+Under a constant gradient m̂_t equals it exactly at every step, so the step is Adam's size from the
+first one. (torch's NAdam averages with a fixed β1 but corrects with the product of its μ_t: with
+β1 = 0.99 its early steps are 0.4-0.6 of Adam's.) μ_t is the momentum schedule: from
+``momentum_start`` to β1 over ``momentum_warmup_steps``, explicit and linear, so a short or freshly
+joined run reaches its momentum; the average of a lower μ fills faster, so the ramp never outruns it.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class NesterovAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            _, beta2 = group["betas"]  # β1 enters through the momentum schedule
             lr, eps, wd, mu_of = group["lr"], group["eps"], group["weight_decay"], self.momentum_schedule
             for param in group["params"]:
                 if param.grad is None:
@@ -76,9 +77,10 @@ class NesterovAdamW(torch.optim.Optimizer):
 
                 param.mul_(1 - lr * wd)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg.lerp_(grad, 1 - mu)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
-                param.addcdiv_(grad, denom, value=-lr * (1 - mu) / (1 - mu_product))
-                param.addcdiv_(exp_avg, denom, value=-lr * mu_next / (1 - mu_product * mu_next))
+                correction = 1 - mu_product * mu_next
+                param.addcdiv_(exp_avg, denom, value=-lr * mu_next / correction)
+                param.addcdiv_(grad, denom, value=-lr * (1 - mu_next) / correction)
         return loss

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from hivemind import DHT
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils.crypto import RSAPrivateKey
 
 from agora_server.wire import stage_key
 
@@ -56,7 +57,18 @@ def progress_key(run: str, stage: str) -> str:
 
 
 class SwarmProgress:
-    def __init__(self, dht: DHT, run: str, stage: str, target_batch_size: int, epoch: int = 0, refresh_period: float = 2.0):
+    def __init__(
+        self,
+        dht: DHT,
+        run: str,
+        stage: str,
+        target_batch_size: int,
+        epoch: int = 0,
+        refresh_period: float = 2.0,
+        private_key: RSAPrivateKey | None = None,
+    ):
+        """``private_key`` signs this worker's progress record; hivemind's default is one per process,
+        so two workers sharing a process (tests) each need their own."""
         self.tracker = ProgressTracker(
             dht,
             prefix=stage_key(run, stage),
@@ -65,6 +77,7 @@ class SwarmProgress:
             max_refresh_period=refresh_period,
             default_refresh_period=refresh_period,
             status_loglevel=logging.DEBUG,
+            private_key=private_key,
             start=True,
         )
         self.epoch = 0
@@ -85,7 +98,10 @@ class SwarmProgress:
         self.tracker.report_local_progress(self.epoch, samples_accumulated)
 
     def ready(self) -> bool:
-        return self.tracker.ready_to_update_epoch
+        # samples only: hivemind's tracker also fires when its estimate of the time to the target runs
+        # out, which stepped stages on gradients of a few samples and on clocks that differ per stage
+        tracker = self.tracker
+        return tracker.global_epoch > self.epoch or tracker.global_progress.samples_accumulated >= tracker.target_batch_size
 
     def advance(self) -> int:
         with self.tracker.pause_updates():

@@ -1,0 +1,43 @@
+"""A stage's epoch ends when its workers' samples reach the target, and only then."""
+
+from __future__ import annotations
+
+import time
+
+from hivemind import DHT
+from hivemind.utils.crypto import RSAPrivateKey
+
+from agora_server.optim import SwarmProgress
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate():
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in first.get_visible_maddrs()])
+    # two workers' trackers in one process: each signs its record with its own key, as in two processes
+    a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+    b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+    try:
+        for samples in range(1, 8):  # fast progress: the time estimate to the target is soon over
+            a.report(samples)
+            b.report(samples)
+            time.sleep(0.05)
+        # 14 of 16: several refreshes later neither worker may step
+        assert not wait_until(lambda: a.ready() or b.ready(), 3.0), "stepped on a time estimate, 2 samples short"
+        b.report(9)  # 7 + 9 = 16: the stage's batch is complete
+        assert wait_until(a.ready, 10.0) and b.ready()
+        assert a.advance() == 1 and b.advance() == 1
+        assert not a.ready() and not b.ready(), "a new epoch starts with no samples"
+    finally:
+        for progress in (a, b):
+            progress.shutdown()
+        second.shutdown()
+        first.shutdown()
