@@ -65,19 +65,20 @@ def group_members(pgid: int) -> list[psutil.Process]:
 def stop_groups(pgids: list[int], grace: float) -> None:
     """SIGTERM to each process group, SIGKILL to what is left after ``grace`` seconds."""
     for pgid in pgids:
-        _signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while any(group_members(p) for p in pgids) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pgid in pgids:
         if group_members(pgid):
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while any(group_members(p) for p in pgids) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group; one that is gone (or not ours) is left alone."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

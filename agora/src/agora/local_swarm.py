@@ -35,7 +35,7 @@ import yaml
 
 from agora.config import RunConfig, deep_merge
 from agora.local_console import SwarmConsole
-from agora.local_state import RunState, SwarmBusy, group_members
+from agora.local_state import RunState, SwarmBusy, group_members, signal_group
 from agora.ports import free_port
 from agora.processes import EVENT_STREAM_ENV
 from agora_server.telemetry import events as ev
@@ -446,18 +446,18 @@ class LocalSwarm:
             try:
                 process.popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                _signal_group(process.pgid, signal.SIGKILL)
+                signal_group(process.pgid, signal.SIGKILL)
                 process.popen.wait()
         # whatever the leader left behind (a DHT process, p2pd) goes with its group
         for process in tier:
             if group_members(process.pgid):
-                _signal_group(process.pgid, signal.SIGTERM)
+                signal_group(process.pgid, signal.SIGTERM)
         sweep_deadline = time.monotonic() + 3.0
         for process in tier:
             while group_members(process.pgid) and time.monotonic() < sweep_deadline:
                 time.sleep(0.1)
             if group_members(process.pgid):
-                _signal_group(process.pgid, signal.SIGKILL)
+                signal_group(process.pgid, signal.SIGKILL)
             process.pump.join(5)
 
     def __enter__(self) -> "LocalSwarm":
@@ -465,13 +465,6 @@ class LocalSwarm:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -34,9 +34,9 @@ def setup_process(log_file: str | None) -> EventBus:
     events = EventBus()
     events.subscribe(EventLogger())  # the file first: when a console line shows, the record is written
     if os.environ.get(EVENT_STREAM_ENV) == "1":
-        from agora_server.telemetry.eventstream import EventStreamWriter
+        from agora_server.telemetry.eventstream import event_line
 
-        events.subscribe(EventStreamWriter())
+        events.subscribe(ConsolePrinter(render=event_line))
     else:
         events.subscribe(ConsolePrinter())
     return events

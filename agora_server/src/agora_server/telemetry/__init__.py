@@ -3,7 +3,7 @@
 - ``events.py``   Event dataclasses (worker and trainer) and the EventBus
 - ``console.py``  console_lines (the guide's tags) and ConsolePrinter
 - ``logfile.py``  open_file_log (rotating file log) and EventLogger
-- ``eventstream.py``  events as JSON lines (EventStreamWriter, decode_event) for a launcher that reads its children's events
+- ``eventstream.py``  events as JSON lines (event_line for ConsolePrinter, decode_event) for a launcher that reads its children's events
 - ``metrics.py``  MetricsCollector (Prometheus families from events) and MetricsPusher (Pushgateway)
 - ``health.py``   HealthConfig and HealthMonitor (rules that stop a sick worker with the guide's message)
 - ``contribution.py``  the contribution figure shared by the console and the coordinator's dashboard

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 from functools import singledispatch
-from typing import TextIO
+from typing import Callable, TextIO
 
 from agora_server.telemetry import events as ev
 
@@ -250,14 +250,16 @@ def _(event: ev.TrainerFinished) -> list[str]:
 
 
 class ConsolePrinter:
-    """EventBus subscriber that writes each event's console lines, whole, one writer at a time."""
+    """EventBus subscriber that writes each event's lines, whole, one writer at a time: its console
+    lines by default, or what ``render`` makes of it (e.g. one JSON line for a launcher)."""
 
-    def __init__(self, stream: TextIO | None = None):
+    def __init__(self, stream: TextIO | None = None, render: Callable[[ev.Event], list[str]] = console_lines):
         self.stream = stream or sys.stdout
+        self.render = render
         self._lock = threading.Lock()
 
     def __call__(self, event: ev.Event) -> None:
-        lines = console_lines(event)
+        lines = self.render(event)
         if not lines:
             return
         with self._lock:

@@ -11,9 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
-import threading
-from typing import TextIO
 
 from agora_server.telemetry import events as ev
 
@@ -75,15 +72,6 @@ def decode_event(line: str) -> ev.Event | None:
         return None
 
 
-class EventStreamWriter:
-    """EventBus subscriber that writes every event as one JSON line (for a launcher to read)."""
-
-    def __init__(self, stream: TextIO | None = None):
-        self.stream = stream or sys.stdout
-        self._lock = threading.Lock()
-
-    def __call__(self, event: ev.Event) -> None:
-        line = encode_event(event)
-        with self._lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+def event_line(event: ev.Event) -> list[str]:
+    """The event as the one line a launcher reads (``ConsolePrinter(render=event_line)`` writes them)."""
+    return [encode_event(event)]
