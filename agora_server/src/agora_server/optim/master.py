@@ -26,22 +26,22 @@ from agora_server.optim.local import clip_gradients
 
 class MasterWeights:
     def __init__(self, module: nn.Module, precision: PrecisionConfig, device: torch.device):
-        """Moves ``module`` (built in float32, on the CPU or the meta device) to ``device`` in the
-        compute dtype; the float32 values it was built with become the masters where they are kept apart."""
+        """Moves ``module`` (built in float32 on the CPU) to ``device`` in the compute dtype; the float32
+        values it was built with become the masters where they are kept apart."""
         named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
-        self.precision, self.device = precision, torch.device(device)
+        device = torch.device(device)
         if precision.separate_master:
-            master_device = torch.device("cpu") if precision.master_weights == "cpu" else self.device
+            master_device = torch.device("cpu") if precision.master_weights == "cpu" else device
             # .to returns the very tensor when it is already there: the built values, not a copy
             self.masters = [p.detach().to(master_device, torch.float32) for p in self.params]
             for p in self.params:  # a copy even where device and dtype match: never the master's storage
-                p.data = p.data.to(self.device, precision.torch_dtype, copy=True)
+                p.data = p.data.to(device, precision.torch_dtype, copy=True)
         else:
             self.masters = self.params
-        module.to(self.device)  # buffers, and the params when they are their own masters
-        self.sums = [torch.zeros(p.shape, dtype=torch.float32, device=self.device) for p in self.params]
+        module.to(device)  # buffers, and the params when they are their own masters
+        self.sums = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in self.params]
         self.batches = 0
 
     @property
