@@ -3,9 +3,11 @@
 For each stage, one after the other on the same GPU: the stage is built as a worker builds it (random
 weights from the run seed, the precision policy of the run config), then serves backward requests the
 way a worker does (its forward with autograd, then the backward) until the stage's batch is complete
-and the optimizer steps (on the CPU, where the policy keeps the masters and AdamW state). Recorded per
-stage: torch.cuda.max_memory_allocated next to the memory plan's peak, tokens/s of the backward requests
-and of a forward request, the optimizer step's seconds, and the process's peak host memory.
+and the optimizer steps (on the CPU, where the policy keeps the masters and AdamW state). The stages are
+planned for a 24 GiB GPU (``--plan-vram-gib``) whatever this one holds, so "auto" checkpointing decides as
+on a participant's card. Recorded per stage: torch.cuda.max_memory_allocated next to the plan's peak,
+tokens/s of the backward requests and of a forward request, the optimizer step's seconds, and the
+process's peak host memory.
 
 Prints one JSON object on stdout. Exit code 1 if a stage does not fit the budget (22 GiB by default).
 
@@ -37,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run config's)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--budget-gib", type=float, default=22.0, help="GPU memory a stage may use (default 22)")
+    parser.add_argument("--plan-vram-gib", type=float, default=24.0,
+                        help="the GPU the stages are planned for, whatever this one is: it decides activation checkpointing "
+                             "where the config says 'auto', as on a worker with that GPU (default 24, an RTX 4090)")
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
     return parser.parse_args(argv)
 
@@ -66,7 +71,7 @@ def run_stage(config, name: str, args: argparse.Namespace) -> dict:
 
     from agora_server.models import PipelineStage, build_boundary_codec
     from agora_server.server import StageBackend
-    from agora_server.server.memory_plan import plan_stage
+    from agora_server.server.memory_plan import plan_stage, with_checkpointing
 
     device = torch.device(args.device)
     seq_len = args.seq_len or config.data.seq_len
@@ -74,7 +79,8 @@ def run_stage(config, name: str, args: argparse.Namespace) -> dict:
     spec = config.stage(name)
     # the stage steps once its batch is complete: after the warm-up request and the timed ones
     server = config.server.model_copy(update={"target_batch_size": batch * (args.requests + 1)})
-    plan = plan_stage(config.model, spec, config.boundary, server, config.seed, seq_len, batch)
+    plan = plan_stage(config.model, spec, config.boundary, server, config.seed, seq_len, batch, int(args.plan_vram_gib * GIB))
+    server = with_checkpointing(server, plan.checkpointing)  # what a worker on the planned GPU decides at start-up
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -106,6 +112,7 @@ def run_stage(config, name: str, args: argparse.Namespace) -> dict:
         "micro_batch": [batch, seq_len],
         "build_seconds": round(built_seconds, 1),
         "planned_gpu_gib": round(plan.device.peak / GIB, 2),
+        "activation_checkpointing": plan.checkpointing,
         "forward_tokens_per_s": round(tokens / forward_seconds, 1),
         "backward_request_tokens_per_s": round(tokens / typical, 1),
         "optimizer_step_seconds": round(max(backward_seconds[-1] - typical, 0.0), 2),

@@ -171,3 +171,9 @@ def test_the_fixed_embedding_is_bfloat16_built_in_blocks_and_the_same_everywhere
     assert torch.equal(table, fixed_token_embedding(config, SEED, torch.device("cpu")))
     assert fixed_token_embedding(config, SEED, torch.device("meta")).is_meta
     assert 0.015 < float(table.float().std()) < 0.025, "scaled by init_std"
+
+
+def test_a_stage_is_built_only_once_auto_checkpointing_is_decided():
+    auto = PrecisionConfig(activation_checkpointing="auto")
+    with pytest.raises(ValueError, match="must be decided"):
+        PipelineStage(MODEL, split_into_stages(MODEL.num_layers, [2, 2])[0], build_boundary_codec(BoundaryConfig(), MODEL, SEED), SEED, auto)

@@ -68,6 +68,12 @@ class _Decoder(nn.Module):
 
     precision: PrecisionConfig
 
+    def _set_precision(self, precision: PrecisionConfig) -> None:
+        if precision.activation_checkpointing == "auto":
+            # the memory plan decides it per stage and GPU (``server.memory_plan``) before a stage is built
+            raise ValueError("activation_checkpointing 'auto' must be decided (true or false) before the model is built")
+        self.precision = precision
+
     def _register_rotary(self, config: ModelConfig) -> None:
         cos, sin = rotary_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -76,7 +82,7 @@ class _Decoder(nn.Module):
     def run_layers(self, h: torch.Tensor) -> torch.Tensor:
         seq = h.shape[1]
         cos, sin = self.rope_cos[:seq].to(h.dtype), self.rope_sin[:seq].to(h.dtype)
-        recompute = self.precision.activation_checkpointing is True and torch.is_grad_enabled()
+        recompute = self.precision.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layers.values():
             h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
         return h
@@ -101,7 +107,8 @@ class PipelineStage(_Decoder):
         ``precision``: activation checkpointing and the loss's chunking; the dtype and the weights'
         placement are the optimizer side's (``optim.master``)."""
         super().__init__()
-        self.config, self.spec, self.codec, self.precision = config, spec, codec, precision
+        self.config, self.spec, self.codec = config, spec, codec
+        self._set_precision(precision)
         self.embed_tokens = _build_embedding(config, seed) if spec.kind is StageKind.HEAD else None
         self.layers = _build_layers(config, spec.layer_indices, seed)
         if spec.kind is StageKind.TAIL:
@@ -139,7 +146,8 @@ class DecoderLM(_Decoder):
 
     def __init__(self, config: ModelConfig, seed: int, precision: PrecisionConfig = PrecisionConfig()):
         super().__init__()
-        self.config, self.precision = config, precision
+        self.config = config
+        self._set_precision(precision)
         self.embed_tokens = _build_embedding(config, seed)
         self.layers = _build_layers(config, range(config.num_layers), seed)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)

@@ -138,9 +138,9 @@ def plan_stage(
     With activation checkpointing "auto", the stage keeps its activations when that fits ``vram_bytes``
     (or no VRAM is given), and checkpoints otherwise; its largest batch is the checkpointed one."""
     if server.precision.activation_checkpointing == "auto":
-        keep, recompute = (
-            plan_stage(model, spec, boundary, with_checkpointing(server, choice), seed, seq_len, batch, vram_bytes) for choice in (False, True)
-        )
+        # the largest batch is the checkpointed plan's either way: the kept one needs no search of its own
+        keep = plan_stage(model, spec, boundary, with_checkpointing(server, False), seed, seq_len, batch)
+        recompute = plan_stage(model, spec, boundary, with_checkpointing(server, True), seed, seq_len, batch, vram_bytes)
         if vram_bytes is None or keep.device.peak + DEVICE_RESERVE_BYTES <= vram_bytes:
             return dataclasses.replace(keep, max_batch=recompute.max_batch)
         return recompute
