@@ -41,3 +41,28 @@ def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate():
             progress.shutdown()
         second.shutdown()
         first.shutdown()
+
+
+def test_samples_beyond_the_target_count_towards_the_next_epoch():
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in first.get_visible_maddrs()])
+    a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+    b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+    try:
+        # each worker processed 12 before it heard of the other's samples: 24 for a target of 16
+        a.report(12)
+        b.report(12)
+        assert wait_until(lambda: a.ready() and b.ready(), 10.0)
+        assert wait_until(lambda: a.tracker.global_progress.samples_accumulated == 24 == b.tracker.global_progress.samples_accumulated, 10.0)
+        assert a.advance() == 1 and b.advance() == 1
+        # the 8 samples beyond the target open epoch 1, 4 from each worker: 8 more end it
+        assert wait_until(lambda: a.tracker.global_progress.samples_accumulated == 8, 10.0)
+        assert not a.ready()
+        a.report(4)
+        b.report(4)
+        assert wait_until(lambda: a.ready() and b.ready(), 10.0)
+    finally:
+        for progress in (a, b):
+            progress.shutdown()
+        second.shutdown()
+        first.shutdown()

@@ -156,3 +156,11 @@ def test_slice_schedule_and_fraction_bounds():
     assert slice_count(0.05) == 20 and slice_count(0.3) == 4 and slice_count(1.0) == 1
     with pytest.raises(ValueError):
         slice_count(0.0)
+
+
+def test_overshoot_shares_add_up_to_the_overshoot():
+    from agora_server.optim.progress import overshoot_share
+
+    assert overshoot_share(12, 24, 16) + overshoot_share(12, 24, 16) == 8
+    assert overshoot_share(6, 30, 16) + overshoot_share(24, 30, 16) == 14
+    assert overshoot_share(10, 16, 16) == 0 and overshoot_share(0, 20, 16) == 0

@@ -1,6 +1,12 @@
 """Epochs of a stage: its workers take an optimizer step together each time they have processed,
 between them, ``target_batch_size`` samples.
 
+Epochs follow the stage's samples, not its clock: a worker learns of the others' samples a refresh
+period late, so an epoch's count usually overshoots its target by the samples processed meanwhile.
+Those samples are carried into the next epoch (each worker carries its share of the overshoot), so
+that every stage takes one step per ``target_batch_size`` samples however fast its epochs are; without
+the carry a stage whose epochs are shorter than the refresh period lost a third of its steps.
+
 ``SwarmProgress`` shares the count through hivemind's ProgressTracker (a per-stage record in the
 DHT, signed by each peer); ``LocalProgress`` is the same contract for a worker alone (tests,
 single-process training).
@@ -51,6 +57,14 @@ class LocalProgress:
         pass
 
 
+def overshoot_share(own: int, total: int, target: int) -> int:
+    """This worker's part of the samples an epoch counted beyond its target, in proportion to what it
+    contributed (every worker that saw the same total carries its share; together, the overshoot)."""
+    if total <= target or total <= 0:
+        return 0
+    return min(own, round(own * (total - target) / total))
+
+
 def progress_key(run: str, stage: str) -> str:
     """The DHT key of the stage's progress: hivemind's ProgressTracker appends ``_progress`` to its prefix."""
     return f"{stage_key(run, stage)}_progress"
@@ -81,6 +95,8 @@ class SwarmProgress:
             start=True,
         )
         self.epoch = 0
+        self._carry = 0  # this worker's share of the last epoch's overshoot, counted towards this one
+        self._reported = 0
         if epoch:
             self.jump_to(epoch)
 
@@ -95,7 +111,8 @@ class SwarmProgress:
         return self.tracker.global_epoch
 
     def report(self, samples_accumulated: int) -> None:
-        self.tracker.report_local_progress(self.epoch, samples_accumulated)
+        self._reported = self._carry + samples_accumulated
+        self.tracker.report_local_progress(self.epoch, self._reported)
 
     def ready(self) -> bool:
         # samples only: hivemind's tracker also fires when its estimate of the time to the target runs
@@ -105,7 +122,15 @@ class SwarmProgress:
 
     def advance(self) -> int:
         with self.tracker.pause_updates():
-            self.epoch = self.tracker.update_epoch(max(self.epoch + 1, self.tracker.global_epoch))
+            tracker = self.tracker
+            carry = 0
+            if tracker.global_epoch == self.epoch:  # this worker saw the epoch's whole count: share its overshoot
+                total = tracker.global_progress.samples_accumulated
+                carry = overshoot_share(self._reported, total, tracker.target_batch_size)
+            self.epoch = tracker.update_epoch(max(self.epoch + 1, tracker.global_epoch))
+            self._carry = self._reported = carry
+        if carry:  # not while paused: hivemind's rate estimate refuses updates then
+            tracker.report_local_progress(self.epoch, carry)
         return self.epoch
 
     def shutdown(self) -> None:
