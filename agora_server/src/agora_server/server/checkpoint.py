@@ -127,15 +127,17 @@ def _first_line(e: BaseException) -> str:
     return line if len(line) <= 200 else line[:200] + "…"
 
 
-def read_checkpoint(path: Path) -> LoadedCheckpoint | None:
+def read_checkpoint(path: Path, *, mmap: bool = False) -> LoadedCheckpoint | None:
     """The newest readable checkpoint at ``path`` or its previous copy; None if neither exists.
-    CheckpointError if files exist and none can be read: they are left as they are."""
+    CheckpointError if files exist and none can be read: they are left as they are. ``mmap`` maps the
+    tensors instead of reading them: a reader that needs only the weights never loads the optimizer
+    state (two thirds of a production checkpoint) into memory."""
     unreadable = []
     for candidate in (path, previous_path(path)):
         if not candidate.exists():
             continue
         try:
-            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            state = torch.load(candidate, map_location="cpu", weights_only=True, mmap=mmap)
             if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
                 raise ValueError(NOT_A_STAGE_CHECKPOINT)
         except Exception as e:
