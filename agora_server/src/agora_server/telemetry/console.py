@@ -202,6 +202,22 @@ def _(event: ev.TrainingStarted) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.DataResumed) -> list[str]:
+    return [f"[TRAINER] Continuing the data stream from micro-batch {event.next_index} ({event.finished} already trained, saved in {event.path})"]
+
+
+@console_lines.register
+def _(event: ev.DataPositionDiscarded) -> list[str]:
+    return [f"[TRAINER] Saved data position not used: {event.reason}"]
+
+
+@console_lines.register
+def _(event: ev.DataSourceFailed) -> list[str]:
+    return [f"[TRAINER] Reading the training data failed ({event.error}); retrying in {event.retry_in:.0f}s "
+            f"(failure {event.failures} in a row), continuing at micro-batch {event.next_index}"]
+
+
+@console_lines.register
 def _(event: ev.ValidationMeasured) -> list[str]:
     return [f"[TRAINER] validation loss {event.loss:.3f} after {event.step} micro-batches ({event.batches} held-out batches, {event.seconds:.1f}s)"]
 

@@ -306,6 +306,50 @@ class WorkerBanned(Event):
 class MicroBatchDropped(Event):
     microbatch: int
     reason: str
+    data_index: int = -1
+    """Its place in the trainer's data stream (-1: unknown)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MicroBatchCompleted(Event):
+    """A micro-batch went forward and backward through every stage (emitted after its data position
+    is saved, so a trainer restarted after this event never trains it again)."""
+
+    microbatch: int
+    data_index: int
+    """Its place in the trainer's data stream."""
+    tokens_digest: str
+    """Fingerprint of its token ids (``data.position.tokens_digest``)."""
+    loss: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataResumed(Event):
+    """A trainer took up its data stream where a saved position left it."""
+
+    finished: int
+    """Micro-batches of the stream already finished, which it goes past."""
+    next_index: int
+    """The first micro-batch not finished."""
+    path: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataPositionDiscarded(Event):
+    """A saved position could not be used; the trainer starts its stream from the beginning."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSourceFailed(Event):
+    """Reading the training data failed; the stream is reopened after ``retry_in`` seconds."""
+
+    error: str
+    failures: int
+    """Failures in a row, this one included."""
+    retry_in: float
+    next_index: int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
