@@ -155,6 +155,14 @@ def _(event: ev.CheckpointUploaded) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.CheckpointUploadProgress) -> list[str]:
+    rate = event.sent_bytes / max(event.seconds, 1e-6)
+    eta = (event.total_bytes - event.sent_bytes) / max(rate, 1.0)
+    return [f"[SERVER] Uploading the epoch {event.epoch} checkpoint to the coordinator: {event.sent_bytes / event.total_bytes:.0%} of "
+            f"{event.total_bytes / 1e6:,.0f} MB, {rate / 1e6:.1f} MB/s, {eta:.0f}s left"]
+
+
+@console_lines.register
 def _(event: ev.CoordinatorUnreachable) -> list[str]:
     line = f"[AUTH] Could not reach the coordinator to {event.action} ({event.error}); retrying in {event.retry_in:.0f}s"
     if event.expires_in is not None:

@@ -220,6 +220,18 @@ class CheckpointUploaded(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointUploadProgress(Event):
+    """An upload of the stage's checkpoint to the coordinator is under way."""
+
+    stage: str
+    epoch: int
+    sent_bytes: int
+    total_bytes: int
+    seconds: float
+    """Since the upload began."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CoordinatorUnreachable(Event):
     """A heartbeat or token refresh failed on the network; the worker retries with backoff."""
 
