@@ -91,6 +91,8 @@ class StageWorker:
         self._rotate_checkpoint = not (own and own.unreadable)
         shared = read_checkpoint(initial_state) if own is None and initial_state is not None else None
         source = own or shared
+        # the download is only needed until this worker has a checkpoint of its own (the disk budget)
+        self._superseded = (initial_state,) if shared is not None else ()
         resumed = own.state if own else None
         if shared is not None:
             # the weights, optimizer and epoch of the stage; never another identity's counters
@@ -178,12 +180,12 @@ class StageWorker:
         is reported, never raised: a full disk must not stop a worker that can still train and serve."""
         state = {**self.backend.state_dict(), "online_seconds": self.online_seconds()}
         try:
-            save_checkpoint(self.checkpoint_file, state, rotate=self._rotate_checkpoint)
+            save_checkpoint(self.checkpoint_file, state, rotate=self._rotate_checkpoint, superseded=self._superseded)
         except CheckpointError as e:
             later = f"; training goes on and the next checkpoint is tried at step {next_try}" if next_try else ""
             self.events.emit(CheckpointFailed(stage=self.spec.name, reason=f"{e}{later}"))
             return False
-        self._rotate_checkpoint = True
+        self._rotate_checkpoint, self._superseded = True, ()
         return True
 
     def online_seconds(self) -> float:
