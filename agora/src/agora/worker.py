@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 
 from agora.checkpoint_upload import CheckpointUploader
+from agora.cli import troubleshooting as known
 from agora.config import ConfigError, RunConfig, load_run_config
 from agora.identity import default_identity_path, ensure_identity
 from agora.ports import free_port
 from agora.processes import setup_process, start_metrics_push, stop_on_signals
+from agora_server.optim.averaging import StateDownloadTooSlow
 
 DEFAULT_PORT = 49200
 COORDINATOR_UNREACHABLE_MESSAGE = "Could not reach the coordinator at {url} ({error})."
@@ -131,7 +133,10 @@ def _run(args: argparse.Namespace, events) -> int:
             events.subscribe(session)
             session.start(worker.stats())  # before any request can arrive
             uploader.start()
-        worker.start()
+        try:
+            worker.start()
+        except StateDownloadTooSlow as e:
+            raise WorkerLaunchError(f"{known.DOWNLOAD_TOO_SLOW.template} ({e})", tag="DOWNLOAD") from None
         worker.serve(stop)
     finally:
         if worker is not None:

@@ -21,8 +21,7 @@ from hivemind.p2p import P2P
 from agora_server.access import PeerAccess
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
 from agora_server.optim import SwarmProgress
-from agora_server.optim.averaging import RoundResult, SpartaAverager
-from agora_server.optim.sparta import to_host
+from agora_server.optim.averaging import STATE_DTYPES, RoundResult, SpartaAverager, StateDownloadTooSlow
 from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.backend import StageBackend
 from agora_server.server.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
@@ -277,7 +276,7 @@ class StageWorker:
     def _catch_up(self) -> None:
         """Load the stage's weights from a peer, then average with weight 0 until in step with the others."""
         self.events.emit(WarmupStarted(stage=self.spec.name, stage_epoch=self.progress.stage_epoch))
-        state = self.averager.download_state(timeout=self.server_config.averaging.averaging_timeout, attempts=15)
+        state = self.averager.download_state(attempts=15)
         if state is not None:
             metadata, tensors = state
             self._executor.submit(self._load_shared_state, metadata, tensors).result()
@@ -299,8 +298,12 @@ class StageWorker:
         self.averager.follow(self.progress.epoch)
 
     def _current_state(self) -> tuple[dict, list]:
+        dtype = STATE_DTYPES[self.server_config.averaging.state_dtype]
+
         def read():
-            return {"epoch": self.progress.epoch}, [to_host(master) for master in self.backend.weights.masters]
+            # a snapshot on the CPU in the served precision (half the copy in bfloat16); the transfer
+            # itself runs in the averager's process while this thread goes on computing
+            return {"epoch": self.progress.epoch}, [master.detach().to("cpu", dtype, copy=True) for master in self.backend.weights.masters]
 
         return self._executor.submit(read).result()
 

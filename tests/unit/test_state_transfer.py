@@ -1,0 +1,36 @@
+"""A newcomer's download of its stage's weights is sized by bytes: its deadline grows with the state at
+a minimum rate, and the weights travel in bfloat16 when the run says so, read back by hivemind's own
+deserializer."""
+
+import torch
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+
+from agora.config import load_run_config
+from agora_server.optim.averaging import AveragingConfig, BFloat16State, download_deadline
+
+
+def test_the_deadline_is_the_size_at_the_minimum_rate_and_never_below_a_rounds_timeout():
+    config = AveragingConfig(download_min_mbit=50.0, averaging_timeout=60.0)
+    assert download_deadline(10_000_000, config) == 60.0  # small states keep the round's timeout
+    tail_bf16 = 1.91e9 * 2
+    assert download_deadline(int(tail_bf16), config) == tail_bf16 * 8 / 50e6  # ~611 s, not the old fixed 60 s
+
+
+def test_llama_8b_serves_newcomers_bfloat16_and_a_200_mbit_link_is_well_within_its_deadline():
+    averaging = load_run_config("llama-8b").server.averaging
+    assert averaging.state_dtype == "bfloat16"
+    tail_bytes = int(1.91e9 * 2)
+    at_guide_rate = tail_bytes * 8 / 200e6
+    assert download_deadline(tail_bytes, averaging) >= 2 * at_guide_rate
+
+
+def test_bfloat16_state_halves_the_bytes_and_reads_back_as_bfloat16():
+    master = torch.randn(300, 7)
+    info = CompressionInfo.from_tensor(master)
+    sent = BFloat16State().compress(master, info)
+    assert len(sent.buffer) == master.numel() * 2
+    received = deserialize_torch_tensor(sent)
+    assert received.dtype == torch.bfloat16 and received.shape == master.shape
+    assert torch.equal(received, master.to(torch.bfloat16))
+    steps = torch.tensor([3, 4])  # integer tensors pass as they are
+    assert torch.equal(deserialize_torch_tensor(BFloat16State().compress(steps, CompressionInfo.from_tensor(steps))), steps)
