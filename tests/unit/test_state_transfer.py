@@ -34,3 +34,13 @@ def test_bfloat16_state_halves_the_bytes_and_reads_back_as_bfloat16():
     assert torch.equal(received, master.to(torch.bfloat16))
     steps = torch.tensor([3, 4])  # integer tensors pass as they are
     assert torch.equal(deserialize_torch_tensor(BFloat16State().compress(steps, CompressionInfo.from_tensor(steps))), steps)
+
+
+def test_download_lines_show_percent_rate_and_time_left():
+    from agora_server.telemetry import events as ev
+    from agora_server.telemetry.console import console_lines
+
+    line, = console_lines(ev.DownloadProgress(bytes_done=1_000 * 2**20, bytes_total=4_000 * 2**20, bytes_per_second=25e6))
+    assert line == "[DOWNLOAD] 25% (1,000.0 of 4,000.0 MiB), 25.0 MB/s, 2m06s left"
+    line, = console_lines(ev.DownloadProgress(bytes_done=2**20, bytes_total=2 * 2**20))
+    assert line == "[DOWNLOAD] 50% (1.0 of 2.0 MiB)"

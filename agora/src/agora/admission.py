@@ -208,12 +208,15 @@ def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tu
     """Download while queued; a failure leaves the partial file for the next poll to resume."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     emit(ev.DownloadProgress(bytes_done=0, bytes_total=None))
-    reported = [0.0]
+    reported, started, first = [0.0], time.monotonic(), [None]
 
     def on_progress(done: int, total: int | None) -> None:
-        if time.monotonic() - reported[0] >= 5.0:  # a line every few seconds, not per chunk
-            reported[0] = time.monotonic()
-            emit(ev.DownloadProgress(bytes_done=done, bytes_total=total))
+        now = time.monotonic()
+        first[0] = done if first[0] is None else first[0]  # a resumed download's rate counts from there
+        if now - reported[0] >= 5.0:  # a line every few seconds, not per chunk
+            reported[0] = now
+            rate = (done - first[0]) / (now - started) if now > started and done > first[0] else None
+            emit(ev.DownloadProgress(bytes_done=done, bytes_total=total, bytes_per_second=rate))
 
     try:
         result = download_checkpoint(url, dest, on_progress=on_progress)

@@ -141,7 +141,16 @@ def _(event: ev.DownloadProgress) -> list[str]:
     mib = event.bytes_done / 2**20
     if not event.bytes_total:
         return [f"[DOWNLOAD] {mib:.1f} MiB"]
-    return [f"[DOWNLOAD] {100 * event.bytes_done / event.bytes_total:.0f}% ({mib:.1f} of {event.bytes_total / 2**20:.1f} MiB)"]
+    line = f"[DOWNLOAD] {100 * event.bytes_done / event.bytes_total:.0f}% ({mib:,.1f} of {event.bytes_total / 2**20:,.1f} MiB)"
+    if event.bytes_per_second:
+        left = (event.bytes_total - event.bytes_done) / event.bytes_per_second
+        line += f", {event.bytes_per_second / 1e6:.1f} MB/s, {_duration(left)} left"
+    return [line]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 @console_lines.register

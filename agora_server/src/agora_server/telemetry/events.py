@@ -202,6 +202,8 @@ class DownloadProgress(Event):
 
     bytes_done: int
     bytes_total: int | None
+    bytes_per_second: float | None = None
+    """Rate of this attempt so far (a resumed download counts from where it resumed)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
