@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agora_server.access import WORKER, AccessGuard, AccessTokenError, PeerAccess
 from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_epoch
+from agora_server.tensor_stream import bfloat16_message
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +99,13 @@ class StateDownloadTooSlow(RuntimeError):
 
 
 class BFloat16State(NoCompression):
-    """Sends each tensor of a served state as bfloat16 bytes; hivemind's receiver reads them back by
-    their size (two bytes per value) whatever its own bfloat16 mode."""
+    """Sends each floating-point tensor of a served state as bfloat16; hivemind's receiver reads it back
+    by its size (two bytes per value) whatever its own bfloat16 mode."""
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         if not tensor.is_floating_point():
             return super().compress(tensor, info, allow_inplace)
-        values = tensor.detach().to(torch.bfloat16)
-        return runtime_pb2.Tensor(compression=self.compression_type, buffer=values.view(torch.int16).numpy().tobytes(),
-                                  size=values.shape, dtype="bfloat16", requires_grad=False)
+        return bfloat16_message(tensor.detach().to(torch.bfloat16))
 
 
 def averager_prefix(prefix: str) -> str:
