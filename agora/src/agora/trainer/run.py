@@ -18,8 +18,8 @@ def run_trainer(args: argparse.Namespace) -> int:
     from hivemind import DHT
 
     from agora_server.data import PackedBatches, validation_batches
-    from agora_server.pipeline import PipelineTrainer
     from agora_server.data.retrying import DataSourceGaveUp
+    from agora_server.pipeline import PipelineTrainer
     from agora_server.telemetry.events import CoordinatorStop, ProcessError
 
     events = setup_process(args.log_file)
@@ -36,7 +36,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     if packed.vocab_size > config.model.vocab_size:
         return fail(f"tokenizer {config.data.tokenizer!r} has {packed.vocab_size} tokens but model.vocab_size is"
                     f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}")
-    batches, position_file, position = _resumable_batches(args, config, packed, events)
+    batches, keep_position = _resumable_batches(args, config, packed, events)
     held_out = None
     if config.trainer.validation_every and config.data.validation_fraction > 0:
         try:
@@ -71,7 +71,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         boundary_width=config.boundary_width,
         events=events,
         access=session.peer_access if session else None,
-        on_finished=lambda data_index: (position.finish(data_index), position_file.save(position)),
+        on_finished=keep_position,
     )
     pusher = start_metrics_push(events, args.prom_gateway, config, "trainer", dht.peer_id.to_base58())
     steps = args.steps or sys.maxsize
@@ -113,11 +113,11 @@ def data_position_path(args: argparse.Namespace) -> Path:
 
 
 def _resumable_batches(args: argparse.Namespace, config, packed, events):
-    """The rank's micro-batches from where its saved position left them, reopened after data errors;
-    the position file and the position the trainer updates as micro-batches finish."""
+    """The rank's micro-batches from where its saved position left them, reopened after data errors,
+    and what records a finished micro-batch in the position file."""
     from agora_server.data.position import PositionFile, stream_key
     from agora_server.data.retrying import RetryingStream
-    from agora_server.telemetry.events import DataPositionDiscarded, DataResumed, DataSourceFailed
+    from agora_server.telemetry.events import DataPositionDiscarded, DataPositionNotSaved, DataResumed, DataSourceFailed
 
     position_file = PositionFile(data_position_path(args), stream_key(config.data, config.trainer.micro_batch_size, args.rank, args.world_size))
     position, discarded = position_file.load()
@@ -132,7 +132,20 @@ def _resumable_batches(args: argparse.Namespace, config, packed, events):
         on_failure=lambda f: events.emit(DataSourceFailed(error=f.error, failures=f.failures, retry_in=f.retry_in, next_index=f.next_index)),
         first_wait=data.retry_first_seconds, max_wait=data.retry_max_seconds, give_up_after=data.retry_give_up_seconds,
     )
-    return iter(batches), position_file, position
+    unsaved = [False]  # said once per run of failures, not once per micro-batch
+
+    def keep_position(data_index: int) -> None:
+        position.finish(data_index)
+        try:
+            position_file.save(position)
+        except OSError as e:  # training goes on; a restart would repeat what is not saved
+            if not unsaved[0]:
+                events.emit(DataPositionNotSaved(path=str(position_file.path), error=e.strerror or str(e)))
+            unsaved[0] = True
+        else:
+            unsaved[0] = False
+
+    return iter(batches), keep_position
 
 
 def _admit_trainer(args: argparse.Namespace, config, events):

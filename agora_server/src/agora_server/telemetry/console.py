@@ -229,6 +229,12 @@ def _(event: ev.DataPositionDiscarded) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.DataPositionNotSaved) -> list[str]:
+    return [f"[TRAINER] Could not save the data position to {event.path} ({event.error}); training goes on, "
+            "but a restart would repeat what it trains until the position can be saved again"]
+
+
+@console_lines.register
 def _(event: ev.DataSourceFailed) -> list[str]:
     return [f"[TRAINER] Reading the training data failed ({event.error}); retrying in {event.retry_in:.0f}s "
             f"(failure {event.failures} in a row), continuing at micro-batch {event.next_index}"]

@@ -356,6 +356,15 @@ class DataPositionDiscarded(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DataPositionNotSaved(Event):
+    """The trainer's data position could not be written; training goes on, and a restart would repeat
+    the micro-batches finished since the last position that was saved."""
+
+    path: str
+    error: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataSourceFailed(Event):
     """Reading the training data failed; the stream is reopened after ``retry_in`` seconds."""
 
