@@ -6,14 +6,14 @@ import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
 from agora.config import load_run_config
-from agora_server.optim.averaging import AveragingConfig, BFloat16State, download_deadline
+from agora_server.optim.averaging import BFloat16State
+from agora_server.optim.state_download import download_deadline
 
 
 def test_the_deadline_is_the_size_at_the_minimum_rate_and_never_below_a_rounds_timeout():
-    config = AveragingConfig(download_min_mbit=50.0, averaging_timeout=60.0)
-    assert download_deadline(10_000_000, config) == 60.0  # small states keep the round's timeout
-    tail_bf16 = 1.91e9 * 2
-    assert download_deadline(int(tail_bf16), config) == tail_bf16 * 8 / 50e6  # ~611 s, not the old fixed 60 s
+    assert download_deadline(10_000_000, 50.0, 60.0) == 60.0  # small states keep the round's timeout
+    tail_bf16 = int(1.91e9 * 2)
+    assert download_deadline(tail_bf16, 50.0, 60.0) == tail_bf16 * 8 / 50e6  # ~611 s, not the old fixed 60 s
 
 
 def test_llama_8b_serves_newcomers_bfloat16_and_a_200_mbit_link_is_well_within_its_deadline():
@@ -21,7 +21,7 @@ def test_llama_8b_serves_newcomers_bfloat16_and_a_200_mbit_link_is_well_within_i
     assert averaging.state_dtype == "bfloat16"
     tail_bytes = int(1.91e9 * 2)
     at_guide_rate = tail_bytes * 8 / 200e6
-    assert download_deadline(tail_bytes, averaging) >= 2 * at_guide_rate
+    assert download_deadline(tail_bytes, averaging.download_min_mbit, averaging.averaging_timeout) >= 2 * at_guide_rate
 
 
 def test_bfloat16_state_halves_the_bytes_and_reads_back_as_bfloat16():
@@ -44,3 +44,11 @@ def test_download_lines_show_percent_rate_and_time_left():
     assert line == "[DOWNLOAD] 25% (1,000.0 of 4,000.0 MiB), 25.0 MB/s, 2m06s left"
     line, = console_lines(ev.DownloadProgress(bytes_done=2**20, bytes_total=2 * 2**20))
     assert line == "[DOWNLOAD] 50% (1.0 of 2.0 MiB)"
+
+
+def test_a_peer_download_shows_percent_rate_and_time_left():
+    from agora_server.telemetry import events as ev
+    from agora_server.telemetry.console import console_lines
+
+    line, = console_lines(ev.StateDownloadProgress(stage="tail", bytes_done=1_000 * 2**20, bytes_total=4_000 * 2**20, seconds=40.0))
+    assert line == "[DOWNLOAD] Stage weights from a peer: 25% (1,000.0 of 4,000.0 MiB), 26.2 MB/s, 2m00s left"

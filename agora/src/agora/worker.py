@@ -14,7 +14,7 @@ from agora.config import ConfigError, RunConfig, load_run_config
 from agora.identity import default_identity_path, ensure_identity
 from agora.ports import free_port
 from agora.processes import setup_process, start_metrics_push, stop_on_signals
-from agora_server.optim.averaging import StateDownloadTooSlow
+from agora_server.optim.state_download import StateDownloadTooSlow
 
 DEFAULT_PORT = 49200
 COORDINATOR_UNREACHABLE_MESSAGE = "Could not reach the coordinator at {url} ({error})."

@@ -15,9 +15,11 @@ the whole group before it sends a byte of its weights.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,12 +32,13 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.compression import CompressionInfo, NoCompression
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agora_server.access import WORKER, AccessGuard, AccessTokenError, PeerAccess
 from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_epoch
+from agora_server.optim.state_download import DownloadProgress, download_deadline, fetch_state
 from agora_server.tensor_stream import bfloat16_message
 
 logger = logging.getLogger(__name__)
@@ -87,15 +90,6 @@ class AveragingConfig(BaseModel):
 
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def download_deadline(state_bytes: int, config: AveragingConfig) -> float:
-    """Seconds a newcomer's download of ``state_bytes`` may take in all: sized by bytes, not fixed."""
-    return max(config.averaging_timeout, state_bytes * 8 / (config.download_min_mbit * 1e6))
-
-
-class StateDownloadTooSlow(RuntimeError):
-    """No peer delivered the stage's weights within the download deadline."""
 
 
 class BFloat16State(NoCompression):
@@ -214,6 +208,7 @@ class SpartaAverager:
         weights the model computes with). ``access`` and ``stage``: in a run with a coordinator,
         average only with workers admitted to ``stage``, presenting this worker's own token."""
         self.params, self.config, self.on_compute, self.on_result = list(params), config, on_compute, on_result
+        self.dht = dht
         self.on_update = on_update
         self.access = access
         self.has_partners = has_partners
@@ -256,25 +251,35 @@ class SpartaAverager:
         self.averager.state_provider = provider
         self.averager.allow_state_sharing = True
 
-    def download_state(self, attempts: int = 5, pause: float = 2.0) -> tuple[dict, list[torch.Tensor]] | None:
-        """Weights and metadata from a peer of the stage; None if none answered in ``attempts`` tries.
-        Peers refuse while one of their rounds runs, so a refusal is worth another try. Each try may
-        take ``download_deadline`` of the state's size; one that runs out raises StateDownloadTooSlow."""
+    def download_state(self, p2p: P2P, loop: asyncio.AbstractEventLoop, on_progress: Callable[[DownloadProgress], None],
+                       attempts: int = 5, pause: float = 2.0, progress_every: float = 10.0) -> tuple[dict, list[torch.Tensor]] | None:
+        """Weights and metadata from a peer of the stage, read through ``p2p`` on ``loop`` (the worker's
+        RPC loop); None if none answered in ``attempts`` tries. Peers refuse while one of their rounds
+        runs, so a refusal is worth another try. The tries together may take the state's size at
+        ``download_min_mbit``; past that StateDownloadTooSlow is raised."""
         state_bytes = sum(p.numel() for p in self.params) * STATE_DTYPES[self.config.state_dtype].itemsize
-        deadline = download_deadline(state_bytes, self.config)
+        deadline = download_deadline(state_bytes, self.config.download_min_mbit, self.config.averaging_timeout)
+        shapes = [p.shape for p in self.params]
+        started = time.monotonic()
         for attempt in range(attempts):
-            pending = self.averager.load_state_from_peers(wait=False, timeout=deadline)
-            try:
-                state = pending.result(timeout=deadline)
-            except TimeoutError:
-                raise StateDownloadTooSlow(
-                    f"the stage's weights ({state_bytes / 1e9:.2f} GB) did not arrive within {deadline:.0f}s "
-                    f"(below {self.config.download_min_mbit:g} Mbit/s)") from None
+            fetch = fetch_state(p2p, lambda p2p, peer: _StageStateAverager.get_stub(p2p, peer, namespace=self.averager.prefix),
+                                self._sharing_peers(), shapes, state_bytes, deadline=deadline - (time.monotonic() - started),
+                                chunk_timeout=self.config.sender_timeout, on_progress=on_progress, progress_every=progress_every)
+            state = asyncio.run_coroutine_threadsafe(fetch, loop).result()
             if state is not None:
                 return state
             if attempt + 1 < attempts:
                 time.sleep(pause)
         return None
+
+    def _sharing_peers(self) -> list[PeerID]:
+        """The peers that declared they share the stage's state, the most eager first."""
+        found = self.dht.get(f"{self.averager.prefix}.all_averagers", latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        ranked = sorted(((entry.value, random.random(), subkey) for subkey, entry in entries.items()
+                         if isinstance(entry.value, (int, float)) and isinstance(subkey, bytes)), reverse=True)
+        own = self.averager.peer_id
+        return [peer for peer in (PeerID(subkey) for _, _, subkey in ranked) if peer != own]
 
     def follow(self, epoch: int) -> None:
         """This worker jumped to ``epoch`` (state downloaded from a peer): the window it lands in has

@@ -21,7 +21,8 @@ from hivemind.p2p import P2P
 from agora_server.access import PeerAccess
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
 from agora_server.optim import SwarmProgress
-from agora_server.optim.averaging import STATE_DTYPES, RoundResult, SpartaAverager, StateDownloadTooSlow
+from agora_server.optim.averaging import STATE_DTYPES, RoundResult, SpartaAverager
+from agora_server.optim.state_download import DownloadProgress
 from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.backend import StageBackend
 from agora_server.server.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
@@ -41,6 +42,7 @@ from agora_server.telemetry.events import (
     ServerStarted,
     ServerStopping,
     StateDownloaded,
+    StateDownloadProgress,
     WarmupComplete,
     WarmupStarted,
     WorkerStats,
@@ -276,7 +278,7 @@ class StageWorker:
     def _catch_up(self) -> None:
         """Load the stage's weights from a peer, then average with weight 0 until in step with the others."""
         self.events.emit(WarmupStarted(stage=self.spec.name, stage_epoch=self.progress.stage_epoch))
-        state = self.averager.download_state(attempts=15)
+        state = self.averager.download_state(self._p2p, self._loop, self._report_download, attempts=15)
         if state is not None:
             metadata, tensors = state
             self._executor.submit(self._load_shared_state, metadata, tensors).result()
@@ -285,6 +287,10 @@ class StageWorker:
         self._warmup_until_round = self.averager.rounds_ok + averaging.warmup_rounds
         patience = (averaging.warmup_rounds + 2) * (averaging.average_every + 2 * averaging.matchmaking_time + averaging.averaging_timeout)
         self._warmup_deadline = time.monotonic() + patience
+
+    def _report_download(self, progress: DownloadProgress) -> None:
+        self.events.emit(StateDownloadProgress(stage=self.spec.name, bytes_done=progress.bytes_done, bytes_total=progress.bytes_total,
+                                               seconds=progress.seconds))
 
     def _load_shared_state(self, metadata: dict, tensors: list) -> None:
         masters = self.backend.weights.masters

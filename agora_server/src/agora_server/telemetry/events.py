@@ -72,6 +72,16 @@ class StateDownloaded(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class StateDownloadProgress(Event):
+    """The stage's current weights arriving from a peer of the stage (a newcomer catching up)."""
+
+    stage: str
+    bytes_done: int
+    bytes_total: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class WarmupComplete(Event):
     stage: str
     epoch: int
