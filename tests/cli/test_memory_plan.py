@@ -64,3 +64,16 @@ def test_production_boundaries_are_compressed_at_the_modelled_rate(llama_8b):
     assert llama_8b.boundary.codec == "subspace"
     assert llama_8b.boundary_width == llama_8b.model.hidden_size // 100
     assert llama_8b.server.precision.dtype == "bfloat16" and llama_8b.server.precision.master_weights == "cpu"
+
+
+def test_the_disk_a_worker_needs_is_three_checkpoints_of_the_largest_stage_and_fits_the_guides_80_gb(llama_8b):
+    from agora.cli.memory_plan import INSTALL_BYTES, disk_needed, plan_run
+    from agora_server.server.memory_plan import checkpoint_bytes
+
+    tail = next(plan for plan in plan_run(llama_8b, None) if plan.name == "tail")
+    need = disk_needed(llama_8b)
+    assert need == 3 * checkpoint_bytes(tail.params) + INSTALL_BYTES
+    assert checkpoint_bytes(tail.params) > 20 * 2**30, "a tail checkpoint with its optimizer state is over 20 GiB"
+    assert need <= 80 * 2**30
+    assert pf.check_disk(REPO, need - 1, required=True, need_bytes=need).status == pf.FAIL
+    assert pf.check_disk(REPO, need, required=True, need_bytes=need).status == pf.OK

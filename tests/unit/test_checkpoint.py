@@ -3,7 +3,8 @@ import torch
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, build_boundary_codec, split_into_stages
 from agora_server.optim import OptimizerConfig
 from agora_server.server import ServerConfig, StageBackend
-from agora_server.server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from agora_server.server.checkpoint import FILES_AT_ONCE, CheckpointError, load_checkpoint, save_checkpoint
+from agora_server.server.memory_plan import checkpoint_bytes
 
 import pytest
 
@@ -63,3 +64,30 @@ def test_failed_write_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="previous one is kept"):
         save_checkpoint(path, {"model": {}, "epoch": 2})
     assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_a_worker_keeps_at_most_its_budget_of_checkpoint_files_and_drops_the_download_once_it_has_its_own(tmp_path):
+    path = tmp_path / "run" / "head" / "peer.pt"
+    downloaded = path.with_name("from-coordinator.pt")
+    save_checkpoint(downloaded, {"model": {}, "epoch": 1})
+    path.with_suffix(".tmp").mkdir(parents=True)  # the first own write fails: the download stays
+    with pytest.raises(CheckpointError):
+        save_checkpoint(path, {"model": {}, "epoch": 2}, superseded=(downloaded,))
+    assert downloaded.exists()
+    path.with_suffix(".tmp").rmdir()
+    save_checkpoint(path, {"model": {}, "epoch": 2}, superseded=(downloaded,))
+    assert not downloaded.exists()
+    for epoch in range(3, 7):
+        save_checkpoint(path, {"model": {}, "epoch": epoch})
+        assert sorted(p.name for p in path.parent.iterdir()) == ["peer.prev", "peer.pt"]
+    assert load_checkpoint(path)["epoch"] == 6 and load_checkpoint(path.with_suffix(".prev"))["epoch"] == 5
+    assert FILES_AT_ONCE == 3  # the two kept and the one being written: what the preflight's disk figure counts
+
+
+def test_a_checkpoints_size_is_what_the_disk_budget_counts(tmp_path):
+    b = backend()
+    train(b, 4)
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, b.state_dict())
+    params = sum(p.numel() for p in b.stage.parameters())
+    assert checkpoint_bytes(params) <= path.stat().st_size <= checkpoint_bytes(params) * 1.1 + 64 * 1024

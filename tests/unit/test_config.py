@@ -12,6 +12,19 @@ def test_shipped_configs_load_and_split():
     assert not big.server.allow_cpu and tiny.server.allow_cpu
 
 
+def test_llama_8b_averages_with_the_reference_runs_settings_in_bounded_groups():
+    averaging = load_run_config("llama-8b").server.averaging
+    # the reference figures (shared/reference/algorithms.md): 5% every 20 steps, matchmaking 25-40 s,
+    # averaging timeout 60-150 s, sender timeout 10-30 s
+    assert (averaging.fraction, averaging.average_every) == (0.05, 20)
+    assert 25 <= averaging.matchmaking_time <= 40
+    assert 60 <= averaging.averaging_timeout <= 150
+    assert 10 <= averaging.sender_timeout <= 30
+    assert averaging.target_group_size is not None and averaging.target_group_size <= 16
+    tail_round_bytes = 1.91e9 * averaging.fraction * 4  # float32 masters of the largest stage, one way
+    assert tail_round_bytes / (200e6 / 8) * 2 <= averaging.averaging_timeout, "a round fits at 200 Mbit/s with room"
+
+
 def test_unknown_name_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="local-tiny"):
         load_run_config("no-such-run")

@@ -8,5 +8,6 @@
 - ``run_seed.py``      seed entry point: a long-lived DHT peer with a fixed identity
 - ``trainer/``         trainer entry point: data → PipelineTrainer
 - ``local_swarm.py``   starts seed, workers and trainer on 127.0.0.1 and stops them all
-- ``cli/``             ``agora_cli.py`` after bootstrap: ``--local``, ``test``
+- ``checkpoint_upload.py``  CheckpointUploader: a worker's checkpoints to the coordinator, on a thread of its own
+- ``cli/``             ``agora_cli.py`` after bootstrap: ``--local``, ``test``, ``memory-plan``, ``export``
 """

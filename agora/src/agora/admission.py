@@ -59,6 +59,12 @@ class CoordinatorClient:
 
     def __init__(self, base_url: str, token: str, timeout: float = 30.0):
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers={"Authorization": f"Bearer {token}"})
+        self._token, self._timeout = token, timeout
+
+    def separate(self) -> "CoordinatorClient":
+        """A client of the same coordinator and account with connections of its own: a transfer that
+        takes minutes on it never delays a call on this one."""
+        return CoordinatorClient(self.base_url, self._token, self._timeout)
 
     def put(self, path: str, body: dict | None = None, *, content: bytes | None = None, headers: dict | None = None,
             timeout: float | None = None) -> dict:
@@ -202,12 +208,15 @@ def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tu
     """Download while queued; a failure leaves the partial file for the next poll to resume."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     emit(ev.DownloadProgress(bytes_done=0, bytes_total=None))
-    reported = [0.0]
+    reported, started, first = [0.0], time.monotonic(), [None]
 
     def on_progress(done: int, total: int | None) -> None:
-        if time.monotonic() - reported[0] >= 5.0:  # a line every few seconds, not per chunk
-            reported[0] = time.monotonic()
-            emit(ev.DownloadProgress(bytes_done=done, bytes_total=total))
+        now = time.monotonic()
+        first[0] = done if first[0] is None else first[0]  # a resumed download's rate counts from there
+        if now - reported[0] >= 5.0:  # a line every few seconds, not per chunk
+            reported[0] = now
+            rate = (done - first[0]) / (now - started) if now > started and done > first[0] else None
+            emit(ev.DownloadProgress(bytes_done=done, bytes_total=total, bytes_per_second=rate))
 
     try:
         result = download_checkpoint(url, dest, on_progress=on_progress)
@@ -229,7 +238,8 @@ class CoordinatorSession:
     before if that is less: a short-lived token (a test's) is then renewed once per lifetime like a
     production one, not on every wake-up. While the coordinator does not answer, tries are spaced by a
     doubling backoff (2 s up to ``max_backoff``), never past the expiry: the worker has to stop then,
-    since its peers refuse an expired token, and the last try is made at that moment."""
+    since its peers refuse an expired token, and the last try is made at that moment. Checkpoint
+    uploads go elsewhere (``checkpoint_upload``), so none of this ever waits for one."""
 
     def __init__(
         self,
@@ -253,7 +263,6 @@ class CoordinatorSession:
         self._stats: ev.WorkerStats | None = None
         self._baseline: dict[str, float] = {}  # counters when this access began: heartbeats report what came after
         self._last_sent_at = 0.0
-        self._upload: tuple[Path, int] | None = None  # the newest checkpoint not yet uploaded
         self._phase = "training"
         self._reports: collections.deque[dict] = collections.deque(maxlen=1000)  # a trainer's, not yet sent
         self._ended = False  # refused or expired: nothing more to tell the coordinator
@@ -279,11 +288,6 @@ class CoordinatorSession:
         self._stats = counters_at_access
         self._baseline = heartbeat_counters(counters_at_access) if counters_at_access else {}
         self._thread.start()
-
-    def upload_checkpoint(self, path: Path, epoch: int) -> None:
-        """Queue the stage state just saved for upload (only the newest waiting one is kept)."""
-        self._upload = (path, epoch)
-        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -315,7 +319,6 @@ class CoordinatorSession:
                     self._refresh()
                     action = "report progress"
                 self._heartbeat()
-                self._send_upload()
                 self._send_reports()
                 backoff, self._answered_at = 0.0, self.clock()
             except CoordinatorUnavailable as e:
@@ -346,26 +349,6 @@ class CoordinatorSession:
         # an unreachable host that drops packets would hold a call for the client's whole timeout:
         # cap it so that the worker still stops when its access expires
         return max(1.0, min(_CALL_TIMEOUT, self.access.expires_at - self.clock()))
-
-    def _send_upload(self) -> None:
-        pending, self._upload = self._upload, None
-        if pending is None:
-            return
-        path, epoch = pending
-        headers = {"Authorization": f"Bearer {self.access.access_token}", "X-Checkpoint-Epoch": str(epoch),
-                   "Content-Type": "application/octet-stream"}
-        try:
-            with open(path, "rb") as f:  # checkpoints are replaced by rename: this handle keeps the file it opened
-                self.client.put(f"/api/checkpoints/{self.access.stage}", content=f, headers=headers)
-        except AdmissionError as e:
-            if isinstance(e, CoordinatorUnavailable) and self._upload is None:
-                self._upload = pending  # try again with the next heartbeat
-            self.emit(ev.CheckpointUploaded(stage=self.access.stage, epoch=epoch, ok=False, detail=str(e)))
-            return
-        except OSError as e:
-            self.emit(ev.CheckpointUploaded(stage=self.access.stage, epoch=epoch, ok=False, detail=f"{path}: {e}"))
-            return
-        self.emit(ev.CheckpointUploaded(stage=self.access.stage, epoch=epoch, ok=True, detail=""))
 
     def _refresh(self) -> None:
         if self.trainer:

@@ -17,7 +17,7 @@ from agora_server.telemetry import events as ev
 _QUIET = (
     ev.AccessGranted, ev.AuthQueued, ev.ServerStarted, ev.WarmupStarted, ev.WarmupComplete, ev.HealthStop,
     ev.ProcessError, ev.CheckpointFailed, ev.TrainingStarted, ev.TrainerReport, ev.TrainerPaused,
-    ev.TrainerResumed, ev.WorkerBanned,
+    ev.TrainerResumed, ev.WorkerBanned, ev.DataResumed, ev.DataPositionDiscarded, ev.DataPositionNotSaved, ev.DataSourceFailed,
 )
 
 

@@ -202,9 +202,11 @@ class LocalSwarm:
         with self._seen:
             return found[0] if self._seen.wait_for(seen, timeout) else None
 
-    def events_of(self, name: str, kind: type[ev.Event]) -> list[ev.Event]:
+    def events_of(self, name: str, kind: type[ev.Event], since: int = 0, until: int | None = None) -> list[ev.Event]:
+        """The child's events of ``kind``; ``since``/``until``: only those of the events at these
+        indices (one run of a restarted child: its ``first_event`` to the next run's)."""
         with self._seen:
-            return [e for e in self.events.get(name, []) if isinstance(e, kind)]
+            return [e for e in self.events.get(name, [])[since:until] if isinstance(e, kind)]
 
     def lines_printed(self, name: str) -> int:
         """How many lines a child (all its runs under that name) has printed so far."""
@@ -252,7 +254,11 @@ class LocalSwarm:
                     # order, so sequential joins into this run's fresh database give exactly the planned layout
                     self._wait_for_access(worker, spec.name, time.monotonic() + timeout)
         if trainer:
-            self._spawn("trainer", self._trainer_args(), env_extra=self._token_env())
+            self.start_trainer()
+
+    def start_trainer(self) -> SwarmProcess:
+        """The trainer; started again, it continues its data stream where the last one left it."""
+        return self._spawn("trainer", self._trainer_args(), env_extra=self._token_env())
 
     def _start_seed(self, deadline: float) -> None:
         # "=": a base64url key may start with "-", which argparse would take for an option
@@ -365,6 +371,8 @@ class LocalSwarm:
             "--steps", str(self.steps),
             "--summary_path", str(self.summary_path),
             "--log_file", str(self.log_dir / "trainer.log"),
+            # with this swarm's keys: a new swarm starts its data afresh, a restarted trainer continues
+            "--data_position", str(self.keys_dir / "trainer.position.json"),
             *self._metrics_args(),
             *self._host_args("trainer"),
             *(["--auth_server", self.coordinator_url, "--identity_path", str(self.keys_dir / "trainer.key")] if self.coordinator else []),

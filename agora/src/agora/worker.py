@@ -8,10 +8,13 @@ from pathlib import Path
 
 import torch
 
+from agora.checkpoint_upload import CheckpointUploader
+from agora.cli import troubleshooting as known
 from agora.config import ConfigError, RunConfig, load_run_config
 from agora.identity import default_identity_path, ensure_identity
 from agora.ports import free_port
 from agora.processes import setup_process, start_metrics_push, stop_on_signals
+from agora_server.optim.state_download import StateDownloadTooSlow
 
 DEFAULT_PORT = 49200
 COORDINATOR_UNREACHABLE_MESSAGE = "Could not reach the coordinator at {url} ({error})."
@@ -107,6 +110,8 @@ def _run(args: argparse.Namespace, events) -> int:
     )
     if peer_access is not None:
         peer_access.on_renew(lambda token: validator.renew_in(dht, token))
+    # its own thread and connection: heartbeats and renewals never wait for a checkpoint upload
+    uploader = CheckpointUploader(session.client.separate(), lambda: session.access, events.emit) if session is not None else None
     worker = pusher = None
     try:
         worker = build_worker(
@@ -120,20 +125,26 @@ def _run(args: argparse.Namespace, events) -> int:
             device=device,
             events=events,
             initial_state=weights,
-            on_checkpoint=session.upload_checkpoint if session is not None else None,
+            on_checkpoint=uploader.submit if uploader is not None else None,
             access=peer_access,
         )
         pusher = start_metrics_push(events, args.prom_gateway, config, worker.spec.name, worker.peer_id)
         if session is not None:
             events.subscribe(session)
             session.start(worker.stats())  # before any request can arrive
-        worker.start()
+            uploader.start()
+        try:
+            worker.start()
+        except StateDownloadTooSlow as e:
+            raise WorkerLaunchError(f"{known.DOWNLOAD_TOO_SLOW.template} ({e})", tag="DOWNLOAD") from None
         worker.serve(stop)
     finally:
         if worker is not None:
             verdict = worker.halted
             reason = verdict.message if verdict else "signal received" if stop.is_set() else "error"
             worker.shutdown(reason)
+        if uploader is not None:
+            uploader.stop()
         if session is not None:  # after the worker's final counters: its last heartbeat carries them
             session.stop()
         if pusher is not None:

@@ -28,12 +28,16 @@ def serialize(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.Tensor]:
 def _serialize_one(tensor: torch.Tensor) -> runtime_pb2.Tensor:
     if tensor.dtype != torch.bfloat16:
         return serialize_torch_tensor(tensor)
-    # hivemind widens bfloat16 to float32 unless USE_LEGACY_BFLOAT16=0: twice the bytes, and it
-    # rewrites NaN bit patterns (token ids ride in them). Send the raw 2-byte patterns; hivemind's
-    # reader recognises 2 bytes per element and reinterprets them.
+    return bfloat16_message(tensor)
+
+
+def bfloat16_message(tensor: torch.Tensor) -> runtime_pb2.Tensor:
+    """A bfloat16 tensor as its raw 2-byte patterns. hivemind widens bfloat16 to float32 unless
+    USE_LEGACY_BFLOAT16=0: twice the bytes, and it rewrites NaN bit patterns (token ids ride in them);
+    hivemind's reader recognises 2 bytes per element and reinterprets them."""
     return runtime_pb2.Tensor(
         compression=runtime_pb2.CompressionType.NONE,
-        buffer=tensor.view(torch.int16).numpy().tobytes(),
+        buffer=tensor.contiguous().view(torch.int16).numpy().tobytes(),
         size=tensor.shape,
         dtype="bfloat16",
     )

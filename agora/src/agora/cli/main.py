@@ -11,6 +11,7 @@ Examples:
   python3 agora_cli.py --local --steps 300          # stop after 300 trained micro-batches
   python3 agora_cli.py --local --workers-per-stage 2
   python3 agora_cli.py memory-plan --config llama-8b --vram-gib 24   # GPU and host memory per stage
+  python3 agora_cli.py export --config llama-8b --checkpoints DIR --out DIR   # the model as a Hugging Face Llama
   python3 agora_cli.py test [pytest args]           # the test suite
 """
 
@@ -132,6 +133,10 @@ def main(argv: list[str]) -> int:
         from agora.cli.memory_plan import main as memory_plan_main
 
         return memory_plan_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from agora.cli.export import main as export_main
+
+        return export_main(argv[1:])
     if argv[:1] in (["status"], ["stop"]):
         from agora.cli.manage import main as manage_main
 

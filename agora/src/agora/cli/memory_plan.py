@@ -38,6 +38,20 @@ def plan_run(config: RunConfig, vram_bytes: int | None):
     ]
 
 
+INSTALL_BYTES = 12 * 2**30
+"""Disk besides checkpoints: the environment with CUDA torch (about 7 GB), the Docker image layers or
+pip cache, and the logs."""
+
+
+def disk_needed(config: RunConfig) -> int:
+    """Free disk a worker needs whichever stage it serves: ``FILES_AT_ONCE`` checkpoints of the largest
+    stage (``server.checkpoint`` keeps no more) and the installation."""
+    from agora_server.server.checkpoint import FILES_AT_ONCE
+    from agora_server.server.memory_plan import checkpoint_bytes
+
+    return FILES_AT_ONCE * max(checkpoint_bytes(plan.params) for plan in plan_run(config, None)) + INSTALL_BYTES
+
+
 def largest_batch_everywhere(config: RunConfig, vram_bytes: int) -> int:
     """The largest micro-batch that fits a GPU of ``vram_bytes`` whichever stage the coordinator
     assigns (0: the GPU fits none). The run config's ``server.max_batch_size`` caps it elsewhere."""
@@ -81,8 +95,14 @@ def render_table(config: RunConfig, plans, vram_gib: float) -> str:
         verdict = f"Every stage fits this GPU at micro-batch {batch}; the largest micro-batch every stage fits is {fitting}."
     else:
         verdict = f"At least one stage does not fit this GPU at micro-batch {batch} (max batch {fitting})."
+    from agora_server.server.checkpoint import FILES_AT_ONCE
+    from agora_server.server.memory_plan import checkpoint_bytes
+
     host = max(plan.host.total for plan in plans) / GIB
-    return header + "\n".join(lines) + f"\n\n{verdict} Host memory per GPU: at most {host:.1f} GiB.\n"
+    largest = max(checkpoint_bytes(plan.params) for plan in plans)
+    disk = (FILES_AT_ONCE * largest + INSTALL_BYTES) / GIB
+    return header + "\n".join(lines) + (f"\n\n{verdict} Host memory per GPU: at most {host:.1f} GiB. Disk: {disk:.0f} GiB "
+                                        f"({FILES_AT_ONCE} checkpoints of {largest / GIB:.1f} GiB and the installation).\n")
 
 
 def this_machines_vram_gib() -> float | None:

@@ -40,7 +40,7 @@ def participate(args: argparse.Namespace) -> int:
         fix = _fix_for(e)
         error(f"[SETUP] {e}" + (f"\n[SETUP] {fix}" if fix else ""))
         return 2
-    from agora.cli.memory_plan import largest_batch_everywhere
+    from agora.cli.memory_plan import disk_needed, largest_batch_everywhere
     from agora.config import ConfigError, load_run_config  # slow (torch): only once the questions are answered
 
     try:
@@ -65,6 +65,7 @@ def participate(args: argparse.Namespace) -> int:
             constraints=REPO / "constraints.txt",
             auth_server=run.auth_server,
             run_file=run.path,
+            disk_bytes=disk_needed(config),
         ),
         emit=show_check,
     )

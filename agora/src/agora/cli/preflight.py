@@ -117,11 +117,14 @@ def check_ram(total_bytes: int, gpus: int, required: bool, req: Requirements = R
     return CheckResult("RAM", FAIL if required else WARN, message, known.LOW_RAM.fix)
 
 
-def check_disk(path: Path, free_bytes: int, required: bool, req: Requirements = REQUIREMENTS) -> CheckResult:
+def check_disk(path: Path, free_bytes: int, required: bool, need_bytes: int | None = None, req: Requirements = REQUIREMENTS) -> CheckResult:
+    """``need_bytes``: the run's checkpoint budget and installation (``memory_plan.disk_needed``);
+    without it, the guide's figure."""
     have = free_bytes / GB
-    if have >= req.disk_gb:
-        return CheckResult("Disk", OK, f"{have:.0f} GB free")
-    message = known.LOW_DISK.format(have_gb=f"{have:.0f}", path=path, need_gb=f"{req.disk_gb:.0f}")
+    need = need_bytes / GB if need_bytes is not None else req.disk_gb
+    if have >= need:
+        return CheckResult("Disk", OK, f"{have:.0f} GB free (the run needs {need:.0f} GB)")
+    message = known.LOW_DISK.format(have_gb=f"{have:.0f}", path=path, need_gb=f"{need:.0f}")
     return CheckResult("Disk", FAIL if required else WARN, message, known.LOW_DISK.fix)
 
 
@@ -248,6 +251,8 @@ class PreflightInput:
     constraints: Path
     auth_server: str | None = None
     run_file: Path = Path("run.json")
+    disk_bytes: int | None = None
+    """Free disk the run needs (checkpoints and installation); None: the guide's figure."""
 
 
 @dataclasses.dataclass
@@ -291,7 +296,7 @@ def run_preflight(inp: PreflightInput, emit: Callable[[CheckResult], None], band
         add(result)
     gpu_run = not inp.allow_cpu
     add(check_ram(psutil.virtual_memory().total, inp.gpus_on_machine, required=gpu_run))
-    add(check_disk(inp.workdir, shutil.disk_usage(inp.workdir).free, required=gpu_run))
+    add(check_disk(inp.workdir, shutil.disk_usage(inp.workdir).free, required=gpu_run, need_bytes=inp.disk_bytes))
     add(check_port(inp.port))
     add(bandwidth())
     for result in check_seeds(inp.seeds):

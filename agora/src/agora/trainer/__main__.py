@@ -24,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--auth_server", default=None, help="the run's coordinator URL; workers of a run with one serve only trainers it admitted")
     parser.add_argument("--token", default=None, help="an operator's HuggingFace token for --auth_server (or set AGORA_TOKEN)")
     parser.add_argument("--identity_path", default="private_trainer.key", help="the trainer's key file; its peer id is what the coordinator admits")
+    parser.add_argument("--data_position", default=None,
+                        help="file that keeps this trainer's place in its data stream, so a restart continues there "
+                             "(default: beside the identity file, <identity name>.position.json)")
     args = parser.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
         parser.error("--rank must be in [0, world_size)")

@@ -18,6 +18,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     from hivemind import DHT
 
     from agora_server.data import PackedBatches, validation_batches
+    from agora_server.data.retrying import DataSourceGaveUp
     from agora_server.pipeline import PipelineTrainer
     from agora_server.telemetry.events import CoordinatorStop, ProcessError
 
@@ -35,7 +36,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     if packed.vocab_size > config.model.vocab_size:
         return fail(f"tokenizer {config.data.tokenizer!r} has {packed.vocab_size} tokens but model.vocab_size is"
                     f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}")
-    batches = iter(packed)
+    batches, keep_position = _resumable_batches(args, config, packed, events)
     held_out = None
     if config.trainer.validation_every and config.data.validation_fraction > 0:
         try:
@@ -70,6 +71,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         boundary_width=config.boundary_width,
         events=events,
         access=session.peer_access if session else None,
+        on_finished=keep_position,
     )
     pusher = start_metrics_push(events, args.prom_gateway, config, "trainer", dht.peer_id.to_base58())
     steps = args.steps or sys.maxsize
@@ -90,7 +92,7 @@ def run_trainer(args: argparse.Namespace) -> int:
 
     try:
         summary = asyncio.run(_train())
-    except TimeoutError as e:
+    except (TimeoutError, DataSourceGaveUp) as e:
         return fail(str(e))
     finally:
         if session is not None:
@@ -101,6 +103,49 @@ def run_trainer(args: argparse.Namespace) -> int:
     if args.summary_path:
         Path(args.summary_path).write_text(json.dumps(summary.to_json()))
     return 0
+
+
+def data_position_path(args: argparse.Namespace) -> Path:
+    if args.data_position:
+        return Path(args.data_position)
+    identity = Path(args.identity_path)
+    return identity.with_name(f"{identity.stem}.position.json")
+
+
+def _resumable_batches(args: argparse.Namespace, config, packed, events):
+    """The rank's micro-batches from where its saved position left them, reopened after data errors,
+    and what records a finished micro-batch in the position file."""
+    from agora_server.data.position import PositionFile, stream_key
+    from agora_server.data.retrying import RetryingStream
+    from agora_server.telemetry.events import DataPositionDiscarded, DataPositionNotSaved, DataResumed, DataSourceFailed
+
+    position_file = PositionFile(data_position_path(args), stream_key(config.data, config.trainer.micro_batch_size, args.rank, args.world_size))
+    position, discarded = position_file.load()
+    if discarded:
+        events.emit(DataPositionDiscarded(reason=discarded))
+    elif position.finished:
+        events.emit(DataResumed(finished=position.finished, next_index=position.finished_below, path=str(position_file.path)))
+    data = config.data
+    batches = RetryingStream(
+        # the live position: what finishes during this run was handed out already, and stays skipped on a reopen
+        packed.numbered, skip=position.is_finished,
+        on_failure=lambda f: events.emit(DataSourceFailed(error=f.error, failures=f.failures, retry_in=f.retry_in, next_index=f.next_index)),
+        first_wait=data.retry_first_seconds, max_wait=data.retry_max_seconds, give_up_after=data.retry_give_up_seconds,
+    )
+    unsaved = [False]  # said once per run of failures, not once per micro-batch
+
+    def keep_position(data_index: int) -> None:
+        position.finish(data_index)
+        try:
+            position_file.save(position)
+        except OSError as e:  # training goes on; a restart would repeat what is not saved
+            if not unsaved[0]:
+                events.emit(DataPositionNotSaved(path=str(position_file.path), error=e.strerror or str(e)))
+            unsaved[0] = True
+        else:
+            unsaved[0] = False
+
+    return iter(batches), keep_position
 
 
 def _admit_trainer(args: argparse.Namespace, config, events):

@@ -70,3 +70,15 @@ class DataConfig(BaseModel):
     cache_dir: str | None = None
     """Where the local corpus is written. ``None`` means ``$AGORA_CACHE_DIR`` if set, otherwise
     ``~/.cache/agora``. Change it when the home directory is small or read-only."""
+
+    retry_first_seconds: float = Field(2.0, gt=0)
+    """Wait before reopening the stream after the data source failed (a network blip on the Hub);
+    each further failure in a row doubles it, up to ``retry_max_seconds``."""
+
+    retry_max_seconds: float = Field(120.0, gt=0)
+    """Longest wait between two attempts to reopen a failing data source."""
+
+    retry_give_up_seconds: float = Field(3600.0, gt=0)
+    """A data source that has failed for this long without yielding a micro-batch stops the trainer
+    (an outage of the Hub, or a dataset gone for good); a trainer restarted later resumes from its
+    saved position."""

@@ -10,7 +10,7 @@ to predict the end-of-text token, and no tokens are wasted on padding.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import datasets
@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 
 from .config import DataConfig
 from .corpus import ensure_local_corpus, is_validation_key, resolve_cache_dir
+from .position import StreamBatch
 from .tokenizer import eos_token_id, load_tokenizer
 
 Split = Literal["train", "validation"]
@@ -141,6 +142,17 @@ class PackedBatches:
         self._documents = open_text_dataset(config, split)
 
     def __iter__(self) -> Iterator[Batch]:
+        for rows in self._row_groups():
+            yield _pack(rows)
+
+    def numbered(self, skip: Callable[[int], bool] = lambda index: False) -> Iterator[StreamBatch]:
+        """The same batches with their place in the stream; those ``skip`` names are passed over
+        without being packed (a restarted trainer goes past what it already trained this way)."""
+        for index, rows in enumerate(self._row_groups()):
+            if not skip(index):
+                yield StreamBatch(index, *_pack(rows))
+
+    def _row_groups(self) -> Iterator[list[np.ndarray]]:
         windows = self.windows()
         if self.split == "train" and self.config.sequence_shuffle_buffer > 1:
             windows = _shuffled(windows, self.config.sequence_shuffle_buffer, np.random.default_rng([self.config.seed, self.rank]))
@@ -148,9 +160,7 @@ class PackedBatches:
             rows = list(itertools.islice(windows, self.batch_size))
             if len(rows) < self.batch_size:
                 return
-            packed = torch.from_numpy(np.stack(rows))
-            # Contiguous copies: callers serialize these tensors, and views would drag the whole window along.
-            yield packed[:, :-1].contiguous(), packed[:, 1:].contiguous()
+            yield rows
 
     def windows(self) -> Iterator[np.ndarray]:
         """Windows of ``seq_len + 1`` tokens in stream order, each starting at the previous window's
@@ -199,6 +209,12 @@ class PackedBatches:
         # encode_batch_fast skips offset tracking, which packing does not need (tokenizers >= 0.21).
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
+
+
+def _pack(rows: list[np.ndarray]) -> Batch:
+    packed = torch.from_numpy(np.stack(rows))
+    # Contiguous copies: callers serialize these tensors, and views would drag the whole window along.
+    return packed[:, :-1].contiguous(), packed[:, 1:].contiguous()
 
 
 def _shuffled(windows: Iterator[np.ndarray], size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:

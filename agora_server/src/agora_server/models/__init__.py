@@ -7,6 +7,7 @@
 - ``stages.py``    PipelineStage (head / body / tail), DecoderLM (the unsplit reference), per_token_cross_entropy
 - ``precision.py`` PrecisionConfig: compute dtype, master weights' placement, checkpointing, loss chunks
 - ``memory.py``    ActivationMeter: the bytes a stage's forward and backward allocate, counted on any device
+- ``hf_llama.py``  fold_into_llama: stage states (subspace folded out) in transformers' Llama names and config
 """
 
 from agora_server.models.boundary import BoundaryCodec, BoundaryConfig, DenseBoundary, build_boundary_codec

@@ -6,6 +6,8 @@
 - ``progress.py``  StageProgress: SwarmProgress (hivemind ProgressTracker), LocalProgress
 - ``nesterov.py``  NesterovAdamW (NAdam, decoupled weight decay), linear_momentum_warmup
 - ``sparta.py``    SpartaPartition (seeded slices), slice_count, slice_for_epoch, the delta rule
+- ``averaging.py`` AveragingConfig, SpartaAverager (background rounds, state sharing), BFloat16State
+- ``state_download.py``  fetch_state: a newcomer's download of the stage's weights, deadlines sized by bytes, progress
 """
 
 from agora_server.optim.config import OptimizerConfig

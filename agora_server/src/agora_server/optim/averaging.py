@@ -15,27 +15,31 @@ the whole group before it sends a byte of its weights.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import AsyncIterator
+from typing import AsyncIterator, Literal
 
 import torch
 from hivemind import DHT
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.averaging.matchmaking import MatchmakingException
-from hivemind.compression import CompressionInfo
-from hivemind.p2p import P2PContext
-from hivemind.proto import averaging_pb2
+from hivemind.compression import CompressionInfo, NoCompression
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agora_server.access import WORKER, AccessGuard, AccessTokenError, PeerAccess
 from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_epoch
+from agora_server.optim.state_download import DownloadProgress, download_deadline, fetch_state
+from agora_server.tensor_stream import bfloat16_message
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,14 @@ class AveragingConfig(BaseModel):
     """A round that would move any weight by more than this is refused (a peer sent absurd values)."""
     warmup_rounds: int = Field(2, ge=0)
     """Rounds a newcomer averages with weight 0 (receiving only) before trainers route to it."""
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Precision of the weights a worker serves to newcomers. bfloat16 halves the download (an 8B
+    run's tail: 3.8 GB instead of 7.6 GB); the newcomer's float32 masters start from the rounded values.
+    float32 keeps small runs bit-comparable."""
+    download_min_mbit: float = Field(50.0, gt=0)
+    """Slowest average rate accepted for a newcomer's download of the stage's weights: the download's
+    overall deadline is its size at this rate (never less than ``averaging_timeout``). Below it the
+    worker stops with the guide's "Download is too slow" message."""
 
     @model_validator(mode="after")
     def _request_timeout_within_matchmaking(self) -> AveragingConfig:
@@ -77,6 +89,17 @@ class AveragingConfig(BaseModel):
 
 
 StateProvider = Callable[[], tuple[dict, list[torch.Tensor]]]
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class BFloat16State(NoCompression):
+    """Sends each floating-point tensor of a served state as bfloat16; hivemind's receiver reads it back
+    by its size (two bytes per value) whatever its own bfloat16 mode."""
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        if not tensor.is_floating_point():
+            return super().compress(tensor, info, allow_inplace)
+        return bfloat16_message(tensor.detach().to(torch.bfloat16))
 
 
 def averager_prefix(prefix: str) -> str:
@@ -185,6 +208,7 @@ class SpartaAverager:
         weights the model computes with). ``access`` and ``stage``: in a run with a coordinator,
         average only with workers admitted to ``stage``, presenting this worker's own token."""
         self.params, self.config, self.on_compute, self.on_result = list(params), config, on_compute, on_result
+        self.dht = dht
         self.on_update = on_update
         self.access = access
         self.has_partners = has_partners
@@ -206,6 +230,10 @@ class SpartaAverager:
             min_group_size=2,
             initial_group_bits="0" * self._bits,
             allow_state_sharing=False,  # until this worker holds the stage's current weights
+            # a served state streams for minutes at production size: each chunk gets the sender's patience,
+            # not a request's; the whole download has its own deadline (download_state)
+            next_chunk_timeout=config.sender_timeout,
+            state_compression=BFloat16State() if config.state_dtype == "bfloat16" else NoCompression(),
         )
         self._round_running = threading.Event()
         self.averager.round_running = self._round_running
@@ -223,16 +251,35 @@ class SpartaAverager:
         self.averager.state_provider = provider
         self.averager.allow_state_sharing = True
 
-    def download_state(self, timeout: float, attempts: int = 5, pause: float = 2.0) -> tuple[dict, list[torch.Tensor]] | None:
-        """Weights and metadata from a peer of the stage; None if none answered in ``attempts`` tries.
-        Peers refuse while one of their rounds runs, so a refusal is worth another try."""
+    def download_state(self, p2p: P2P, loop: asyncio.AbstractEventLoop, on_progress: Callable[[DownloadProgress], None],
+                       attempts: int = 5, pause: float = 2.0, progress_every: float = 10.0) -> tuple[dict, list[torch.Tensor]] | None:
+        """Weights and metadata from a peer of the stage, read through ``p2p`` on ``loop`` (the worker's
+        RPC loop); None if none answered in ``attempts`` tries. Peers refuse while one of their rounds
+        runs, so a refusal is worth another try. The tries together may take the state's size at
+        ``download_min_mbit``; past that StateDownloadTooSlow is raised."""
+        state_bytes = sum(p.numel() for p in self.params) * STATE_DTYPES[self.config.state_dtype].itemsize
+        deadline = download_deadline(state_bytes, self.config.download_min_mbit, self.config.averaging_timeout)
+        shapes = [p.shape for p in self.params]
+        started = time.monotonic()
         for attempt in range(attempts):
-            state = self.averager.load_state_from_peers(timeout=timeout)
+            fetch = fetch_state(p2p, lambda p2p, peer: _StageStateAverager.get_stub(p2p, peer, namespace=self.averager.prefix),
+                                self._sharing_peers(), shapes, state_bytes, deadline=deadline - (time.monotonic() - started),
+                                chunk_timeout=self.config.sender_timeout, on_progress=on_progress, progress_every=progress_every)
+            state = asyncio.run_coroutine_threadsafe(fetch, loop).result()
             if state is not None:
                 return state
             if attempt + 1 < attempts:
                 time.sleep(pause)
         return None
+
+    def _sharing_peers(self) -> list[PeerID]:
+        """The peers that declared they share the stage's state, the most eager first."""
+        found = self.dht.get(f"{self.averager.prefix}.all_averagers", latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        ranked = sorted(((entry.value, random.random(), subkey) for subkey, entry in entries.items()
+                         if isinstance(entry.value, (int, float)) and isinstance(subkey, bytes)), reverse=True)
+        own = self.averager.peer_id
+        return [peer for peer in (PeerID(subkey) for _, _, subkey in ranked) if peer != own]
 
     def follow(self, epoch: int) -> None:
         """This worker jumped to ``epoch`` (state downloaded from a peer): the window it lands in has

@@ -22,12 +22,13 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from hivemind import DHT
 
 from agora_server.access import PeerAccess
+from agora_server.data.position import StreamBatch, tokens_digest
 from agora_server.models.config import StageKind, StageSpec
 from agora_server.pipeline.balancer import StageBalancer
 from agora_server.pipeline.config import TrainerConfig
@@ -35,6 +36,7 @@ from agora_server.pipeline.directory import read_stage_records
 from agora_server.pipeline.remote import StageCaller, StageCallFailed, StageRefused
 from agora_server.telemetry.events import (
     EventBus,
+    MicroBatchCompleted,
     MicroBatchDropped,
     TrainerFinished,
     TrainerPaused,
@@ -144,9 +146,13 @@ class PipelineTrainer:
         boundary_width: int,
         events: EventBus,
         access: PeerAccess | None = None,
+        on_finished: Callable[[int], None] = lambda data_index: None,
     ):
-        """``access``: this trainer's access in a run with a coordinator; its token goes with every call."""
+        """``access``: this trainer's access in a run with a coordinator; its token goes with every call.
+        ``on_finished``: told the data index of every micro-batch that will not be sent again (completed,
+        or dropped for a failure; not one cancelled by a stop), before the event that reports it."""
         self.access = access
+        self.on_finished = on_finished
         self.dht, self.run, self.stages, self.config, self.wire_dtype = dht, run, stages, config, wire_dtype
         self.boundary_width = boundary_width
         self.events = events
@@ -281,17 +287,19 @@ class PipelineTrainer:
             grad = outputs[0] if outputs else None
         return float((per_token_loss.float() * loss_weights).sum())
 
-    async def _run_and_account(self, microbatch: int, tokens: torch.Tensor, labels: torch.Tensor) -> None:
+    async def _run_and_account(self, microbatch: int, batch: StreamBatch) -> None:
+        tokens = batch.tokens
         try:
-            loss = await self.run_microbatch(microbatch, tokens, labels)
+            loss = await self.run_microbatch(microbatch, tokens, batch.labels)
         except MicroBatchDroppedError as e:
-            self._drop(microbatch, e.reason)
+            self._drop(microbatch, e.reason, batch.index)
         except asyncio.CancelledError:
-            self._drop(microbatch, CANCELLED)
+            self._drop(microbatch, CANCELLED, batch.index)
             raise
         except Exception as e:  # a bug must not make a micro-batch vanish from the ledger
-            self._drop(microbatch, f"error:{type(e).__name__}")
+            self._drop(microbatch, f"error:{type(e).__name__}", batch.index)
         else:
+            self.on_finished(batch.index)
             now = time.perf_counter()
             self._longest_stall = max(self._longest_stall, now - self._last_completion)
             self._last_completion = now
@@ -299,10 +307,13 @@ class PipelineTrainer:
             self.tokens_done += tokens.numel()
             self.losses.append((self.ledger.completed, loss))
             self.smoothed.add(loss)
+            self.events.emit(MicroBatchCompleted(microbatch=microbatch, data_index=batch.index, tokens_digest=tokens_digest(tokens), loss=loss))
 
-    def _drop(self, microbatch: int, reason: str) -> None:
+    def _drop(self, microbatch: int, reason: str, data_index: int) -> None:
+        if reason != CANCELLED:  # a stop's micro-batches were not trained: a restart sends them again
+            self.on_finished(data_index)
         self.ledger.dropped[reason] += 1
-        self.events.emit(MicroBatchDropped(microbatch=microbatch, reason=reason))
+        self.events.emit(MicroBatchDropped(microbatch=microbatch, reason=reason, data_index=data_index))
 
     # --- validation -----------------------------------------------------------------------
 
@@ -337,7 +348,7 @@ class PipelineTrainer:
 
     # --- the loop -------------------------------------------------------------------------
 
-    async def train(self, batches: Iterator[Batch], steps: int, stop: asyncio.Event,
+    async def train(self, batches: Iterator[StreamBatch], steps: int, stop: asyncio.Event,
                     validation: list[Batch] | None = None, total_steps: int = 0) -> TrainerSummary:
         """Run until ``steps`` micro-batches completed or ``stop`` is set; in-flight ones then finish,
         except those waiting for a stage without workers: they count as cancelled. ``validation``:
@@ -374,9 +385,9 @@ class PipelineTrainer:
                 room = self.config.max_in_flight - (1 if scoring is not None and not scoring.done() else 0)
                 if len(tasks) < room and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs
-                    tokens, labels = await asyncio.to_thread(next, batches)
+                    batch = await asyncio.to_thread(next, batches)
                     self.ledger.sent += 1
-                    task = asyncio.create_task(self._run_and_account(self.ledger.sent, tokens, labels))
+                    task = asyncio.create_task(self._run_and_account(self.ledger.sent, batch))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     continue

@@ -3,7 +3,8 @@
 - ``config.py``      ServerConfig
 - ``validation.py``  StageSignature.validate, BadRequest, RequestLimits
 - ``backend.py``     StageBackend: the module, its optimizer, forward/backward, counters
-- ``checkpoint.py``  save_checkpoint / load_checkpoint (atomic, keeps the previous good file)
+- ``checkpoint.py``  save_checkpoint / load_checkpoint (atomic, read back before it replaces, keeps the previous
+                     good file; at most FILES_AT_ONCE checkpoint-sized files per identity)
 - ``handler.py``     StageServicer: rpc_forward, rpc_backward, rpc_info
 - ``announcer.py``   StageAnnouncer: periodic DHT record with expiry
 - ``worker.py``      StageWorker: composes the above and reports progress

@@ -4,6 +4,11 @@ One file per identity (``<dir>/<run>/<stage>/<peer id>.pt``), so a worker restar
 key resumes its own state. Writes are atomic (temporary file, then rename) and keep the previous
 good checkpoint beside the new one (``.prev``); a checkpoint that cannot be read falls back to that
 previous one. A failed write or read never deletes or overwrites a good file.
+
+Disk budget: a new checkpoint is written beside the two kept ones, read back (verified), and only then
+moved into place, pushing the oldest out; a checkpoint the worker started from (the coordinator's
+download) is removed once its own first one is in place. So one identity never holds more than
+``FILES_AT_ONCE`` checkpoint-sized files, which is what the preflight asks of the disk.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 NOT_A_STAGE_CHECKPOINT = "the file holds something other than an Agora stage checkpoint"
+
+FILES_AT_ONCE = 3
+"""Checkpoint-sized files one worker identity has on disk at most: the previous and the newest
+checkpoint and the one being written (before its first own checkpoint, the downloaded one instead of
+the previous)."""
 
 
 class CheckpointError(RuntimeError):
@@ -45,10 +55,11 @@ def previous_path(path: Path) -> Path:
     return path.with_suffix(".prev")
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], *, rotate: bool = True) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], *, rotate: bool = True, superseded: tuple[Path, ...] = ()) -> None:
     """Write ``state`` to ``path``, moving the file there to ``.prev`` first. ``rotate=False`` replaces
     ``path`` without that move: for when ``path`` is a file that could not be read, which must not push
-    the good ``.prev`` out."""
+    the good ``.prev`` out. ``superseded``: files to remove once the new checkpoint is in place (the
+    checkpoint this worker started from); a failed write keeps them."""
     tmp = path.with_suffix(".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,15 +69,27 @@ def save_checkpoint(path: Path, state: dict[str, Any], *, rotate: bool = True) -
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        _verify(tmp)
         if rotate and path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
         _sync_directory(path.parent)
-    except (OSError, RuntimeError) as e:  # torch.save reports some I/O failures as RuntimeError
+    except (OSError, RuntimeError, ValueError) as e:  # torch.save reports some I/O failures as RuntimeError
         if tmp.is_file() or tmp.is_symlink():
             with contextlib.suppress(OSError):
                 tmp.unlink()  # a partial file only takes the space a retry needs
         raise CheckpointError(_write_failure(path, e, rotate)) from None
+    for old in superseded:
+        with contextlib.suppress(OSError):
+            old.unlink(missing_ok=True)
+
+
+def _verify(written: Path) -> None:
+    """Read the file just written back (its structure, with the tensors mapped, not loaded): only a
+    checkpoint that reads may push an older one out."""
+    state = torch.load(written, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise ValueError(f"{written} does not read back as a stage checkpoint")
 
 
 def _sync_directory(directory: Path) -> None:
@@ -127,15 +150,17 @@ def _first_line(e: BaseException) -> str:
     return line if len(line) <= 200 else line[:200] + "…"
 
 
-def read_checkpoint(path: Path) -> LoadedCheckpoint | None:
+def read_checkpoint(path: Path, *, mmap: bool = False) -> LoadedCheckpoint | None:
     """The newest readable checkpoint at ``path`` or its previous copy; None if neither exists.
-    CheckpointError if files exist and none can be read: they are left as they are."""
+    CheckpointError if files exist and none can be read: they are left as they are. ``mmap`` maps the
+    tensors instead of reading them: a reader that needs only the weights never loads the optimizer
+    state (two thirds of a production checkpoint) into memory."""
     unreadable = []
     for candidate in (path, previous_path(path)):
         if not candidate.exists():
             continue
         try:
-            state = torch.load(candidate, map_location="cpu", weights_only=True)
+            state = torch.load(candidate, map_location="cpu", weights_only=True, mmap=mmap)
             if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
                 raise ValueError(NOT_A_STAGE_CHECKPOINT)
         except Exception as e:

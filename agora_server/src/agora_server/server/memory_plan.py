@@ -27,6 +27,14 @@ the CUDA host context), measured at about 2-3 GB; the rest is headroom."""
 OPTIMIZER_STATE_BYTES = 8
 """Per trained parameter: AdamW's (and the Nesterov variant's) two float32 moments."""
 MAX_PLANNED_BATCH = 64
+MASTER_WEIGHT_BYTES = 4
+"""Per trained parameter: the float32 master copy a checkpoint keeps, whatever the compute dtype."""
+
+
+def checkpoint_bytes(params: int) -> int:
+    """Size of a stage's checkpoint on disk: float32 master weights and the optimizer's two moments
+    (the counters beside them are a few hundred bytes)."""
+    return params * (MASTER_WEIGHT_BYTES + OPTIMIZER_STATE_BYTES)
 
 
 @dataclasses.dataclass(frozen=True)

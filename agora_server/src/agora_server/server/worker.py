@@ -21,8 +21,8 @@ from hivemind.p2p import P2P
 from agora_server.access import PeerAccess
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
 from agora_server.optim import SwarmProgress
-from agora_server.optim.averaging import RoundResult, SpartaAverager
-from agora_server.optim.sparta import to_host
+from agora_server.optim.averaging import STATE_DTYPES, RoundResult, SpartaAverager
+from agora_server.optim.state_download import DownloadProgress
 from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.backend import StageBackend
 from agora_server.server.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
@@ -42,6 +42,7 @@ from agora_server.telemetry.events import (
     ServerStarted,
     ServerStopping,
     StateDownloaded,
+    StateDownloadProgress,
     WarmupComplete,
     WarmupStarted,
     WorkerStats,
@@ -91,6 +92,8 @@ class StageWorker:
         self._rotate_checkpoint = not (own and own.unreadable)
         shared = read_checkpoint(initial_state) if own is None and initial_state is not None else None
         source = own or shared
+        # the download is only needed until this worker has a checkpoint of its own (the disk budget)
+        self._superseded = (initial_state,) if shared is not None else ()
         resumed = own.state if own else None
         if shared is not None:
             # the weights, optimizer and epoch of the stage; never another identity's counters
@@ -178,12 +181,12 @@ class StageWorker:
         is reported, never raised: a full disk must not stop a worker that can still train and serve."""
         state = {**self.backend.state_dict(), "online_seconds": self.online_seconds()}
         try:
-            save_checkpoint(self.checkpoint_file, state, rotate=self._rotate_checkpoint)
+            save_checkpoint(self.checkpoint_file, state, rotate=self._rotate_checkpoint, superseded=self._superseded)
         except CheckpointError as e:
             later = f"; training goes on and the next checkpoint is tried at step {next_try}" if next_try else ""
             self.events.emit(CheckpointFailed(stage=self.spec.name, reason=f"{e}{later}"))
             return False
-        self._rotate_checkpoint = True
+        self._rotate_checkpoint, self._superseded = True, ()
         return True
 
     def online_seconds(self) -> float:
@@ -275,7 +278,7 @@ class StageWorker:
     def _catch_up(self) -> None:
         """Load the stage's weights from a peer, then average with weight 0 until in step with the others."""
         self.events.emit(WarmupStarted(stage=self.spec.name, stage_epoch=self.progress.stage_epoch))
-        state = self.averager.download_state(timeout=self.server_config.averaging.averaging_timeout, attempts=15)
+        state = self.averager.download_state(self._p2p, self._loop, self._report_download, attempts=15)
         if state is not None:
             metadata, tensors = state
             self._executor.submit(self._load_shared_state, metadata, tensors).result()
@@ -284,6 +287,10 @@ class StageWorker:
         self._warmup_until_round = self.averager.rounds_ok + averaging.warmup_rounds
         patience = (averaging.warmup_rounds + 2) * (averaging.average_every + 2 * averaging.matchmaking_time + averaging.averaging_timeout)
         self._warmup_deadline = time.monotonic() + patience
+
+    def _report_download(self, progress: DownloadProgress) -> None:
+        self.events.emit(StateDownloadProgress(stage=self.spec.name, bytes_done=progress.bytes_done, bytes_total=progress.bytes_total,
+                                               seconds=progress.seconds))
 
     def _load_shared_state(self, metadata: dict, tensors: list) -> None:
         masters = self.backend.weights.masters
@@ -297,8 +304,12 @@ class StageWorker:
         self.averager.follow(self.progress.epoch)
 
     def _current_state(self) -> tuple[dict, list]:
+        dtype = STATE_DTYPES[self.server_config.averaging.state_dtype]
+
         def read():
-            return {"epoch": self.progress.epoch}, [to_host(master) for master in self.backend.weights.masters]
+            # a snapshot on the CPU in the served precision (half the copy in bfloat16); the transfer
+            # itself runs in the averager's process while this thread goes on computing
+            return {"epoch": self.progress.epoch}, [master.detach().to("cpu", dtype, copy=True) for master in self.backend.weights.masters]
 
         return self._executor.submit(read).result()
 

@@ -135,13 +135,30 @@ def _(event: ev.ProcessError) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.StateDownloadProgress) -> list[str]:
+    rate = event.bytes_done / max(event.seconds, 1e-6)
+    left = (event.bytes_total - event.bytes_done) / max(rate, 1.0)
+    return [f"[DOWNLOAD] Stage weights from a peer: {100 * event.bytes_done / event.bytes_total:.0f}% "
+            f"({event.bytes_done / 2**20:,.1f} of {event.bytes_total / 2**20:,.1f} MiB), {rate / 1e6:.1f} MB/s, {_duration(left)} left"]
+
+
+@console_lines.register
 def _(event: ev.DownloadProgress) -> list[str]:
     if event.bytes_done == 0:
         return ["[DOWNLOAD] Downloading model weights..."]
     mib = event.bytes_done / 2**20
     if not event.bytes_total:
         return [f"[DOWNLOAD] {mib:.1f} MiB"]
-    return [f"[DOWNLOAD] {100 * event.bytes_done / event.bytes_total:.0f}% ({mib:.1f} of {event.bytes_total / 2**20:.1f} MiB)"]
+    line = f"[DOWNLOAD] {100 * event.bytes_done / event.bytes_total:.0f}% ({mib:,.1f} of {event.bytes_total / 2**20:,.1f} MiB)"
+    if event.bytes_per_second:
+        left = (event.bytes_total - event.bytes_done) / event.bytes_per_second
+        line += f", {event.bytes_per_second / 1e6:.1f} MB/s, {_duration(left)} left"
+    return [line]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 @console_lines.register
@@ -152,6 +169,14 @@ def _(event: ev.DownloadComplete) -> list[str]:
 @console_lines.register
 def _(event: ev.CheckpointUploaded) -> list[str]:
     return [] if event.ok else [f"[SERVER] Could not upload the stage checkpoint to the coordinator: {event.detail}"]
+
+
+@console_lines.register
+def _(event: ev.CheckpointUploadProgress) -> list[str]:
+    rate = event.sent_bytes / max(event.seconds, 1e-6)
+    eta = (event.total_bytes - event.sent_bytes) / max(rate, 1.0)
+    return [f"[SERVER] Uploading the epoch {event.epoch} checkpoint to the coordinator: {event.sent_bytes / event.total_bytes:.0%} of "
+            f"{event.total_bytes / 1e6:,.0f} MB, {rate / 1e6:.1f} MB/s, {eta:.0f}s left"]
 
 
 @console_lines.register
@@ -199,6 +224,28 @@ def _(event: ev.WorkerBanned) -> list[str]:
 def _(event: ev.TrainingStarted) -> list[str]:
     goal = f"{event.total_steps} micro-batches" if event.total_steps else "until stopped"
     return [f"[TRAINER] Every stage has a worker ({', '.join(event.stages)}); training {goal}"]
+
+
+@console_lines.register
+def _(event: ev.DataResumed) -> list[str]:
+    return [f"[TRAINER] Continuing the data stream from micro-batch {event.next_index} ({event.finished} already trained, saved in {event.path})"]
+
+
+@console_lines.register
+def _(event: ev.DataPositionDiscarded) -> list[str]:
+    return [f"[TRAINER] Saved data position not used: {event.reason}"]
+
+
+@console_lines.register
+def _(event: ev.DataPositionNotSaved) -> list[str]:
+    return [f"[TRAINER] Could not save the data position to {event.path} ({event.error}); training goes on, "
+            "but a restart would repeat what it trains until the position can be saved again"]
+
+
+@console_lines.register
+def _(event: ev.DataSourceFailed) -> list[str]:
+    return [f"[TRAINER] Reading the training data failed ({event.error}); retrying in {event.retry_in:.0f}s "
+            f"(failure {event.failures} in a row), continuing at micro-batch {event.next_index}"]
 
 
 @console_lines.register

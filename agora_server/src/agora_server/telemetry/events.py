@@ -72,6 +72,16 @@ class StateDownloaded(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class StateDownloadProgress(Event):
+    """The stage's current weights arriving from a peer of the stage (a newcomer catching up)."""
+
+    stage: str
+    bytes_done: int
+    bytes_total: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class WarmupComplete(Event):
     stage: str
     epoch: int
@@ -202,6 +212,8 @@ class DownloadProgress(Event):
 
     bytes_done: int
     bytes_total: int | None
+    bytes_per_second: float | None = None
+    """Rate of this attempt so far (a resumed download counts from where it resumed)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -217,6 +229,18 @@ class CheckpointUploaded(Event):
     epoch: int
     ok: bool
     detail: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointUploadProgress(Event):
+    """An upload of the stage's checkpoint to the coordinator is under way."""
+
+    stage: str
+    epoch: int
+    sent_bytes: int
+    total_bytes: int
+    seconds: float
+    """Since the upload began."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -306,6 +330,59 @@ class WorkerBanned(Event):
 class MicroBatchDropped(Event):
     microbatch: int
     reason: str
+    data_index: int = -1
+    """Its place in the trainer's data stream (-1: unknown)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MicroBatchCompleted(Event):
+    """A micro-batch went forward and backward through every stage (emitted after its data position
+    is saved, so a trainer restarted after this event never trains it again)."""
+
+    microbatch: int
+    data_index: int
+    """Its place in the trainer's data stream."""
+    tokens_digest: str
+    """Fingerprint of its token ids (``data.position.tokens_digest``)."""
+    loss: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataResumed(Event):
+    """A trainer took up its data stream where a saved position left it."""
+
+    finished: int
+    """Micro-batches of the stream already finished, which it goes past."""
+    next_index: int
+    """The first micro-batch not finished."""
+    path: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataPositionDiscarded(Event):
+    """A saved position could not be used; the trainer starts its stream from the beginning."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataPositionNotSaved(Event):
+    """The trainer's data position could not be written; training goes on, and a restart would repeat
+    the micro-batches finished since the last position that was saved."""
+
+    path: str
+    error: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSourceFailed(Event):
+    """Reading the training data failed; the stream is reopened after ``retry_in`` seconds."""
+
+    error: str
+    failures: int
+    """Failures in a row, this one included."""
+    retry_in: float
+    next_index: int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
