@@ -14,7 +14,7 @@ balancer does). Calls are computed in the order they finish, on the weights the 
 A micro-batch runs head forward → … → tail forward+backward → … → head backward, and a backward
 re-runs its stage's forward with the current weights, as ``StageBackend`` does. A stage steps when its
 workers have processed ``target_batch_size`` samples between them: every worker steps on the
-gradients it accumulated (``gradient_averaging``: on the mean of all of them, as one optimizer would),
+gradients it accumulated (in the first ``gradient_averaging_epochs``: on the mean of all of them, as one optimizer would),
 and every ``average_every`` epochs SPARTA averages a fraction of every tensor across the replicas.
 """
 
@@ -34,7 +34,9 @@ class EmulatedSwarm:
     in_flight: int = 6
     forward_cost: tuple[float, ...] = (1.0, 1.2)
     """Simulated seconds of one forward per stage; a backward (forward again + backward) costs 3×."""
-    gradient_averaging: bool = False
+    gradient_averaging_epochs: int = 0
+    """Epochs (from the first) in which a stage's workers average their gradients before stepping, as
+    one optimizer would; SPARTA keeps them together afterwards."""
     sparta_fraction: float = 0.25
     average_every: int = 4
 
@@ -79,7 +81,8 @@ def emulate(config, swarm: EmulatedSwarm, batches: list, val_batches: list, eval
     def end_epoch(s: int) -> None:
         row = replicas[s]
         lr = learning_rate(epochs[s], opt_config)
-        if swarm.gradient_averaging:
+        averaging_gradients = epochs[s] < swarm.gradient_averaging_epochs
+        if averaging_gradients:
             total = sum(r.batches for r in row)
             for params in zip(*(r.stage.parameters() for r in row)):
                 grads = [p.grad for p in params if p.grad is not None]
@@ -92,7 +95,7 @@ def emulate(config, swarm: EmulatedSwarm, batches: list, val_batches: list, eval
         for r in row:
             if r.batches:
                 grads = [p.grad for p in r.stage.parameters() if p.grad is not None]
-                if not swarm.gradient_averaging:
+                if not averaging_gradients:
                     for g in grads:
                         g.div_(r.batches)
                 if math.isfinite(clip_gradients(grads, opt_config.clip_grad_norm)):
@@ -105,7 +108,7 @@ def emulate(config, swarm: EmulatedSwarm, batches: list, val_batches: list, eval
         steps_taken[s] += stepped
         epochs[s] += 1
         stage_samples[s] = 0
-        if swarm.workers_per_stage > 1 and not swarm.gradient_averaging and epochs[s] % swarm.average_every == 0:
+        if swarm.workers_per_stage > 1 and not averaging_gradients and epochs[s] % swarm.average_every == 0:
             sparta_round(s, epochs[s] // swarm.average_every)
 
     def sparta_round(s: int, round_index: int) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from hivemind import DHT
 
 from agora.config import deep_merge, load_run_config
 from agora.local_swarm import LocalSwarm
@@ -24,6 +25,16 @@ def write_config(directory: Path, overrides: dict | None = None, name: str = "ru
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     return str(path), config
+
+
+@pytest.fixture
+def dhts():
+    """Two DHT nodes on 127.0.0.1, the second bootstrapped from the first."""
+    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in first.get_visible_maddrs()])
+    yield first, second
+    second.shutdown()
+    first.shutdown()
 
 
 class SwarmHarness:

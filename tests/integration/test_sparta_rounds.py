@@ -39,15 +39,6 @@ class Peer:
 
 
 @pytest.fixture
-def dhts():
-    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in first.get_visible_maddrs()])
-    yield first, second
-    second.shutdown()
-    first.shutdown()
-
-
-@pytest.fixture
 def make_peer():
     peers = []
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from hivemind import DHT
 from hivemind.utils.crypto import RSAPrivateKey
 
 from agora_server.optim import SwarmProgress
@@ -19,9 +18,8 @@ def wait_until(condition, timeout: float) -> bool:
     return condition()
 
 
-def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate():
-    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in first.get_visible_maddrs()])
+def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate(dhts):
+    first, second = dhts
     # two workers' trackers in one process: each signs its record with its own key, as in two processes
     a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
     b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
@@ -39,13 +37,10 @@ def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate():
     finally:
         for progress in (a, b):
             progress.shutdown()
-        second.shutdown()
-        first.shutdown()
 
 
-def test_samples_beyond_the_target_count_towards_the_next_epoch():
-    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in first.get_visible_maddrs()])
+def test_samples_beyond_the_target_count_towards_the_next_epoch(dhts):
+    first, second = dhts
     a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
     b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
     try:
@@ -64,5 +59,3 @@ def test_samples_beyond_the_target_count_towards_the_next_epoch():
     finally:
         for progress in (a, b):
             progress.shutdown()
-        second.shutdown()
-        first.shutdown()

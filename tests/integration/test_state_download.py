@@ -7,20 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from hivemind import DHT
 
 from agora_server.optim.averaging import AveragingConfig, SpartaAverager
 
 CONFIG = AveragingConfig(fraction=0.5, average_every=4, matchmaking_time=2.0, averaging_timeout=20.0, request_timeout=1.0)
-
-
-@pytest.fixture
-def dhts():
-    first = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in first.get_visible_maddrs()])
-    yield first, second
-    second.shutdown()
-    first.shutdown()
 
 
 @pytest.fixture

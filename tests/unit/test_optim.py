@@ -164,3 +164,14 @@ def test_overshoot_shares_add_up_to_the_overshoot():
     assert overshoot_share(12, 24, 16) + overshoot_share(12, 24, 16) == 8
     assert overshoot_share(6, 30, 16) + overshoot_share(24, 30, 16) == 14
     assert overshoot_share(10, 16, 16) == 0 and overshoot_share(0, 20, 16) == 0
+
+
+def test_trainers_keep_at_most_half_an_epoch_in_flight():
+    from agora_server.pipeline import TrainerConfig, in_flight_limit
+
+    config = TrainerConfig(micro_batch_size=4, max_in_flight=6)
+    assert in_flight_limit(config, target_batch_size=32) == 4  # 16 of 32 samples
+    assert in_flight_limit(config, target_batch_size=32, trainers=2) == 2
+    assert in_flight_limit(config, target_batch_size=2048) == 6  # long epochs: max_in_flight decides
+    assert in_flight_limit(config, target_batch_size=4) == 1  # never starved of every micro-batch
+    assert in_flight_limit(config.model_copy(update={"max_delay_epochs": None}), target_batch_size=4) == 6

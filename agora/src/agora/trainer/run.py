@@ -19,7 +19,7 @@ def run_trainer(args: argparse.Namespace) -> int:
 
     from agora_server.data import PackedBatches, validation_batches
     from agora_server.data.retrying import DataSourceGaveUp
-    from agora_server.pipeline import PipelineTrainer
+    from agora_server.pipeline import PipelineTrainer, in_flight_limit
     from agora_server.telemetry.events import CoordinatorStop, ProcessError
 
     events = setup_process(args.log_file)
@@ -72,6 +72,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         events=events,
         access=session.peer_access if session else None,
         on_finished=keep_position,
+        in_flight=in_flight_limit(config.trainer, config.server.target_batch_size, args.world_size),
     )
     pusher = start_metrics_push(events, args.prom_gateway, config, "trainer", dht.peer_id.to_base58())
     steps = args.steps or sys.maxsize

@@ -12,6 +12,11 @@ class TrainerConfig(BaseModel):
     """Sequences per micro-batch. Must not exceed the workers' max_batch_size."""
     max_in_flight: int = Field(6, gt=0)
     """Micro-batches in the pipeline at once. About 2× the number of stages keeps every stage busy."""
+    max_delay_epochs: float | None = Field(0.5, gt=0)
+    """How late a stage's gradients may be, in its epochs: the micro-batches every trainer keeps in
+    flight add up to at most this share of ``target_batch_size``, so fewer than ``max_in_flight`` are
+    sent when epochs are short. Gradients computed on weights half a step old or less cost about 2%
+    of the loss in the benchmark; 1.5 steps cost 7%. None: only ``max_in_flight`` counts."""
     request_timeout: float = Field(60.0, gt=0)
     """Seconds one forward or backward call may take before the worker is considered failed."""
     max_attempts: int = Field(3, gt=0)
@@ -37,3 +42,12 @@ class TrainerConfig(BaseModel):
     costs more forward passes of every stage."""
     default_throughput: float = Field(1000.0, gt=0)
     """Tokens/s assumed for a worker that has not measured its throughput yet."""
+
+
+def in_flight_limit(config: TrainerConfig, target_batch_size: int, trainers: int = 1) -> int:
+    """Micro-batches one of ``trainers`` keeps in the pipeline: ``max_in_flight``, lowered so that
+    all trainers' micro-batches in flight hold at most ``max_delay_epochs`` of a stage's epoch (one at least)."""
+    if config.max_delay_epochs is None:
+        return config.max_in_flight
+    allowed = int(config.max_delay_epochs * target_batch_size / (config.micro_batch_size * trainers))
+    return max(1, min(config.max_in_flight, allowed))

@@ -147,12 +147,15 @@ class PipelineTrainer:
         events: EventBus,
         access: PeerAccess | None = None,
         on_finished: Callable[[int], None] = lambda data_index: None,
+        in_flight: int | None = None,
     ):
         """``access``: this trainer's access in a run with a coordinator; its token goes with every call.
+        ``in_flight``: micro-batches kept in the pipeline (default ``config.max_in_flight``; see ``in_flight_limit``).
         ``on_finished``: told the data index of every micro-batch that will not be sent again (completed,
         or dropped for a failure; not one cancelled by a stop), before the event that reports it."""
         self.access = access
         self.on_finished = on_finished
+        self.in_flight = in_flight or config.max_in_flight
         self.dht, self.run, self.stages, self.config, self.wire_dtype = dht, run, stages, config, wire_dtype
         self.boundary_width = boundary_width
         self.events = events
@@ -366,7 +369,7 @@ class PipelineTrainer:
         self._total_steps = total_steps
         try:
             await self.wait_for_all_stages(self.config.stage_wait_timeout)
-            self.events.emit(TrainingStarted(stages=tuple(s.name for s in self.stages), total_steps=total_steps))
+            self.events.emit(TrainingStarted(stages=tuple(s.name for s in self.stages), total_steps=total_steps, in_flight=self.in_flight))
             if every:  # before any update: the baseline every later measurement compares with
                 await self.measure_validation(validation)
             started = self._last_completion = time.perf_counter()  # training time starts once every stage has a worker
@@ -382,7 +385,7 @@ class PipelineTrainer:
                     await self._pause_while_unserved(missing, len(tasks), started)
                     continue
                 # a running validation takes one of the in-flight places: the workers see no more calls at once than without it
-                room = self.config.max_in_flight - (1 if scoring is not None and not scoring.done() else 0)
+                room = self.in_flight - (1 if scoring is not None and not scoring.done() else 0)
                 if len(tasks) < room and self.ledger.completed + len(tasks) < steps:
                     # tokenising can take a while: keep it off the loop that serves the RPCs
                     batch = await asyncio.to_thread(next, batches)

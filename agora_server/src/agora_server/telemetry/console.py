@@ -223,7 +223,7 @@ def _(event: ev.WorkerBanned) -> list[str]:
 @console_lines.register
 def _(event: ev.TrainingStarted) -> list[str]:
     goal = f"{event.total_steps} micro-batches" if event.total_steps else "until stopped"
-    return [f"[TRAINER] Every stage has a worker ({', '.join(event.stages)}); training {goal}"]
+    return [f"[TRAINER] Every stage has a worker ({', '.join(event.stages)}); training {goal}, {event.in_flight} in flight"]
 
 
 @console_lines.register

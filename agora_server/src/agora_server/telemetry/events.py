@@ -301,6 +301,8 @@ class TrainingStarted(Event):
     stages: tuple[str, ...]
     total_steps: int
     """Micro-batches to complete; 0 when the trainer runs until stopped."""
+    in_flight: int = 0
+    """Micro-batches the trainer keeps in the pipeline."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
