@@ -6,10 +6,12 @@ same model is trained on the same micro-batches by:
   a  sync_adamw         one process: the stages composed in-process, one optimizer per stage stepping
                         on the mean gradient of every ``target_batch_size`` samples (synchronous
                         data-parallel training, as if all workers of a stage pooled their gradients).
-  b  swarm_adamw        a real local swarm, 2 stages x 2 workers and one trainer keeping several
-                        micro-batches in flight: each worker steps on its own gradients whenever the
-                        stage has processed ``target_batch_size`` samples (gradients cross stages a
-                        few micro-batches late), and SPARTA keeps the workers of a stage together.
+  b  swarm_adamw        a real local swarm, 2 stages x 2 workers and one trainer keeping micro-batches
+                        in flight (gradients cross stages up to half an epoch late): when the stage
+                        has processed ``target_batch_size`` samples its workers average their
+                        gradients and step (``averaging.gradient_epochs``; with ``--gradient-epochs``
+                        lower than the run, each worker steps on its own afterwards and SPARTA keeps
+                        the replicas together). AdamW.
   c  swarm_nesterov     the same swarm with the Nesterov-corrected update (``NesterovAdamW``).
   d  emulated_adamw,    a deterministic single-process emulation of (b) and (c) (``swarm_emulation``):
      emulated_nesterov  the same delays, replicas and SPARTA without processes, checked against them.
@@ -44,16 +46,18 @@ from benchlib import build_stages, composed_loss, count_events, evaluate, event_
 
 MICRO_BATCH = 4
 SEQ_LEN = 128
-TARGET_BATCH = 32  # samples per epoch (optimizer step) of a stage
-IN_FLIGHT = 4  # micro-batches the trainer keeps going: 16 samples, half an epoch of delay
-STEPS = 1600  # micro-batches: 200 epochs
+TARGET_BATCH = 16  # samples per epoch (optimizer step) of a stage
+IN_FLIGHT = 2  # micro-batches the trainer keeps going: 8 samples, half an epoch of delay (trainer.max_delay_epochs)
+STEPS = 800  # micro-batches: 200 epochs
+GRADIENT_EPOCHS = 10**6  # the workers of a stage average gradients for the whole run
 QUICK_STEPS = 64
 SEEDS = "0,1,2"
 VAL_BATCHES = 24
 WORKERS_PER_STAGE = 2
 LR = 1e-3
 WARMUP_EPOCHS = 20
-AVERAGING = {"fraction": 0.25, "average_every": 4, "matchmaking_time": 2.0, "request_timeout": 1.0, "averaging_timeout": 30.0}
+# groups of 2: a gradient round starts as soon as both workers of the stage have joined it
+AVERAGING = {"fraction": 0.25, "average_every": 4, "matchmaking_time": 2.0, "request_timeout": 1.0, "averaging_timeout": 30.0, "target_group_size": 2}
 # β1 = 0.9: a momentum horizon of 10 epochs, 5% of the run (β1 = 0.99 needs thousands of steps to pay off)
 NESTEROV = {"name": "nesterov", "betas": [0.9, 0.999], "momentum_start": 0.5, "momentum_warmup_steps": WARMUP_EPOCHS}
 ARMS = ("sync_adamw", "swarm_adamw", "swarm_nesterov", "emulated_adamw", "emulated_nesterov")
@@ -70,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate of every run (default {LR})")
     parser.add_argument("--fraction", type=float, default=AVERAGING["fraction"], help=f"SPARTA fraction p per round (default {AVERAGING['fraction']})")
     parser.add_argument("--average-every", type=int, default=AVERAGING["average_every"], help=f"epochs between rounds (default {AVERAGING['average_every']})")
+    parser.add_argument("--gradient-epochs", type=int, default=GRADIENT_EPOCHS, help="epochs (from the first) in which the workers of a stage average gradients before stepping; 0: SPARTA only (default: all)")
     parser.add_argument("--nesterov-betas", default=",".join(map(str, NESTEROV["betas"])), help="β1,β2 of the corrected arms (default %(default)s)")
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
     parser.add_argument("--log-dir", type=Path, help="keep the swarms' logs and checkpoints here (default: a temporary directory, removed)")
@@ -100,7 +105,7 @@ def run_config(args, optimizer: dict, seed: int, run_name: str):
             "announce_period": 2,
             "progress_interval": 30,
             "checkpoint_every": 10**6,  # only the checkpoint written at the stop
-            "averaging": {**AVERAGING, "fraction": args.fraction, "average_every": args.average_every},
+            "averaging": {**AVERAGING, "fraction": args.fraction, "average_every": args.average_every, "gradient_epochs": args.gradient_epochs},
             "optimizer": merge({"lr": args.lr, "warmup_steps": warmup, "decay_steps": epochs - warmup, "weight_decay": 0.01}, optimizer),
         },
         "trainer": {"micro_batch_size": MICRO_BATCH, "max_in_flight": args.in_flight, "request_timeout": 120, "refresh_period": 1, "report_every": 10},
@@ -207,7 +212,8 @@ def run_swarm_variant(config, steps: int, val_batches: list, log_dir: Path, time
 def emulate_variant(config, args, batches: list, val_batches: list) -> dict:
     from swarm_emulation import EmulatedSwarm, emulate
 
-    swarm = EmulatedSwarm(WORKERS_PER_STAGE, args.in_flight, sparta_fraction=args.fraction, average_every=args.average_every)
+    swarm = EmulatedSwarm(WORKERS_PER_STAGE, args.in_flight, gradient_averaging_epochs=args.gradient_epochs,
+                          sparta_fraction=args.fraction, average_every=args.average_every)
     started = time.perf_counter()
     result = emulate(config, swarm, batches, val_batches, evaluate)
     result.pop("curve")

@@ -103,3 +103,15 @@ def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness
     assert len(states) == 3
     distances = [relative_distance(a["model"], b["model"]) for i, a in enumerate(states) for b in states[i + 1 :]]
     assert max(distances) < 0.15, f"pairwise distances {distances}"
+
+
+def test_workers_averaging_gradients_take_the_same_steps(swarm_harness):
+    """With gradient averaging the two workers of body1 step on the mean of both their gradients every
+    epoch: from the same initial weights they stay together, far closer than SPARTA alone keeps them."""
+    averaging = {**AVERAGING, "enabled": True, "gradient_epochs": 10**6, "target_group_size": 2}
+    swarm, states = train_two_body_workers(swarm_harness, averaging)
+    rounds = [line for name in ("server_body1_0.log", "server_body1_1.log") for line in event_lines(swarm, name, "GradientsAveraged")]
+    ok = sum("ok=True" in line for line in rounds)
+    steps = [state["counters"]["optimizer_steps"] for state in states]
+    assert ok >= 0.8 * sum(steps), f"{ok} averaged of {sum(steps)} steps: {rounds[:5]}"
+    assert relative_distance(states[0]["model"], states[1]["model"]) < 1e-3

@@ -66,6 +66,12 @@ class AveragingConfig(BaseModel):
     """Split large stages into groups of about this many peers per round; None averages with all."""
     max_update: float = Field(1.0, gt=0)
     """A round that would move any weight by more than this is refused (a peer sent absurd values)."""
+    gradient_epochs: int = Field(0, ge=0)
+    """For the stage's first this many epochs its workers all-reduce their gradients before each step,
+    so they step as one optimizer on the stage's whole batch; SPARTA keeps them together afterwards.
+    Each epoch then waits for a round that moves twice the stage's gradient per worker: worth it early
+    and on fast links. Set ``target_group_size`` to the stage's workers so a round starts as soon as
+    they have all joined rather than after ``matchmaking_time``. 0: weights are only SPARTA-averaged."""
     warmup_rounds: int = Field(2, ge=0)
     """Rounds a newcomer averages with weight 0 (receiving only) before trainers route to it."""
     state_dtype: Literal["float32", "bfloat16"] = "float32"

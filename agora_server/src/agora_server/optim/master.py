@@ -16,6 +16,7 @@ gradient is summed in float32 whatever the compute dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -62,13 +63,17 @@ class MasterWeights:
         for p in self.params:
             p.grad = None
 
-    def step(self, optimizer: torch.optim.Optimizer, lr: float, max_norm: float | None) -> float:
+    def step(self, optimizer: torch.optim.Optimizer, lr: float, max_norm: float | None,
+             combine: Callable[[list[torch.Tensor], int], object] | None = None) -> float:
         """The epoch's optimizer step on the mean gradient of its micro-batches; returns the gradient's
-        norm before clipping. A norm that is not finite skips the step: one bad micro-batch must not
-        poison the weights. The sums start again from zero either way."""
+        norm before clipping. ``combine(means, batches)`` may replace the mean in place first (by the
+        stage's, averaged with the other workers). A norm that is not finite skips the step: one bad
+        micro-batch must not poison the weights. The sums start again from zero either way."""
         with torch.no_grad():
             for total in self.sums:
                 total.div_(max(self.batches, 1))
+            if combine is not None:
+                combine(self.sums, self.batches)
             norm = clip_gradients(self.sums, max_norm)
             if math.isfinite(norm):
                 for master, total in zip(self.masters, self.sums):

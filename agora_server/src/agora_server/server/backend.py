@@ -21,8 +21,9 @@ import torch
 from agora_server.models.config import StageKind
 from agora_server.models.stages import PipelineStage
 from agora_server.optim import LocalProgress, MasterWeights, StageProgress, learning_rate, make_optimizer
+from agora_server.optim.gradient_averaging import GradientAverager
 from agora_server.server.config import ServerConfig
-from agora_server.telemetry.events import Event, NonFiniteGradients, OptimizerStepped
+from agora_server.telemetry.events import Event, GradientsAveraged, NonFiniteGradients, OptimizerStepped
 
 OUT_OF_MEMORY = "CUDA out of memory"
 """The participant guide's words for a micro-batch the GPU could not hold (refusals start with them)."""
@@ -52,8 +53,11 @@ class StageBackend:
         emit: Callable[[Event], None] = lambda event: None,
         progress: StageProgress | None = None,
         after_epoch: Callable[[int], None] = lambda epoch: None,
+        gradients: GradientAverager | None = None,
     ):
+        """``gradients``: averages the epoch's gradients with the stage's other workers before the steps it covers."""
         self.stage, self.config, self.device, self.emit = stage, config, device, emit
+        self.gradients = gradients
         precision = config.precision
         self.weights = MasterWeights(stage, precision, device)
         self.compute_dtype = precision.torch_dtype
@@ -160,7 +164,8 @@ class StageBackend:
         if not self.progress.ready():
             return False
         epoch = self.progress.epoch
-        if self.weights.batches:
+        # while gradients are averaged, a worker that served nothing this epoch still takes the stage's step
+        if self.weights.batches or (self.gradients is not None and self.gradients.averages(epoch)):
             self._apply_gradients(epoch)
         self.after_epoch(self.progress.advance())
         return True
@@ -168,7 +173,10 @@ class StageBackend:
     def _apply_gradients(self, epoch: int) -> None:
         # each micro-batch's loss is a mean over its tokens: the step takes the mean of their gradients
         lr = learning_rate(epoch, self.config.optimizer)
-        norm = self.weights.step(self.optimizer, lr, self.config.optimizer.clip_grad_norm)
+        combine = None
+        if self.gradients is not None and self.gradients.averages(epoch):
+            combine = lambda means, batches: self._average_gradients(epoch, means, batches)  # noqa: E731
+        norm = self.weights.step(self.optimizer, lr, self.config.optimizer.clip_grad_norm, combine)
         if math.isfinite(norm):
             with self._lock:
                 self.counters.optimizer_steps += 1
@@ -178,6 +186,11 @@ class StageBackend:
                 self.counters.skipped_steps += 1
             self.emit(NonFiniteGradients(stage=self.stage.spec.name, grad_norm=norm))
         self._accumulated_samples = 0
+
+    def _average_gradients(self, epoch: int, means: list[torch.Tensor], batches: int) -> None:
+        result = self.gradients.average(epoch, means, batches)
+        if result is not None:
+            self.emit(GradientsAveraged(stage=self.stage.spec.name, epoch=epoch, ok=result.ok, group_size=result.group_size, reason=result.reason))
 
     def _record_backward(self, samples: int, tokens: int, elapsed: float) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from hivemind.p2p import P2P
 from agora_server.access import PeerAccess
 from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
 from agora_server.optim import SwarmProgress
+from agora_server.optim.gradient_averaging import GradientAverager
 from agora_server.optim.averaging import STATE_DTYPES, RoundResult, SpartaAverager
 from agora_server.optim.state_download import DownloadProgress
 from agora_server.server.announcer import StageAnnouncer
@@ -100,8 +101,20 @@ class StageWorker:
             resumed = {key: shared.state[key] for key in ("model", "optimizer", "epoch")}
         self.on_checkpoint = on_checkpoint
         self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0)
+        self._partner_seen_at = -float("inf")
+        self.gradient_averager: GradientAverager | None = None
+        if server.averaging.enabled and server.averaging.gradient_epochs > 0:
+            try:
+                self.gradient_averager = GradientAverager(
+                    dht, stage_key(run, spec.name), [p.shape for p in stage.parameters() if p.requires_grad], server.averaging,
+                    has_partners=self._has_partners, access=access, stage=spec.name,
+                )
+            except BaseException:
+                self.progress.shutdown()
+                raise
         self.backend = StageBackend(
-            stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch
+            stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch,
+            gradients=self.gradient_averager,
         )
         self._online_before = float(resumed.get("online_seconds", 0.0)) if resumed else 0.0
         self._started_at = time.monotonic()
@@ -135,9 +148,10 @@ class StageWorker:
                 )
             except BaseException:
                 self.progress.shutdown()  # its thread is already running
+                if self.gradient_averager is not None:
+                    self.gradient_averager.shutdown()
                 raise
         self._samples_at_last_round = 0
-        self._partner_seen_at = -float("inf")
         self.phase = ServerPhase.ONLINE
         self._resumed = resumed is not None
         self._warmup_until_round = 0
@@ -382,8 +396,9 @@ class StageWorker:
                     pass  # the daemon may already be gone; nothing left to unregister
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(10)
-        if self.averager is not None:
-            self.averager.shutdown()
+        for averager in (self.averager, self.gradient_averager):
+            if averager is not None:
+                averager.shutdown()
         self.events.emit(self.stats())  # the final counters, for the last metrics push
         try:
             self._executor.submit(self.save_checkpoint).result(60)

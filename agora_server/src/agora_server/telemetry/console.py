@@ -91,6 +91,12 @@ def _(event: ev.AveragingRound) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.GradientsAveraged) -> list[str]:
+    # one round per epoch: only the ones that left this worker stepping alone are worth a line
+    return [] if event.ok else [f"[TRAINING] Gradient averaging at step {event.epoch} failed: {event.reason}; stepped on this worker's own gradient"]
+
+
+@console_lines.register
 def _(event: ev.ProgressReport) -> list[str]:
     total = event.forward_batches + event.backward_batches
     return [

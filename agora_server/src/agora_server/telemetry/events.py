@@ -119,6 +119,18 @@ class AveragingRound(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GradientsAveraged(Event):
+    """The workers of a stage averaged the gradients of an epoch before stepping (``ok``), or this one
+    stepped on its own (``reason``)."""
+
+    stage: str
+    epoch: int
+    ok: bool
+    group_size: int
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ProgressReport(Event):
     stage: str
     window_seconds: float
