@@ -274,14 +274,20 @@ class SpartaAverager:
         shapes = [p.shape for p in self.params]
         started = time.monotonic()
         partial = PartialState()  # what a try received, continued by the next one
+        known: list[PeerID] = []
         for attempt in range(attempts):
+            # peers seen before stay candidates: after the node's own link dropped, its DHT may not find
+            # them again for a while (hivemind backs off from peers that failed), yet they still serve
+            peers = self._sharing_peers()
+            known = peers + [peer for peer in known if peer not in peers]
             fetch = fetch_state(p2p, lambda p2p, peer: _StageStateAverager.get_stub(p2p, peer, namespace=self.averager.prefix),
-                                self._sharing_peers(), shapes, state_bytes, deadline=deadline - (time.monotonic() - started),
+                                known, shapes, state_bytes, deadline=deadline - (time.monotonic() - started),
                                 chunk_timeout=self.config.sender_timeout, on_progress=on_progress, progress_every=progress_every,
                                 partial=partial)
             state = asyncio.run_coroutine_threadsafe(fetch, loop).result()
             if state is not None:
                 return state
+            logger.info("state download try %d found no complete state (%d peers asked, %d bytes kept)", attempt + 1, len(known), partial.received)
             if attempt + 1 < attempts:
                 time.sleep(pause)
         return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
@@ -27,6 +28,8 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from agora_server.tensor_stream import CHUNK_BYTES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +186,8 @@ async def fetch_state(
                 _from_peer(p2p, stub_of, peer, partial, state_bytes, chunk_timeout, on_progress, progress_every), left)
         except asyncio.TimeoutError:
             break
-        except Exception:  # this peer dropped out or sent something else: the next one may do
+        except Exception as e:  # this peer dropped out or sent something else: the next one may do
+            logger.info("state download from %s stopped at %d bytes: %s", peer, partial.received, repr(e))
             continue
         if complete and _matches(partial.tensors, shapes):
             return MSGPackSerializer.loads(partial.metadata), partial.tensors
