@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import merge, run_and_print, wait_for_trainer
+from benchlib import run_and_print, wait_for_trainer
 from netns import NetPlan, Netns, NetSetupError, cleanup_network
 
 NETWORK = NetPlan(ns_prefix="agora-join-", link_prefix="agjn", subnet="10.213.58.0/24")
@@ -100,7 +100,7 @@ def run_config(body: int, log_dir: Path):
         "trainer": {"micro_batch_size": 1, "request_timeout": 300, "stage_wait_timeout": 300, "validation_every": 10**6},
         "data": {"source": "local", "tokenizer": "agora-bpe-8k", "seq_len": SEQ_LEN},
     }
-    return load_run_config("local-tiny", merge(overrides, {}))
+    return load_run_config("local-tiny", overrides)
 
 
 def received_bytes(net: Netns, name: str) -> int:

@@ -108,9 +108,8 @@ def stream_state(metadata: bytes, tensors: Sequence[torch.Tensor], infos: Sequen
                 first = False
             else:
                 yield averaging_pb2.DownloadData(tensor_part=part)
-    if first:  # the resume point lay past the last part: begin again rather than send nothing
-        if start != (0, 0):
-            yield from stream_state(metadata, tensors, infos, compression, ResumePoint())
+    if first and start != (0, 0):  # the resume point lay past the last part: begin again rather than send nothing
+        yield from stream_state(metadata, tensors, infos, compression, ResumePoint())
 
 
 @dataclasses.dataclass
