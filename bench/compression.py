@@ -33,19 +33,17 @@ them elsewhere), never to stdout.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchlib import build_stages, composed_loss, evaluate, merge, run_and_print, run_swarm
+from netns import NetPlan, Netns, NetSetupError, cleanup_network, probe_link
 
 # The benchmark model: local-tiny's shape at hidden 256 (~8.5M parameters, 2.1M of them the LM head
 # and 2.1M the embedding), three stages of two layers, sequences of 128 tokens.
@@ -92,10 +90,7 @@ BW_STEPS, QUICK_BW_STEPS = 20, 6
 BW_WARMUP = 4  # completions excluded from the steady-state rate (pipeline fill)
 BW_RATE_DEFAULT = 16
 
-NS_PREFIX = "agora-bw-"  # network namespaces; stale ones with this prefix are removed at start
-LINK_PREFIX = "agbw"  # bridge and veth names (at most 15 characters)
-BRIDGE = f"{LINK_PREFIX}-br0"
-SUBNET = "10.213.57.0/24"  # used only inside the namespaces created here
+NETWORK = NetPlan(ns_prefix="agora-bw-", link_prefix="agbw", subnet="10.213.57.0/24")
 
 
 
@@ -395,189 +390,6 @@ def run_bytes(args, log_root: Path) -> dict:
 # --- (c) bandwidth-limited swarm in network namespaces -----------------------------------------------------------
 
 
-class NetSetupError(RuntimeError):
-    def __init__(self, command: list[str], returncode: int | None, stderr: str):
-        super().__init__(f"{' '.join(command)} failed ({returncode}): {stderr.strip()}")
-        self.command, self.returncode, self.stderr = command, returncode, stderr
-
-    def to_json(self) -> dict:
-        return {"command": " ".join(self.command), "returncode": self.returncode, "stderr": self.stderr.strip()}
-
-
-def sh(*command: str, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    try:
-        done = subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except FileNotFoundError as e:
-        raise NetSetupError(list(command), None, str(e)) from None
-    except subprocess.TimeoutExpired:
-        raise NetSetupError(list(command), None, f"timed out after {timeout}s") from None
-    if check and done.returncode != 0:
-        raise NetSetupError(list(command), done.returncode, done.stderr or done.stdout)
-    return done
-
-
-def list_namespaces() -> list[str]:
-    done = sh("ip", "netns", "list", check=False)
-    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
-
-
-def list_links() -> list[str]:
-    done = sh("ip", "-o", "link", "show", check=False)
-    names = []
-    for line in done.stdout.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) >= 2:
-            names.append(parts[1].strip().split("@")[0])
-    return names
-
-
-def cleanup_network() -> dict:
-    """Remove this benchmark's namespaces and links (name prefixes NS_PREFIX and LINK_PREFIX); report what is left."""
-    for ns in list_namespaces():
-        if ns.startswith(NS_PREFIX):
-            sh("ip", "netns", "del", ns, check=False)
-    for link in list_links():
-        if link.startswith(LINK_PREFIX):
-            sh("ip", "link", "del", link, check=False)
-    return {
-        "namespaces_left": [ns for ns in list_namespaces() if ns.startswith(NS_PREFIX)],
-        "links_left": [link for link in list_links() if link.startswith(LINK_PREFIX)],
-    }
-
-
-def check_subnet_unused() -> None:
-    subnet = ipaddress.ip_network(SUBNET)
-    done = sh("ip", "-4", "-o", "addr", "show", check=False)
-    for match in re.finditer(r"inet (\S+)", done.stdout):
-        if ipaddress.ip_interface(match.group(1)).network.overlaps(subnet):
-            raise NetSetupError(["(check)", SUBNET], None, f"{SUBNET} overlaps an address of this machine: {match.group(1)}")
-
-
-class Netns:
-    """One namespace per swarm process, each with a veth to a bridge in the root namespace; tbf on both ends."""
-
-    def __init__(self, names: list[str], delay_ms: float):
-        self.names, self.delay_ms = names, delay_ms
-        hosts = list(ipaddress.ip_network(SUBNET).hosts())
-        self.ns = {name: f"{NS_PREFIX}{i}-{re.sub(r'[^a-z0-9]', '', name.lower())}" for i, name in enumerate(names)}
-        self.ip = {name: str(hosts[9 + i]) for i, name in enumerate(names)}
-        self.veth = {name: (f"{LINK_PREFIX}{i}h", f"{LINK_PREFIX}{i}n") for i, name in enumerate(names)}
-        self.commands: list[str] = []
-        self.notes: list[str] = []
-        self.netem_error: dict | None = None
-        self.netem_active = False
-        self.shaped = False
-
-    def run(self, *command: str) -> None:
-        self.commands.append(" ".join(command))
-        sh(*command)
-
-    def _ends(self):
-        """(command prefix, device) of both ends of every veth: the namespace's end shapes what it sends
-        (its upload), the bridge's end what it receives (its download)."""
-        for name in self.names:
-            host_end, ns_end = self.veth[name]
-            yield ["ip", "netns", "exec", self.ns[name]], ns_end
-            yield [], host_end
-
-    def up(self) -> None:
-        check_subnet_unused()
-        self.run("ip", "link", "add", BRIDGE, "type", "bridge")
-        self.run("ip", "link", "set", BRIDGE, "up")
-        prefix_len = ipaddress.ip_network(SUBNET).prefixlen
-        for name in self.names:
-            ns, (host_end, ns_end) = self.ns[name], self.veth[name]
-            self.run("ip", "netns", "add", ns)
-            self.run("ip", "-n", ns, "link", "set", "lo", "up")
-            self.run("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
-            self.run("ip", "link", "set", ns_end, "netns", ns)
-            self.run("ip", "link", "set", host_end, "master", BRIDGE)
-            self.run("ip", "link", "set", host_end, "up")
-            self.run("ip", "-n", ns, "addr", "add", f"{self.ip[name]}/{prefix_len}", "dev", ns_end)
-            self.run("ip", "-n", ns, "link", "set", ns_end, "up")
-
-    def shape(self, mbit: float) -> None:
-        """Put (or change) a tbf of ``mbit`` on both ends of every veth; under a netem delay if asked and possible."""
-        tbf = ["tbf", "rate", f"{mbit:g}mbit", "burst", "64kb", "latency", "50ms"]
-        for prefix, dev in self._ends():
-            if not self.shaped and self.delay_ms > 0 and self.netem_error is None:
-                try:
-                    self.run(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", f"{self.delay_ms:g}ms")
-                    self.netem_active = True
-                except NetSetupError as e:
-                    self.netem_error = e.to_json()
-                    self.notes.append(f"netem delay refused, links are shaped by tbf only: {e}")
-            if self.netem_active:
-                self.run(*prefix, "tc", "qdisc", "replace", "dev", dev, "parent", "1:1", "handle", "10:", *tbf)
-            else:
-                self.run(*prefix, "tc", "qdisc", "replace", "dev", dev, "root", *tbf)
-        self.shaped = True
-
-    def unshape(self) -> None:
-        """Remove every qdisc this benchmark added: the links fall back to the kernel's default (unlimited)."""
-        for prefix, dev in self._ends():
-            self.run(*prefix, "tc", "qdisc", "del", "dev", dev, "root")
-        self.shaped = self.netem_active = False
-
-    def wrap(self, name: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[name]]
-
-    def host(self, name: str) -> str:
-        return self.ip[name]
-
-
-PROBE_SERVER = r"""
-import socket, sys, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(30)
-print("ready", flush=True)
-c, _ = s.accept(); c.settimeout(30); n = 0
-while True:
-    b = c.recv(1 << 20)
-    if not b: break
-    n += len(b)
-c.sendall(str(n).encode()); c.close()
-"""
-
-PROBE_CLIENT = r"""
-import socket, sys, time
-n = int(sys.argv[3]); chunk = b"\0" * (1 << 16)
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-t0 = time.perf_counter(); sent = 0
-while sent < n:
-    c.sendall(chunk); sent += len(chunk)
-c.shutdown(socket.SHUT_WR); got = int(c.recv(64)); dt = time.perf_counter() - t0
-print(got, dt, flush=True)
-"""
-
-
-def probe_link(net: Netns, src: str, dst: str, megabytes: int) -> dict:
-    """Push ``megabytes`` MB over TCP from ``src``'s namespace to ``dst``'s; bounded by timeouts."""
-    port = "47123"
-    server = subprocess.Popen(
-        [*net.wrap(dst), sys.executable, "-c", PROBE_SERVER, net.ip[dst], port],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )
-    try:
-        if server.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"probe server did not start: {server.stderr.read()[:500]}")
-        done = subprocess.run(
-            [*net.wrap(src), sys.executable, "-c", PROBE_CLIENT, net.ip[dst], port, str(megabytes << 20)],
-            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"probe client failed: {done.stderr.strip()[-500:]}")
-        got, seconds = done.stdout.split()
-        return {
-            "from": src, "to": dst, "bytes": int(got), "seconds": round(float(seconds), 3),
-            "mbit_per_s": round(int(got) * 8 / float(seconds) / 1e6, 1),
-        }
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(5)
-
-
 def steady_rate(reports: list[tuple[float, int]], tokens_per_mb: int) -> dict | None:
     start = next(((t, k) for t, k in reports if k >= BW_WARMUP), None)
     end = reports[-1] if reports else None
@@ -648,7 +460,7 @@ def run_bandwidth(args, log_root: Path) -> dict:
             "netem_delay_ms_requested": args.delay_ms,
         },
         "topology": f"one network namespace per process (seed, {', '.join(stages)} workers, trainer), each joined by a "
-        f"veth pair to the bridge {BRIDGE} in the root namespace; addresses in {SUBNET}. The trainer sends and receives "
+        f"veth pair to the bridge {NETWORK.bridge} in the root namespace; addresses in {NETWORK.subnet}. The trainer sends and receives "
         "every activation and gradient, so its link carries all boundary traffic.",
         "model": {**BW_MODEL, "stage_layers": BW_STAGE_LAYERS, "seq_len": SEQ_LEN},
         "micro_batch_size": BW_MICRO_BATCH,
@@ -663,8 +475,8 @@ def run_bandwidth(args, log_root: Path) -> dict:
     if os.geteuid() != 0:
         out["error"] = {"command": "(precondition)", "returncode": None, "stderr": "not running as root: network namespaces need CAP_NET_ADMIN"}
         return out
-    out["stale_cleanup_before"] = cleanup_network()
-    net = Netns(names, args.delay_ms)
+    out["stale_cleanup_before"] = cleanup_network(NETWORK)
+    net = Netns(names, args.delay_ms, NETWORK)
     try:
         try:
             net.up()
@@ -710,7 +522,7 @@ def run_bandwidth(args, log_root: Path) -> dict:
                         if "tokens_per_s" in shaped.get("runs", {}).get(name, {}) and "tokens_per_s" in entry["runs"].get(name, {})
                     }
     finally:
-        out["teardown"] = cleanup_network()
+        out["teardown"] = cleanup_network(NETWORK)
     return out
 
 
@@ -783,7 +595,7 @@ def run(args: argparse.Namespace) -> dict:
             except (Interrupted, KeyboardInterrupt) as e:
                 output["interrupted"] = f"{type(e).__name__} {e} during the {name} part"
                 if name == "bandwidth":  # its own finally removed the namespaces; say what is left
-                    output["bandwidth"] = {"teardown": cleanup_network()}
+                    output["bandwidth"] = {"teardown": cleanup_network(NETWORK)}
                 break
             output[name]["seconds"] = round(time.perf_counter() - t0, 1)
             output[name]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

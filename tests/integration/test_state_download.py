@@ -1,5 +1,6 @@
-"""A newcomer downloads its stage's weights from a real peer (hivemind DHTs on 127.0.0.1, in one
-process): progress as the bytes arrive, bfloat16 on the wire when the run says so, the shapes checked."""
+"""A newcomer downloads its stage's weights from real peers (hivemind DHTs and averagers on 127.0.0.1,
+each in a process of its own): progress as the bytes arrive, bfloat16 on the wire when the run says so,
+the shapes checked, and a dropped download continued from the parts already received."""
 
 import asyncio
 import threading
@@ -54,3 +55,96 @@ def test_a_newcomer_downloads_the_stage_weights_with_progress(dhts, rpc_loop, st
     assert progress and all(p.bytes_total == total for p in progress)
     done = [p.bytes_done for p in progress]
     assert done == sorted(done) and done[-1] >= 0.9 * total
+
+
+def _serving(dht, weights, epoch, compute):
+    averager = SpartaAverager(dht, "test.body1", weights, CONFIG, seed=7, on_compute=compute.submit)
+    averager.share_state(lambda: ({"epoch": epoch}, [w.clone() for w in weights]))
+    return averager
+
+
+def _fetch(p2p, loop, peers, weights, partial, on_progress):
+    from agora_server.optim.averaging import _StageStateAverager, averager_prefix
+    from agora_server.optim.state_download import fetch_state
+
+    stub_of = lambda p2p, peer: _StageStateAverager.get_stub(p2p, peer, namespace=averager_prefix("test.body1"))  # noqa: E731
+    total = sum(w.numel() for w in weights) * 4
+    fetch = fetch_state(p2p, stub_of, peers, [w.shape for w in weights], total, deadline=60.0, chunk_timeout=2.0,
+                        on_progress=on_progress, progress_every=0.0, partial=partial)
+    return asyncio.run_coroutine_threadsafe(fetch, loop).result(90)
+
+
+@pytest.fixture
+def three_dhts(dhts):
+    third = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=[str(m) for m in dhts[0].get_visible_maddrs()])
+    yield (*dhts, third)
+    third.shutdown()
+
+
+def test_a_dropped_download_continues_from_the_parts_received_at_another_peer_of_the_same_epoch(three_dhts, rpc_loop):
+    from agora_server.optim.state_download import PartialState
+
+    first, second, newcomer_dht = three_dhts
+    weights = [torch.randn(1024, 1024), torch.randn(2048, 1024), torch.randn(3000)]
+    total = sum(w.numel() for w in weights) * 4
+    compute = ThreadPoolExecutor(max_workers=1)
+    peers = [_serving(first, weights, 12, compute), _serving(second, weights, 12, compute)]
+    partial, progress = PartialState(), []
+    try:
+        p2p = asyncio.run_coroutine_threadsafe(newcomer_dht.replicate_p2p(), rpc_loop).result(30)
+        try:
+            def cut_after_five_mib(update):
+                progress.append(update)
+                if update.bytes_done >= 5 * 2**20:
+                    raise ConnectionResetError("the link dropped")  # as a broken stream would, mid-tensor
+
+            assert _fetch(p2p, rpc_loop, [peers[0].averager.peer_id], weights, partial, cut_after_five_mib) is None
+            kept = partial.received
+            assert 5 * 2**20 <= kept < total and len(partial.tensors) == 1, "the first tensor whole, the second begun"
+            progress.clear()
+            state = _fetch(p2p, rpc_loop, [peers[1].averager.peer_id], weights, partial, progress.append)
+        finally:
+            asyncio.run_coroutine_threadsafe(p2p.shutdown(), rpc_loop).result(30)
+    finally:
+        for averager in peers:
+            averager.shutdown()
+        compute.shutdown()
+
+    assert state is not None
+    metadata, tensors = state
+    assert metadata == {"epoch": 12}
+    assert all(torch.equal(t, w) for t, w in zip(tensors, weights)), "the joined parts are the weights, bit for bit"
+    assert partial.resumes == 1
+    assert progress[0].resumed_at == kept and progress[0].peer_id == str(peers[1].averager.peer_id)
+    assert all(p.resumed_at == kept for p in progress)
+
+
+def test_a_peer_at_another_epoch_sends_its_state_from_the_start(three_dhts, rpc_loop):
+    from agora_server.optim.state_download import PartialState
+
+    first, second, newcomer_dht = three_dhts
+    weights = [torch.randn(1024, 1024), torch.randn(2048, 1024)]
+    moved_on = [w + 1 for w in weights]
+    compute = ThreadPoolExecutor(max_workers=1)
+    peers = [_serving(first, weights, 12, compute), _serving(second, moved_on, 13, compute)]
+    partial = PartialState()
+    try:
+        p2p = asyncio.run_coroutine_threadsafe(newcomer_dht.replicate_p2p(), rpc_loop).result(30)
+        try:
+            def cut_after_two_mib(update):
+                if update.bytes_done >= 2 * 2**20:
+                    raise ConnectionResetError("the link dropped")
+
+            assert _fetch(p2p, rpc_loop, [peers[0].averager.peer_id], weights, partial, cut_after_two_mib) is None
+            assert partial.received >= 2 * 2**20
+            state = _fetch(p2p, rpc_loop, [peers[1].averager.peer_id], weights, partial, lambda update: None)
+        finally:
+            asyncio.run_coroutine_threadsafe(p2p.shutdown(), rpc_loop).result(30)
+    finally:
+        for averager in peers:
+            averager.shutdown()
+        compute.shutdown()
+
+    assert state is not None and state[0] == {"epoch": 13}
+    assert all(torch.equal(t, w) for t, w in zip(state[1], moved_on)), "no parts of epoch 12 mixed in"
+    assert partial.resumes == 0

@@ -52,3 +52,44 @@ def test_a_peer_download_shows_percent_rate_and_time_left():
 
     line, = console_lines(ev.StateDownloadProgress(stage="tail", bytes_done=1_000 * 2**20, bytes_total=4_000 * 2**20, seconds=40.0))
     assert line == "[DOWNLOAD] Stage weights from a peer: 25% (1,000.0 of 4,000.0 MiB), 26.2 MB/s, 2m00s left"
+
+
+def test_a_continued_download_says_so_and_its_rate_counts_only_the_new_bytes():
+    from agora_server.telemetry import events as ev
+    from agora_server.telemetry.console import console_lines
+
+    line, = console_lines(ev.StateDownloadProgress(stage="tail", bytes_done=1_600 * 2**20, bytes_total=4_000 * 2**20, seconds=0.0,
+                                                   resumed_at=1_600 * 2**20))
+    assert line == "[DOWNLOAD] Connection back: continuing the stage weights at 40% (1,600.0 of 4,000.0 MiB already here)"
+    line, = console_lines(ev.StateDownloadProgress(stage="tail", bytes_done=2_000 * 2**20, bytes_total=4_000 * 2**20, seconds=16.0,
+                                                   resumed_at=1_600 * 2**20))
+    assert "26.2 MB/s" in line
+
+
+def test_a_peer_streams_from_the_resume_point_only_for_the_state_it_was_asked_about():
+    from hivemind.compression import NoCompression
+    from hivemind.proto import averaging_pb2
+
+    from agora_server.optim.state_download import PartialState, ResumePoint, StreamStart, stream_state
+
+    tensors = [torch.randn(600_000), torch.randn(300_000)]  # 3 and 2 parts of 1 MiB
+    infos = [CompressionInfo.from_tensor(t) for t in tensors]
+    whole = list(stream_state(b"epoch 12", tensors, infos, NoCompression(), ResumePoint()))
+    assert StreamStart.from_bytes(whole[0].metadata) == StreamStart(b"epoch 12", 0, 0) and len(whole) == 5
+
+    partial = PartialState()
+    assert partial.begin(StreamStart.from_bytes(whole[0].metadata))
+    for message in whole[:4]:
+        partial.add(message.tensor_part)
+    asked = ResumePoint.from_message(partial.resume_point().to_message())
+    assert asked == ResumePoint(b"epoch 12", 1, 1)
+    rest = list(stream_state(b"epoch 12", tensors, infos, NoCompression(), asked))
+    assert StreamStart.from_bytes(rest[0].metadata) == StreamStart(b"epoch 12", 1, 1) and len(rest) == 1
+    assert partial.begin(StreamStart.from_bytes(rest[0].metadata)) and partial.resumes == 1
+    partial.add(rest[0].tensor_part)
+    partial.finish_tensor()
+    assert all(torch.equal(a, b) for a, b in zip(partial.tensors, tensors))
+
+    moved_on = list(stream_state(b"epoch 13", tensors, infos, NoCompression(), asked))
+    assert StreamStart.from_bytes(moved_on[0].metadata) == StreamStart(b"epoch 13", 0, 0) and len(moved_on) == 5
+    assert ResumePoint.from_message(averaging_pb2.DownloadData(metadata=b"\xc1garbage")) == ResumePoint()

@@ -7,7 +7,8 @@
 - ``nesterov.py``  NesterovAdamW (NAdam, decoupled weight decay), linear_momentum_warmup
 - ``sparta.py``    SpartaPartition (seeded slices), slice_count, slice_for_epoch, the delta rule
 - ``averaging.py`` AveragingConfig, SpartaAverager (background rounds, state sharing), BFloat16State
-- ``state_download.py``  fetch_state: a newcomer's download of the stage's weights, deadlines sized by bytes, progress
+- ``state_download.py``  fetch_state, stream_state, ResumePoint, PartialState: a newcomer's download of the
+  stage's weights (both sides of the stream), deadlines sized by bytes, progress, resumed after a drop
 """
 
 from agora_server.optim.config import OptimizerConfig

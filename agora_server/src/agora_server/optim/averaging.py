@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agora_server.access import WORKER, AccessGuard, AccessTokenError, PeerAccess
 from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_epoch
-from agora_server.optim.state_download import DownloadProgress, download_deadline, fetch_state
+from agora_server.optim.state_download import DownloadProgress, PartialState, ResumePoint, download_deadline, fetch_state, stream_state
 from agora_server.tensor_stream import bfloat16_message
 
 logger = logging.getLogger(__name__)
@@ -167,6 +167,17 @@ class _StageStateAverager(DecentralizedAverager):
                 raise MatchmakingException(f"not averaging with a group holding {peer_id}: {problem}")
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
+    async def rpc_download_state_from(
+        self, request: averaging_pb2.DownloadData, _context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """The stage's state for a newcomer, continued from where its last stream stopped when this worker
+        still holds that state (state_download.stream_state)."""
+        if not self.allow_state_sharing:
+            return  # the newcomer asks the next peer
+        metadata, tensors, infos = await self._get_current_state_from_host_process()
+        for message in stream_state(metadata, tensors, infos, self.state_compression, ResumePoint.from_message(request)):
+            yield message
+
     def get_current_state(self):
         if self.state_provider is None:
             raise RuntimeError("this worker does not share its state yet")
@@ -261,19 +272,28 @@ class SpartaAverager:
                        attempts: int = 5, pause: float = 2.0, progress_every: float = 10.0) -> tuple[dict, list[torch.Tensor]] | None:
         """Weights and metadata from a peer of the stage, read through ``p2p`` on ``loop`` (the worker's
         RPC loop); None if none answered in ``attempts`` tries. Peers refuse while one of their rounds
-        runs, so a refusal is worth another try. The tries together may take the state's size at
-        ``download_min_mbit``; past that StateDownloadTooSlow is raised."""
+        runs, so a refusal is worth another try; a try continues the parts earlier ones received. The
+        tries together may take the state's size at ``download_min_mbit``; past that StateDownloadTooSlow
+        is raised."""
         state_bytes = sum(p.numel() for p in self.params) * STATE_DTYPES[self.config.state_dtype].itemsize
         deadline = download_deadline(state_bytes, self.config.download_min_mbit, self.config.averaging_timeout)
         shapes = [p.shape for p in self.params]
         started = time.monotonic()
+        partial = PartialState()  # what a try received, continued by the next one
+        known: list[PeerID] = []
         for attempt in range(attempts):
+            # peers seen before stay candidates: after the node's own link dropped, its DHT may not find
+            # them again for a while (hivemind backs off from peers that failed), yet they still serve
+            peers = self._sharing_peers()
+            known = peers + [peer for peer in known if peer not in peers]
             fetch = fetch_state(p2p, lambda p2p, peer: _StageStateAverager.get_stub(p2p, peer, namespace=self.averager.prefix),
-                                self._sharing_peers(), shapes, state_bytes, deadline=deadline - (time.monotonic() - started),
-                                chunk_timeout=self.config.sender_timeout, on_progress=on_progress, progress_every=progress_every)
+                                known, shapes, state_bytes, deadline=deadline - (time.monotonic() - started),
+                                chunk_timeout=self.config.sender_timeout, on_progress=on_progress, progress_every=progress_every,
+                                partial=partial)
             state = asyncio.run_coroutine_threadsafe(fetch, loop).result()
             if state is not None:
                 return state
+            logger.info("state download try %d found no complete state (%d peers asked, %d bytes kept)", attempt + 1, len(known), partial.received)
             if attempt + 1 < attempts:
                 time.sleep(pause)
         return None

@@ -292,19 +292,24 @@ class StageWorker:
     def _catch_up(self) -> None:
         """Load the stage's weights from a peer, then average with weight 0 until in step with the others."""
         self.events.emit(WarmupStarted(stage=self.spec.name, stage_epoch=self.progress.stage_epoch))
+        self._download_resumed = False
+        asked = time.monotonic()
         state = self.averager.download_state(self._p2p, self._loop, self._report_download, attempts=15)
+        seconds = time.monotonic() - asked
         if state is not None:
             metadata, tensors = state
             self._executor.submit(self._load_shared_state, metadata, tensors).result()
-        self.events.emit(StateDownloaded(stage=self.spec.name, epoch=self.progress.epoch, ok=state is not None))
+        self.events.emit(StateDownloaded(stage=self.spec.name, epoch=self.progress.epoch, ok=state is not None,
+                                         seconds=round(seconds, 2), resumed=self._download_resumed))
         averaging = self.server_config.averaging
         self._warmup_until_round = self.averager.rounds_ok + averaging.warmup_rounds
         patience = (averaging.warmup_rounds + 2) * (averaging.average_every + 2 * averaging.matchmaking_time + averaging.averaging_timeout)
         self._warmup_deadline = time.monotonic() + patience
 
     def _report_download(self, progress: DownloadProgress) -> None:
+        self._download_resumed = self._download_resumed or progress.resumed_at > 0
         self.events.emit(StateDownloadProgress(stage=self.spec.name, bytes_done=progress.bytes_done, bytes_total=progress.bytes_total,
-                                               seconds=progress.seconds))
+                                               seconds=progress.seconds, resumed_at=progress.resumed_at))
 
     def _load_shared_state(self, metadata: dict, tensors: list) -> None:
         masters = self.backend.weights.masters

@@ -142,7 +142,10 @@ def _(event: ev.ProcessError) -> list[str]:
 
 @console_lines.register
 def _(event: ev.StateDownloadProgress) -> list[str]:
-    rate = event.bytes_done / max(event.seconds, 1e-6)
+    if event.resumed_at and event.seconds == 0:
+        return [f"[DOWNLOAD] Connection back: continuing the stage weights at {100 * event.bytes_done / event.bytes_total:.0f}% "
+                f"({event.bytes_done / 2**20:,.1f} of {event.bytes_total / 2**20:,.1f} MiB already here)"]
+    rate = (event.bytes_done - event.resumed_at) / max(event.seconds, 1e-6)
     left = (event.bytes_total - event.bytes_done) / max(rate, 1.0)
     return [f"[DOWNLOAD] Stage weights from a peer: {100 * event.bytes_done / event.bytes_total:.0f}% "
             f"({event.bytes_done / 2**20:,.1f} of {event.bytes_total / 2**20:,.1f} MiB), {rate / 1e6:.1f} MB/s, {_duration(left)} left"]

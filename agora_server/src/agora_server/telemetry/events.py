@@ -69,6 +69,10 @@ class StateDownloaded(Event):
     stage: str
     epoch: int
     ok: bool
+    seconds: float = 0.0
+    """From the first request to the last byte, over every try and peer."""
+    resumed: bool = False
+    """A dropped stream was continued from the bytes already received, not started over."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +83,9 @@ class StateDownloadProgress(Event):
     bytes_done: int
     bytes_total: int
     seconds: float
+    """Since this stream began."""
+    resumed_at: int = 0
+    """Bytes earlier streams delivered that this one continues from (0: it began at the start)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
