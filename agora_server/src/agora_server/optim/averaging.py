@@ -125,6 +125,19 @@ def averaging_keys(prefix: str, config: AveragingConfig) -> list[str]:
     return [*groups, f"{name}.all_averagers"]
 
 
+def group_settings(config: AveragingConfig) -> dict:
+    """How an averager of the stage's workers forms its groups and times its rounds (not started yet)."""
+    return dict(
+        start=False,
+        min_matchmaking_time=config.matchmaking_time,
+        request_timeout=config.request_timeout,
+        allreduce_timeout=config.averaging_timeout,
+        sender_timeout=config.sender_timeout,
+        target_group_size=config.target_group_size,
+        min_group_size=2,
+    )
+
+
 class _StageStateAverager(DecentralizedAverager):
     """Serves the stage's full weights to newcomers (``load_state_from_peers``) from the worker process,
     and averages only with peers admitted to its stage when ``guard`` is set."""
@@ -238,13 +251,7 @@ class SpartaAverager:
             buffers,
             dht,
             prefix=averager_prefix(prefix),
-            start=False,
-            min_matchmaking_time=config.matchmaking_time,
-            request_timeout=config.request_timeout,
-            allreduce_timeout=config.averaging_timeout,
-            sender_timeout=config.sender_timeout,
-            target_group_size=config.target_group_size,
-            min_group_size=2,
+            **group_settings(config),
             initial_group_bits="0" * self._bits,
             allow_state_sharing=False,  # until this worker holds the stage's current weights
             # a served state streams for minutes at production size: each chunk gets the sender's patience,

@@ -22,7 +22,7 @@ import torch
 from hivemind import DHT
 
 from agora_server.access import PeerAccess
-from agora_server.optim.averaging import AveragingConfig, _StageStateAverager
+from agora_server.optim.averaging import AveragingConfig, _StageStateAverager, group_settings
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,7 @@ class GradientAverager:
             [torch.zeros(shape, dtype=torch.float32) for shape in shapes],
             dht,
             prefix=f"{prefix}_gradients".replace(".", "_"),
-            start=False,
-            min_matchmaking_time=config.matchmaking_time,
-            request_timeout=config.request_timeout,
-            allreduce_timeout=config.averaging_timeout,
-            sender_timeout=config.sender_timeout,
-            target_group_size=config.target_group_size,
-            min_group_size=2,
+            **group_settings(config),
             allow_state_sharing=False,
         )
         self.averager.guard, self.averager.stage = (access.guard if access else None), stage
