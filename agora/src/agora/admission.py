@@ -15,6 +15,7 @@ import base64
 import collections
 import json
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -253,6 +254,8 @@ class CoordinatorSession:
         self._stats: ev.WorkerStats | None = None
         self._baseline: dict[str, float] = {}  # counters when this access began: heartbeats report what came after
         self._last_sent_at = 0.0
+        # a restarted process reports totals from zero again; the coordinator tells it by this id
+        self._session_id = secrets.token_hex(8)
         self._upload: tuple[Path, int] | None = None  # the newest checkpoint not yet uploaded
         self._phase = "training"
         self._reports: collections.deque[dict] = collections.deque(maxlen=1000)  # a trainer's, not yet sent
@@ -403,6 +406,7 @@ class CoordinatorSession:
                 "peer_id": self.access.peer_id,
                 "uid": self.access.uid,
                 "sent_at": sent_at,
+                "session": self._session_id,
                 "samples_processed": done.samples,
                 "tokens_processed": done.tokens,
                 "phase": self._phase,

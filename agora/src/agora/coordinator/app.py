@@ -16,10 +16,15 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from agora_server.caller_text import clip
+
 from agora.coordinator import porttest
+from agora.coordinator.body_limit import BodyLimit, BodyTooLarge
 from agora.coordinator.checkpoints import CheckpointStore
 from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import Database
@@ -51,7 +56,7 @@ from agora.coordinator.tokens import TokenVerifier, build_verifier
 _bearer = HTTPBearer(auto_error=False, description="The participant's Hugging Face token (or a token from the run's token file).")
 _access_bearer = HTTPBearer(auto_error=False, scheme_name="AccessToken",
                             description="The node's access token, as signed by this coordinator.")
-_REFUSALS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 409, 410, 429, 503)}
+_REFUSALS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 409, 410, 413, 429, 503)}
 _STAGE = Path(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
 _OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
@@ -77,7 +82,7 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
                clock: Callable[[], float] = time.time) -> FastAPI:
     db = Database(config.database_url)
     coordinator = Coordinator(
-        config, db, verifier or build_verifier(config.token_source, config.token_cache_s),
+        config, db, verifier or build_verifier(config.token_source, config.token_cache_s, config.token_failure_cache_s),
         AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock,
     )
 
@@ -110,6 +115,30 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     async def _refused(_request: Request, exc: CoordinatorRefusal) -> JSONResponse:
         metrics.refusals.labels(exc.code).inc()
         return JSONResponse(status_code=exc.refusal.status, content={"detail": exc.message, "error": exc.code})
+
+    def _too_large(limit: int) -> JSONResponse:
+        refusal = CoordinatorRefusal(Refusal.REQUEST_TOO_LARGE, limit=limit)
+        metrics.refusals.labels(refusal.code).inc()
+        return JSONResponse(status_code=413, content={"detail": refusal.message, "error": refusal.code},
+                            headers={"Connection": "close"})  # the rest of the body is not wanted
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _too_large(exc.limit)
+
+    def _body_limit(method: str, path: str) -> int:
+        if method == "PUT" and path.startswith("/api/checkpoints/"):
+            return config.checkpoints.max_upload_bytes
+        return config.max_request_bytes
+
+    # ahead of every route: the limit counts the body's bytes before any route, token check or parsing sees them
+    app.add_middleware(BodyLimit, limit_for=_body_limit, refuse=_too_large)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # pydantic echoes what the caller sent: clipped, so a megabyte field does not come back whole
+        errors = [{**error, "input": clip(error.get("input")), "msg": clip(error.get("msg", ""))} for error in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
     @app.put("/api/join", response_model=JoinAnswer, responses=_REFUSALS)
     def join(body: JoinRequest, request: Request, token: str | None = Depends(_token)):

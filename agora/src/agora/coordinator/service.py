@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from agora_server.access import TRAINER, WORKER, AccessClaims, AccessTokenError, verify_access_token
 
-from agora.coordinator import assignment, history, porttest, queue
+from agora.coordinator import assignment, contributions, history, porttest, queue
 from agora.coordinator import node_states as ns
 from agora.coordinator.checkpoints import Uploader
 from agora.coordinator.config import CoordinatorConfig
@@ -398,16 +399,26 @@ class Coordinator:
             record = Contribution(peer_id=node.peer_id, user_id=node.user_id, stage=node.stage,
                                   samples=0, tokens=0, seconds_online=0.0, updated_at=now)
             s.add(record)
-        # totals since access was granted; lower than last time means the worker restarted its counters
-        samples_delta = body.samples_processed - node.reported_samples if body.samples_processed >= node.reported_samples else body.samples_processed
-        tokens_delta = body.tokens_processed - node.reported_tokens if body.tokens_processed >= node.reported_tokens else body.tokens_processed
-        record.samples += samples_delta
-        record.tokens += tokens_delta
+        lifetime = self.config.access_token_lifetime_s
+        # a long silence is not time online, nor time to have worked in: cap it at one access lifetime
+        elapsed = min(max(0.0, now - (node.last_heartbeat_at or node.granted_at)), lifetime)
+        limits = self.config.contributions
+        same_session = body.session == node.reporting_session
+        samples_before = node.reported_samples if same_session else 0
+        tokens_before = node.reported_tokens if same_session else 0
+        added_samples = contributions.credit(body.samples_processed, samples_before,
+                                             limits.max_samples_per_second * (elapsed + limits.slack_s))
+        added_tokens = contributions.credit(body.tokens_processed, tokens_before,
+                                            limits.max_tokens_per_second * (elapsed + limits.slack_s))
+        record.samples = contributions.saturating_add(record.samples, added_samples)
+        record.tokens = contributions.saturating_add(record.tokens, added_tokens)
         if node.last_heartbeat_at is not None:
-            # a long silence is not time online: cap it at one access lifetime
-            record.seconds_online += min(now - node.last_heartbeat_at, self.config.access_token_lifetime_s)
+            record.seconds_online += elapsed
         record.updated_at = now
-        node.reported_samples, node.reported_tokens = body.samples_processed, body.tokens_processed
+        # what was reported, not what was credited: work over the bound is forfeited, not owed later
+        node.reported_samples = max(samples_before, body.samples_processed)
+        node.reported_tokens = max(tokens_before, body.tokens_processed)
+        node.reporting_session = body.session
         node.last_heartbeat_at, node.last_sent_at = now, body.sent_at
 
     def _maybe_move(self, s: Session, node: ActiveNode, user: User) -> HeartbeatAnswer:
@@ -527,15 +538,17 @@ class Coordinator:
                                    .group_by(QueueRequest.stage))
             drops = s.execute(select(QueueRequest.drop_reason, func.count()).where(QueueRequest.status == DROPPED)
                               .group_by(QueueRequest.drop_reason))
-            work = list(s.execute(select(Contribution.stage, func.sum(Contribution.samples), func.sum(Contribution.tokens))
-                                  .group_by(Contribution.stage)))
+            samples, tokens = collections.defaultdict(list), collections.defaultdict(list)
+            for stage, stage_samples, stage_tokens in s.execute(select(Contribution.stage, Contribution.samples, Contribution.tokens)):
+                samples[stage].append(stage_samples)
+                tokens[stage].append(stage_tokens)
             return RunTotals(admissions=dict(admissions.all()), queue_drops=dict(drops.all()),
-                             samples={stage: int(samples) for stage, samples, _ in work},
-                             tokens={stage: int(tokens) for stage, _, tokens in work})
+                             samples={stage: contributions.total(values) for stage, values in samples.items()},
+                             tokens={stage: contributions.total(values) for stage, values in tokens.items()})
 
     def contributions(self) -> list[ContributionInfo]:
         with self.db.session() as s:
             rows = s.execute(select(Contribution, User.username).join(User, Contribution.user_id == User.id)
                              .order_by(Contribution.id))
-            return [ContributionInfo(username=name, peer_id=c.peer_id, stage=c.stage, samples=c.samples,
-                                     tokens=c.tokens, seconds_online=c.seconds_online) for c, name in rows]
+            return [ContributionInfo(username=name, peer_id=c.peer_id, stage=c.stage, samples=int(c.samples),
+                                     tokens=int(c.tokens), seconds_online=c.seconds_online) for c, name in rows]
