@@ -4,9 +4,11 @@ with the resumable, checksum-verified client."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agora_server.access import AccessClaims, issue_access_token
@@ -22,6 +24,14 @@ LIMIT = 64_000
 def coord(harness, tmp_path):
     return harness.start(checkpoints={"directory": str(tmp_path / "checkpoints"), "max_upload_bytes": LIMIT},
                          access_token_lifetime_s=600)
+
+
+def stage_state(size: int, epoch: int = 0) -> bytes:
+    """A stage state as a worker saves it (weights, optimizer, epoch), random and at least ``size`` bytes:
+    the coordinator accepts only uploads that load as one."""
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.randn(max(1, size // 4))}, "optimizer": {"state": {}}, "epoch": epoch}, buffer)
+    return buffer.getvalue()
 
 
 def admitted(coord, harness, listener, user="alice"):
@@ -46,7 +56,7 @@ def test_a_node_with_access_uploads_and_newcomers_must_download_it(coord, harnes
     assert access["checkpoint_url"] == f"{coord.url}/api/checkpoints/head"
     assert coord.http.get("/api/checkpoints/head").status_code == 404
 
-    state = os.urandom(20_000)
+    state = stage_state(20_000, epoch=7)
     stored = upload(coord, "head", access["access_token"], state, **{"X-Checkpoint-Epoch": "7"})
     assert stored.status_code == 200, stored.text
     sha = hashlib.sha256(state).hexdigest()
@@ -61,7 +71,7 @@ def test_a_node_with_access_uploads_and_newcomers_must_download_it(coord, harnes
     assert (other["status"], other["stage"]) == ("access", "body1")
 
     # replacing keeps the previous file one upload longer, and no more
-    newer, newest = os.urandom(1000), os.urandom(1000)
+    newer, newest = stage_state(1000), stage_state(1000)
     for content in (newer, newest):
         assert upload(coord, "head", access["access_token"], content).status_code == 200
     assert coord.http.get("/api/checkpoints/head").content == newest
@@ -72,7 +82,7 @@ def test_a_stage_with_a_checkpoint_admits_newcomers_after_their_download(harness
     coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints")},
                           stages=[{"name": "head", "need": 2}])
     access = admitted(coord, harness, listener)
-    state = os.urandom(5000)
+    state = stage_state(5000)
     assert upload(coord, "head", access["access_token"], state).status_code == 200
 
     newcomer = harness.node("bob")
@@ -87,7 +97,7 @@ def test_a_stage_with_a_checkpoint_admits_newcomers_after_their_download(harness
 
 def test_uploads_without_valid_access_to_that_stage_are_refused(coord, harness, listener):
     access = admitted(coord, harness, listener)  # head
-    original = os.urandom(3000)
+    original = stage_state(3000)
     assert upload(coord, "head", access["access_token"], original).status_code == 200
 
     assert upload(coord, "head", None, b"x").status_code == 401
@@ -109,7 +119,7 @@ def test_uploads_without_valid_access_to_that_stage_are_refused(coord, harness, 
 
 def test_oversize_and_damaged_uploads_are_refused_and_leave_nothing_behind(coord, harness, listener, tmp_path):
     token = admitted(coord, harness, listener)["access_token"]
-    original = os.urandom(2000)
+    original = stage_state(2000)
     assert upload(coord, "head", token, original).status_code == 200
 
     announced = upload(coord, "head", token, os.urandom(LIMIT + 1))
@@ -130,7 +140,7 @@ def test_oversize_and_damaged_uploads_are_refused_and_leave_nothing_behind(coord
 
 
 def test_ranges_and_their_limits(coord, harness, listener):
-    state = os.urandom(10_000)
+    state = stage_state(10_000)
     assert upload(coord, "head", admitted(coord, harness, listener)["access_token"], state).status_code == 200
     part = coord.http.get("/api/checkpoints/head", headers={"Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == state[100:200]
@@ -142,7 +152,7 @@ def test_ranges_and_their_limits(coord, harness, listener):
 
 
 def test_download_resumes_a_partial_file(coord, harness, listener, tmp_path):
-    state = os.urandom(50_000)
+    state = stage_state(50_000)
     assert upload(coord, "head", admitted(coord, harness, listener)["access_token"], state).status_code == 200
     dest = tmp_path / "head.ckpt"
     (tmp_path / "head.ckpt.part").write_bytes(state[:12_345])
@@ -155,7 +165,7 @@ def test_download_resumes_a_partial_file(coord, harness, listener, tmp_path):
 
 
 def test_a_corrupted_partial_file_is_caught_by_the_checksum(coord, harness, listener, tmp_path):
-    state = os.urandom(30_000)
+    state = stage_state(30_000)
     assert upload(coord, "head", admitted(coord, harness, listener)["access_token"], state).status_code == 200
     dest, part = tmp_path / "head.ckpt", tmp_path / "head.ckpt.part"
     part.write_bytes(bytes(b ^ 0xFF for b in state[:1000]))
@@ -172,7 +182,7 @@ class Interrupted(Exception):
 
 def test_a_checkpoint_replaced_between_attempts_is_downloaded_from_the_start(coord, harness, listener, tmp_path):
     token = admitted(coord, harness, listener)["access_token"]
-    old, new = os.urandom(40_000), os.urandom(45_000)
+    old, new = stage_state(40_000), stage_state(45_000)
     assert upload(coord, "head", token, old).status_code == 200
     dest, part = tmp_path / "head.ckpt", tmp_path / "head.ckpt.part"
 

@@ -4,16 +4,22 @@ each driven through a real uvicorn server and its SQLite file."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.server
+import io
 import json
+import os
 import socket
 import sqlite3
 import threading
 
 import psutil
 import pytest
+import torch
 
+from agora.config import load_run_config
 from agora.coordinator.app import create_app
+from agora.coordinator.checkpoint_check import stage_layouts
 from agora.coordinator.tokens import CachingVerifier, HuggingFaceVerifier
 from tests.coordinator.conftest import Node, RunningCoordinator, new_identity
 
@@ -203,3 +209,62 @@ def test_refused_tokens_are_remembered_so_strangers_cannot_spend_the_whoami_limi
         assert whoami.calls["hf_good"] == 1
     finally:
         whoami.close()
+
+
+def _saved(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+class _RunsCode:
+    """A pickle that would run a command when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_only_a_valid_state_of_the_stage_replaces_its_checkpoint(harness, listener, tmp_path):
+    coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints"), "run_config": "local-tiny"})
+    node = harness.node()
+    access = coord.http.put("/api/join", json=node.join_body(listener.port), headers=node.auth).json()
+    assert access["stage"] == "head"
+    auth = {"Authorization": f"Bearer {access['access_token']}"}
+    layout = stage_layouts(load_run_config("local-tiny"))["head"]
+
+    def state(epoch=3, **changes):
+        weights = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in layout.items()}
+        weights.update(changes.pop("weights", {}))
+        for name in changes.pop("drop", ()):
+            del weights[name]
+        return {"model": weights, "optimizer": changes.pop("optimizer", {"state": {0: {"exp_avg": torch.zeros(4)}}}),
+                "epoch": epoch}
+
+    good = _saved(state())
+    first = coord.http.put("/api/checkpoints/head", content=good, headers={**auth, "X-Checkpoint-Epoch": "3"})
+    assert first.status_code == 200, first.text
+
+    marker = tmp_path / "code-ran"
+    name, (shape, _) = next(iter(layout.items()))
+    junk = {
+        "random bytes": os.urandom(5000),
+        "a pickle that runs code": _saved({"model": _RunsCode(marker), "optimizer": {}, "epoch": 0}),
+        "not a stage state": _saved({"weights": torch.zeros(3)}),
+        "a weight missing": _saved(state(drop=[name])),
+        "an extra weight": _saved(state(weights={"extra.weight": torch.zeros(2)})),
+        "a wrong shape": _saved(state(weights={name: torch.zeros(shape[0] + 1, *shape[1:])})),
+        "a wrong dtype": _saved(state(weights={name: torch.zeros(shape, dtype=torch.bfloat16)})),
+        "a NaN weight": _saved(state(weights={name: torch.full(shape, float("nan"))})),
+        "an infinite optimizer value": _saved(state(optimizer={"state": {0: {"exp_avg": torch.tensor([float("inf")])}}})),
+        "another epoch than announced": _saved(state(epoch=4)),
+    }
+    for what, content in junk.items():
+        answer = coord.http.put("/api/checkpoints/head", content=content, headers={**auth, "X-Checkpoint-Epoch": "3"})
+        assert answer.status_code == 400, (what, answer.text)
+        assert answer.json()["error"] == "invalid_checkpoint", what
+        assert coord.http.get("/api/checkpoints/head", headers=auth).content == good, f"{what} replaced the checkpoint"
+    assert not marker.exists(), "loading an upload ran its code"
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "head").iterdir()) == [hashlib.sha256(good).hexdigest()]

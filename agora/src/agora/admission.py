@@ -174,7 +174,7 @@ def trainer_access(client: CoordinatorClient, identity: WorkerIdentity, timeout:
 
 def access_for(config: RunConfig, access: Access, identity: WorkerIdentity) -> tuple[PeerAccess, AccessRecordValidator]:
     """This peer's PeerAccess and the DHT validator that signs its records and checks everyone's."""
-    peer_access = PeerAccess(access.access_token, access.coordinator_public_key)
+    peer_access = PeerAccess(access.access_token, access.coordinator_public_key, identity)
     return peer_access, run_record_validator(config, access.coordinator_public_key, identity=identity, token=access.access_token)
 
 

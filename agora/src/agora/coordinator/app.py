@@ -26,7 +26,7 @@ from agora_server.caller_text import clip
 from agora.coordinator import porttest
 from agora.coordinator.body_limit import BodyLimit, BodyTooLarge
 from agora.coordinator.checkpoints import CheckpointStore
-from agora.coordinator.config import CoordinatorConfig
+from agora.coordinator.config import CoordinatorConfig, CoordinatorConfigError
 from agora.coordinator.db import Database
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 from agora.coordinator.metrics import CoordinatorMetrics
@@ -78,6 +78,22 @@ def _content_length(request: Request) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def _stage_layouts(config: CoordinatorConfig):
+    """What uploads must match, from the run config; a run config whose stages differ is refused here."""
+    if config.checkpoints.run_config is None:
+        return None
+    from agora.config import ConfigError, load_run_config
+    from agora.coordinator.checkpoint_check import stage_layouts
+
+    try:
+        layouts = stage_layouts(load_run_config(config.checkpoints.run_config))
+    except ConfigError as e:
+        raise CoordinatorConfigError(f"checkpoints.run_config: {e}") from None
+    if set(layouts) != set(config.stage_needs):
+        raise CoordinatorConfigError(f"checkpoints.run_config has stages {sorted(layouts)}, this coordinator {sorted(config.stage_needs)}")
+    return layouts
+
+
 def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = None, probe: PortProbe | None = None,
                clock: Callable[[], float] = time.time) -> FastAPI:
     db = Database(config.database_url)
@@ -108,7 +124,7 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     app.state.coordinator = coordinator
     metrics = CoordinatorMetrics(coordinator)
     store = None if config.checkpoints.directory is None else CheckpointStore(
-        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock)
+        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock, layouts=_stage_layouts(config))
     dashboard = resources.files("agora.coordinator").joinpath("dashboard.html").read_text(encoding="utf-8")
 
     @app.exception_handler(CoordinatorRefusal)

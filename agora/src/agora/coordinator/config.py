@@ -57,6 +57,10 @@ class CheckpointConfig(BaseModel):
     directory: Path | None = None
     """Where the coordinator keeps each stage's latest uploaded checkpoint (and the one before it), served
     at ``/api/checkpoints/{stage}``. Unset: the coordinator accepts and serves no checkpoints."""
+    run_config: str | None = None
+    """The run config (a path, or the name of a shipped one) whose stages this coordinator admits to.
+    Set, every upload must hold exactly the weights (names, shapes, dtypes) of its stage's model; unset,
+    only that it is a stage state with finite values. Set it for any run open to strangers."""
     max_upload_bytes: int = Field(default=64 * 2**30, ge=1)
     """Largest checkpoint upload accepted; larger ones get 413. Size it to one stage's state, with room to grow."""
     public_url: str | None = Field(default=None, pattern=r"^https?://")

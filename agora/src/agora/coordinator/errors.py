@@ -41,6 +41,7 @@ class Refusal(enum.Enum):
     NO_CHECKPOINT = (404, "No checkpoint has been uploaded for stage {stage} yet.")
     REQUEST_TOO_LARGE = (413, "The request body is larger than the {limit} bytes this coordinator accepts.")
     CHECKPOINT_TOO_LARGE = (413, "The checkpoint is larger than the {limit} bytes this coordinator accepts.")
+    INVALID_CHECKPOINT = (400, "The upload is not a valid checkpoint of stage {stage}: {reason}. The stage keeps its current one.")
     EMPTY_CHECKPOINT = (400, "The checkpoint upload is empty.")
     CHECKPOINT_INCOMPLETE = (400, "The upload ended after {received} of the {expected} bytes announced; upload again.")
     CHECKPOINT_MISMATCH = (400, "The uploaded bytes have sha256 {actual}, not the {expected} sent in X-Checkpoint-SHA256; upload again.")

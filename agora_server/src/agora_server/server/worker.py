@@ -96,7 +96,11 @@ class StageWorker:
             # the weights, optimizer and epoch of the stage; never another identity's counters
             resumed = {key: shared.state[key] for key in ("model", "optimizer", "epoch")}
         self.on_checkpoint = on_checkpoint
-        self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0)
+        # in a run with a coordinator the progress record is signed by this peer's identity: the DHT takes
+        # a stage's progress only from the worker whose token it carries
+        progress_key = access.identity.hivemind_key() if access is not None and access.identity is not None else None
+        self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0,
+                                      private_key=progress_key)
         self.backend = StageBackend(
             stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch
         )
