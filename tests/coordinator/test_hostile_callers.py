@@ -268,3 +268,26 @@ def test_only_a_valid_state_of_the_stage_replaces_its_checkpoint(harness, listen
         assert coord.http.get("/api/checkpoints/head", headers=auth).content == good, f"{what} replaced the checkpoint"
     assert not marker.exists(), "loading an upload ran its code"
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "head").iterdir()) == [hashlib.sha256(good).hexdigest()]
+
+
+def test_a_stages_checkpoint_goes_only_to_that_stages_nodes(harness, listener, tmp_path):
+    coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints")}, operators=["carol"])
+    alice, bob = harness.node("alice"), harness.node("bob")
+    on_head = coord.http.put("/api/join", json=alice.join_body(listener.port), headers=alice.auth).json()
+    on_body = coord.http.put("/api/join", json=bob.join_body(listener.port), headers=bob.auth).json()
+    assert (on_head["stage"], on_body["stage"]) == ("head", "body1")
+    state = _saved({"model": {"w": torch.zeros(8)}, "optimizer": {}, "epoch": 0, "counters": {"forward_batches": 9}})
+    assert coord.http.put("/api/checkpoints/head", content=state,
+                          headers={"Authorization": f"Bearer {on_head['access_token']}"}).status_code == 200
+
+    def download(token):
+        return coord.http.get("/api/checkpoints/head", headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    assert download(None).status_code == 401, "a stranger gets nothing, not even the uploader's counters"
+    assert download("hf_not_a_token").status_code == 401
+    assert download(harness.tokens["bob"]).status_code == 403, "an account on another stage"
+    assert download(on_body["access_token"]).status_code == 403, "a node of another stage"
+    for allowed in (harness.tokens["alice"], on_head["access_token"], harness.tokens["carol"]):
+        answer = download(allowed)
+        assert answer.status_code == 200 and answer.content == state
+    assert "uploader" not in str(download(None).headers).lower()

@@ -61,6 +61,11 @@ class CoordinatorClient:
     def __init__(self, base_url: str, token: str, timeout: float = 30.0):
         self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers={"Authorization": f"Bearer {token}"})
 
+    def auth_for(self, url: str) -> dict[str, str]:
+        """The participant's token for a download from ``url``: only when this coordinator serves it
+        (it serves a stage's checkpoint only to that stage's nodes), never to weights hosted elsewhere."""
+        return {"Authorization": self._http.headers["Authorization"]} if url.startswith(self.base_url + "/") else {}
+
     def put(self, path: str, body: dict | None = None, *, content: bytes | None = None, headers: dict | None = None,
             timeout: float | None = None) -> dict:
         wait = httpx.USE_CLIENT_DEFAULT if timeout is None else timeout
@@ -130,7 +135,8 @@ def admit(
         if answer.get("download_required") and answer.get("checkpoint_url") and weights is None:
             dest = weights_for(answer["stage"])
             if dest is not None:
-                weights, progress = _fetch_weights(answer["checkpoint_url"], dest, emit)
+                url = answer["checkpoint_url"]
+                weights, progress = _fetch_weights(url, dest, emit, client.auth_for(url))
                 fetched_now = progress["complete"]
         # a node held back only by its download may be admitted the moment it has the weights: ask at once
         pause = 0.0 if fetched_now else float(answer["next_poll_seconds"])
@@ -199,7 +205,7 @@ def _key_request(identity: WorkerIdentity) -> dict:
     return {"peer_id": identity.peer_id, "public_key": base64.b64encode(identity.public_key_protobuf).decode()}
 
 
-def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tuple[Path | None, dict]:
+def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None], headers: dict[str, str]) -> tuple[Path | None, dict]:
     """Download while queued; a failure leaves the partial file for the next poll to resume."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     emit(ev.DownloadProgress(bytes_done=0, bytes_total=None))
@@ -211,7 +217,7 @@ def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tu
             emit(ev.DownloadProgress(bytes_done=done, bytes_total=total))
 
     try:
-        result = download_checkpoint(url, dest, on_progress=on_progress)
+        result = download_checkpoint(url, dest, on_progress=on_progress, headers=headers)
     except CheckpointDownloadError as e:
         emit(ev.CoordinatorUnreachable(action="download the stage's weights", error=str(e), retry_in=0))
         done = dest.with_name(dest.name + ".part")

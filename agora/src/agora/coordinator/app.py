@@ -226,18 +226,20 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         **_REFUSALS, 200: {"content": _OCTETS}, 206: {"description": "The requested byte range", "content": _OCTETS},
         416: {"description": "The range starts beyond the end of the file"}})
     def download_checkpoint(
-        stage: str = _STAGE,
+        stage: str = _STAGE, token: str | None = Depends(_token),
         range_: str | None = Header(None, alias="Range", max_length=256, description="bytes=<start>- to resume a download"),
         if_range: str | None = Header(None, alias="If-Range", max_length=256,
                                       description="The ETag of the partial file: if it changed, the whole new file comes (200)"),
     ):
-        """The stage's latest checkpoint. ETag and X-Checkpoint-SHA256 carry its sha256, for resuming and checking."""
+        """The stage's latest checkpoint, for nodes of that stage only (see ``Coordinator.authorize_download``).
+        ETag and X-Checkpoint-SHA256 carry its sha256, for resuming and checking."""
         checkpoints = _store()
         if stage not in config.stage_needs:
             raise CoordinatorRefusal(Refusal.UNKNOWN_STAGE, stage=stage)
-        info = checkpoints.current(stage)
+        info = checkpoints.current(stage)  # whether one exists is no secret: run_info tells as much
         if info is None:
             raise CoordinatorRefusal(Refusal.NO_CHECKPOINT, stage=stage)
+        coordinator.authorize_download(token, stage)
         headers = {"ETag": f'"{info.sha256}"', "X-Checkpoint-SHA256": info.sha256, "Cache-Control": "no-cache"}
         if info.epoch is not None:
             headers["X-Checkpoint-Epoch"] = str(info.epoch)

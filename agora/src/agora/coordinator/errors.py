@@ -36,6 +36,8 @@ class Refusal(enum.Enum):
     BAD_ACCESS_TOKEN = (401, "The access token was not accepted: {reason}")
     WRONG_STAGE = (403, "This access token is for stage {token_stage}, not {stage}.")
     ACCESS_WITHDRAWN = (403, "This node no longer holds access to stage {stage}; join again.")
+    DOWNLOAD_NEEDS_TOKEN = (401, "Checkpoint downloads need 'Authorization: Bearer <token>': the participant's token of a node queued for or serving the stage, or that node's access token.")
+    NOT_ON_STAGE = (403, "Only nodes queued for or serving stage {stage} (and the run's operators) may download its checkpoint.")
     UNKNOWN_STAGE = (404, "This run has no stage named {stage}.")
     CHECKPOINTS_NOT_SERVED = (404, "This coordinator does not keep checkpoints.")
     NO_CHECKPOINT = (404, "No checkpoint has been uploaded for stage {stage} yet.")

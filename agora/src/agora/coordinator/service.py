@@ -21,6 +21,7 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from agora_server.access import PREFIX as ACCESS_TOKEN_PREFIX
 from agora_server.access import TRAINER, WORKER, AccessClaims, AccessTokenError, verify_access_token
 
 from agora.coordinator import assignment, contributions, history, porttest, queue
@@ -453,6 +454,33 @@ class Coordinator:
             if node is None or node.peer_id != claims.peer_id or node.stage != stage or node.expires_at <= self._clock():
                 raise CoordinatorRefusal(Refusal.ACCESS_WITHDRAWN, stage=stage)
         return Uploader(username=claims.username, peer_id=claims.peer_id)
+
+    def authorize_download(self, token: str | None, stage: str) -> None:
+        """Who may download ``stage``'s checkpoint (the stage's weights and optimizer state, and the
+        uploader's counters that ride along in it): a node holding access to that stage (its access
+        token), an account with a node queued for or serving that stage (its participant token, the
+        download a queued node makes while it waits), or an operator. Nobody else, strangers least."""
+        if stage not in self.config.stage_needs:
+            raise CoordinatorRefusal(Refusal.UNKNOWN_STAGE, stage=stage)
+        if not token:
+            raise CoordinatorRefusal(Refusal.DOWNLOAD_NEEDS_TOKEN)
+        if token.startswith(f"{ACCESS_TOKEN_PREFIX}."):  # never sent on to Hugging Face
+            self.authorize_upload(token, stage)
+            return
+        username = self.authenticate(token)
+        if username in self.config.operators:
+            return
+        with self._lock, self.db.session() as s:
+            user = s.scalar(select(User).where(User.username == username))
+            if user is None:
+                raise CoordinatorRefusal(Refusal.NOT_ON_STAGE, stage=stage)
+            now = self._clock()
+            serving = s.scalar(select(ActiveNode.uid).where(ActiveNode.user_id == user.id, ActiveNode.stage == stage,
+                                                             ActiveNode.expires_at > now).limit(1))
+            waiting = s.scalar(select(QueueRequest.seq).where(QueueRequest.user_id == user.id, QueueRequest.stage == stage,
+                                                              QueueRequest.status == WAITING).limit(1))
+            if serving is None and waiting is None:
+                raise CoordinatorRefusal(Refusal.NOT_ON_STAGE, stage=stage)
 
     # ---- public read-only views
 
