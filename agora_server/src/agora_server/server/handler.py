@@ -21,6 +21,7 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from agora_server.access import TRAINER, AccessGuard, AccessTokenError
+from agora_server.caller_text import clip
 from agora_server.server.backend import MicroBatchOutOfMemory, StageBackend
 from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
 from agora_server.server.validation import BadRequest, StageSignature
@@ -68,14 +69,18 @@ class StageServicer(ServicerBase):
 
     async def _serve(self, rpc: Rpc, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         try:
-            metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes)
+            # who calls, and for what, is checked on the first message: a stranger's stream is refused
+            # before its tensors are read, and nobody's is read past the request limit
+            caller = str(context.remote_id)
+            metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes,
+                                                      check_metadata=lambda meta: self._check_meta(rpc, meta, caller))
             self.bytes_received[rpc.value] += received
-            self._check_meta(rpc, metadata, str(context.remote_id))
             inputs = self.signature.validate(rpc, deserialize(parts))
         except (BadRequest, PayloadError) as e:
             self.refused[rpc.value] += 1
-            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=str(context.remote_id), reason=str(e)))
-            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {e}"))
+            reason = clip(str(e))  # it may quote what the caller sent
+            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=str(context.remote_id), reason=reason))
+            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {reason}"))
             return
 
         compute = self.backend.forward if rpc is Rpc.FORWARD else self.backend.backward

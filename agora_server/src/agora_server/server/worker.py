@@ -226,7 +226,10 @@ class StageWorker:
         return self.health.verdict
 
     def _report_round(self, result: RoundResult) -> None:
-        self.events.emit(AveragingRound(stage=self.spec.name, **dataclasses.asdict(result)))
+        # a round that failed while nobody else is announced on the stage had nobody to fail with: the
+        # partner has left (its record outlives it a little), so the round is not held against this worker
+        partner_online = result.ok or not result.attempted or bool(self._online_peers())
+        self.events.emit(AveragingRound(stage=self.spec.name, partner_online=partner_online, **dataclasses.asdict(result)))
 
     def describe(self) -> StageServerInfo:
         return StageServerInfo(
