@@ -37,6 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agora_server.access import WORKER, AccessGuard, AccessTokenError, PeerAccess
 from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_epoch
 
+MAX_CONCURRENT_STATE_DOWNLOADS = 2
+"""Newcomers a worker sends the stage's weights to at once; each open download holds a copy of them.
+Others are turned away and try the next peer of the stage."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -104,6 +108,9 @@ class _StageStateAverager(DecentralizedAverager):
     round_running: threading.Event | None = None
     guard: AccessGuard | None = None
     stage: str = ""
+    members_key: str = ""
+    """The DHT key the stage's workers announce themselves under; downloads are for them only."""
+    _downloads = threading.BoundedSemaphore(MAX_CONCURRENT_STATE_DOWNLOADS)
 
     def _refusal(self, peer_id: str, gathered: object) -> str:
         if self.guard is None:
@@ -137,6 +144,29 @@ class _StageStateAverager(DecentralizedAverager):
             if problem:
                 raise MatchmakingException(f"not averaging with a group holding {peer_id}: {problem}")
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        # the stage's weights go only to a peer announced on this stage (the run's DHT takes such an
+        # announcement only from a worker admitted to it), and to few at once: each download holds a copy
+        if self.guard is not None and not await self._announced_on_stage(str(context.remote_id)):
+            logger.warning("refused %s a download of stage %s's state: not announced on the stage", context.remote_id, self.stage)
+            return  # hivemind's way to say no: the asking peer tries the next one
+        if not self._downloads.acquire(blocking=False):
+            return
+        try:
+            async for part in super().rpc_download_state(request, context):
+                yield part
+        finally:
+            self._downloads.release()
+
+    async def _announced_on_stage(self, peer_id: str) -> bool:
+        try:
+            found = await self.dht.get(self.members_key, latest=True, return_future=True)
+        except Exception:  # no answer from the DHT is no proof of access
+            return False
+        return found is not None and isinstance(found.value, dict) and peer_id in found.value
 
     def get_current_state(self):
         if self.state_provider is None:
@@ -211,6 +241,7 @@ class SpartaAverager:
         self.averager.round_running = self._round_running
         # the averager serves joins in a process of its own, forked at start: what it checks with goes in first
         self.averager.guard, self.averager.stage = (access.guard if access else None), stage
+        self.averager.members_key = prefix  # the stage key: where its workers announce themselves
         self.averager.run_in_background(await_ready=True)
         self._control = None
         self._closed = False
