@@ -106,3 +106,33 @@ def test_empty_parts_count_and_their_number_is_capped(lone_worker):
     assert info.serialized_info and info_seconds < 2.0, info_seconds
     grown = peak_memory(swarm, "body1#0") - before
     assert grown < GROWTH_LIMIT, f"the worker's peak memory grew by {grown / MiB:.0f} MiB"
+
+
+def test_a_frame_declaring_more_than_the_stated_maximum_is_not_read(lone_worker):
+    swarm, dht = lone_worker
+    before = peak_memory(swarm, "body1#0")
+
+    async def attack():
+        peer = await find_worker(dht, swarm.config)
+        p2p = await dht.replicate_p2p()
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer),
+                                                                 handler_name(swarm.config.run_name, Rpc.FORWARD))
+        # a frame that declares 2 GiB, then 256 MiB of it: hivemind's framing used to read it all
+        writer.write(P2P.MESSAGE_MARKER + (2 * 2**30).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER))
+        block, sent = bytes(MiB), 0
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            for _ in range(256):
+                writer.write(block)
+                await writer.drain()
+                sent += 1
+        writer.close()
+        # the worker dropped that stream and serves on
+        info = await p2p.call_protobuf_handler(PeerID.from_base58(peer), f"{swarm.config.run_name}::{SERVICE_NAME}.rpc_info",
+                                               runtime_pb2.ExpertUID(uid="body1"), runtime_pb2.ExpertInfo)
+        return sent, info
+
+    sent, info = asyncio.run(attack())
+    assert info.serialized_info
+    grown = peak_memory(swarm, "body1#0") - before
+    assert grown < GROWTH_LIMIT, f"the worker's peak memory grew by {grown / MiB:.0f} MiB after {sent} MiB of one frame"
+    assert swarm.process("body1#0").popen.poll() is None

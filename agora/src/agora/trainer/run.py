@@ -18,6 +18,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     from hivemind import DHT
 
     from agora_server.data import PackedBatches, validation_batches
+    from agora_server.p2p_frames import install_frame_limit
     from agora_server.pipeline import PipelineTrainer
     from agora_server.telemetry.events import CoordinatorStop, ProcessError
 
@@ -49,6 +50,7 @@ def run_trainer(args: argparse.Namespace) -> int:
             session, validator = _admit_trainer(args, config, events)
         except RuntimeError as e:
             return fail(str(e))
+    install_frame_limit()  # before the DHT forks its processes: they keep it
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=args.host_maddrs,
