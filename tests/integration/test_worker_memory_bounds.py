@@ -16,6 +16,7 @@ from hivemind.proto import runtime_pb2
 
 from agora_server.telemetry import events as ev
 from agora_server.tensor_stream import CHUNK_BYTES, serialize
+from agora_server.server.handler import MAX_STREAMS_PER_PEER
 from agora_server.wire import SERVICE_NAME, RequestMeta, Rpc, handler_name
 from tests.integration.test_worker_rpc import find_worker, packed, valid_inputs
 
@@ -135,4 +136,37 @@ def test_a_frame_declaring_more_than_the_stated_maximum_is_not_read(lone_worker)
     assert info.serialized_info
     grown = peak_memory(swarm, "body1#0") - before
     assert grown < GROWTH_LIMIT, f"the worker's peak memory grew by {grown / MiB:.0f} MiB after {sent} MiB of one frame"
+    assert swarm.process("body1#0").popen.poll() is None
+
+
+def test_one_peer_gets_only_so_many_open_requests(lone_worker):
+    swarm, dht = lone_worker
+    tokens, values = valid_inputs(swarm.config)
+    opened, seen = MAX_STREAMS_PER_PEER + 8, swarm.events_sent("body1#0")
+
+    def over_the_limit():
+        return [e for e in swarm.events_of("body1#0", ev.RequestRefused)[seen:] if "open at once" in e.reason]
+
+    async def attack():
+        peer = await find_worker(dht, swarm.config)
+        p2p = await dht.replicate_p2p()
+        meta = RequestMeta(run=swarm.config.run_name, stage="body1", rpc=Rpc.FORWARD, microbatch=0)
+        first = runtime_pb2.ExpertRequest(uid="body1", metadata=meta.pack(), tensors=serialize([packed(values, tokens)])[:1])
+        writers = []
+        for _ in range(opened):  # each sends its first message and never ends its request
+            _, _reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer),
+                                                                      handler_name(swarm.config.run_name, Rpc.FORWARD))
+            with contextlib.suppress(ConnectionError):  # one over the limit may be refused and closed already
+                await P2P.send_protobuf(first, writer)
+            writers.append(writer)
+        # the requests over the limit are refused at once, while the others are still open (one of
+        # those may have been dropped meanwhile on a loaded machine, which frees its place)
+        refused = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: swarm.wait_for_event("body1#0", lambda e: len(over_the_limit()) >= 6, 60, since=seen))
+        for writer in writers:
+            writer.close()
+        return refused
+
+    assert asyncio.run(attack()) is not None, f"refused over the limit: {len(over_the_limit())} of 8"
+    assert 6 <= len(over_the_limit()) <= 8
     assert swarm.process("body1#0").popen.poll() is None

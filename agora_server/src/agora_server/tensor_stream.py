@@ -6,6 +6,7 @@ bytes as they come and gives up before decoding anything over its limit.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import torch
@@ -73,6 +74,16 @@ def deserialize(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
             raise PayloadError(f"tensor {index} could not be decoded: {type(e).__name__}") from None
         tensors.append(tensor.detach().requires_grad_(False))
     return tensors
+
+
+async def discard(messages: AsyncIterator, max_bytes: int) -> None:
+    """Read the rest of a refused stream without keeping it, up to what ``collect`` would have read."""
+    received, count, most = 0, 0, part_limit(max_bytes)
+    with contextlib.suppress(Exception):  # a caller that broke off has nothing more to send
+        async for message in messages:
+            received, count = received + message.ByteSize(), count + 1
+            if received > max_bytes or count > most:
+                return
 
 
 MAX_METADATA_BYTES = 64 * 2**10
