@@ -10,7 +10,8 @@ count rises while the attacks run, no process exits.
 Attacks not run here, and where they are covered instead: forged contributions, junk checkpoints
 and a refusing worker need an admitted participant's keys (tests/coordinator/test_hostile_callers.py,
 tests/integration/test_hostile_workers.py); weight downloads by outsiders
-(tests/integration/test_state_download_access.py); oversize p2p frames (not bounded yet).
+(tests/integration/test_state_download_access.py); oversize p2p frames and many open streams
+(tests/integration/test_worker_memory_bounds.py).
 
     .venv/bin/python bench/abuse.py --output bench/results/abuse.json
 """
