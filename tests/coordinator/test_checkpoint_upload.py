@@ -5,7 +5,6 @@ session goes on heartbeating and renewing its token on time."""
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 
@@ -20,6 +19,7 @@ from tests.coordinator.conftest import RunningCoordinator
 from tests.helpers.throttled_proxy import ThrottledProxy
 
 from .test_api import join
+from .test_checkpoints import stage_state
 
 RATE = 800_000  # bytes per second, per connection
 CHECKPOINT_BYTES = 8_000_000  # 10 s through the link, twice what the kernel buffers hold
@@ -56,7 +56,7 @@ def test_heartbeats_and_renewals_go_on_while_a_slow_upload_runs(coordinator, pro
     assert answer["status"] == "access", answer
     access = AccessAnswer.model_validate(answer)
     checkpoint = tmp_path / "head.pt"
-    checkpoint.write_bytes(os.urandom(CHECKPOINT_BYTES))
+    checkpoint.write_bytes(stage_state(CHECKPOINT_BYTES, epoch=3))  # the coordinator takes only what loads as a stage state
 
     events: list[ev.Event] = []
     uploaded = threading.Event()
@@ -76,13 +76,15 @@ def test_heartbeats_and_renewals_go_on_while_a_slow_upload_runs(coordinator, pro
         uploader.submit(checkpoint, epoch=3)
         assert uploaded.wait(60), "the upload never finished"
         finished = time.monotonic()
+        # while the node still serves the stage: its checkpoint goes only to the stage's nodes
+        stored = coordinator.http.get("/api/checkpoints/head", headers=node.auth)
     finally:
         uploader.stop()
         session.stop()
 
     done = [e for e in events if isinstance(e, ev.CheckpointUploaded)]
     assert [(e.ok, e.epoch) for e in done] == [(True, 3)], done
-    stored = coordinator.http.get("/api/checkpoints/head")
+    assert stored.status_code == 200, stored.text
     assert hashlib.sha256(stored.content).hexdigest() == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert finished - started >= 2 * LIFETIME, "the link was not slow enough to outlast the token"
 
@@ -96,5 +98,6 @@ def test_heartbeats_and_renewals_go_on_while_a_slow_upload_runs(coordinator, pro
     assert session.access.expires_at > time.time()
 
     progress = [e for e in events if isinstance(e, ev.CheckpointUploadProgress)]
-    assert progress and all(0 < e.sent_bytes < e.total_bytes == CHECKPOINT_BYTES for e in progress)
+    size = checkpoint.stat().st_size
+    assert progress and all(0 < e.sent_bytes < e.total_bytes == size for e in progress)
     assert [e.sent_bytes for e in progress] == sorted(e.sent_bytes for e in progress)

@@ -4,9 +4,11 @@ with the resumable, checksum-verified client."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import pytest
+import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agora_server.access import AccessClaims, issue_access_token
@@ -21,7 +23,15 @@ LIMIT = 64_000
 @pytest.fixture
 def coord(harness, tmp_path):
     return harness.start(checkpoints={"directory": str(tmp_path / "checkpoints"), "max_upload_bytes": LIMIT},
-                         access_token_lifetime_s=600)
+                         access_token_lifetime_s=600, operators=["carol"])
+
+
+def stage_state(size: int, epoch: int = 0) -> bytes:
+    """A stage state as a worker saves it (weights, optimizer, epoch), random and at least ``size`` bytes:
+    the coordinator accepts only uploads that load as one."""
+    buffer = io.BytesIO()
+    torch.save({"model": {"w": torch.randn(max(1, size // 4))}, "optimizer": {"state": {}}, "epoch": epoch}, buffer)
+    return buffer.getvalue()
 
 
 def admitted(coord, harness, listener, user="alice"):
@@ -36,6 +46,11 @@ def upload(coord, stage, token, content, **headers):
     return coord.http.put(f"/api/checkpoints/{stage}", content=content, headers={**auth, **headers})
 
 
+def auth_of(harness, user="alice"):
+    """A participant's token: the checkpoint of a stage goes only to accounts with a node on it."""
+    return {"Authorization": f"Bearer {harness.tokens[user]}"}
+
+
 def stored_files(tmp_path, stage):
     return sorted(p.name for p in (tmp_path / "checkpoints" / stage).iterdir())
 
@@ -46,13 +61,13 @@ def test_a_node_with_access_uploads_and_newcomers_must_download_it(coord, harnes
     assert access["checkpoint_url"] == f"{coord.url}/api/checkpoints/head"
     assert coord.http.get("/api/checkpoints/head").status_code == 404
 
-    state = os.urandom(20_000)
+    state = stage_state(20_000, epoch=7)
     stored = upload(coord, "head", access["access_token"], state, **{"X-Checkpoint-Epoch": "7"})
     assert stored.status_code == 200, stored.text
     sha = hashlib.sha256(state).hexdigest()
     assert stored.json() | {"uploaded_at": None} == {"stage": "head", "sha256": sha, "size": len(state), "epoch": 7,
                                                     "uploader": "alice", "uploaded_at": None}
-    served = coord.http.get("/api/checkpoints/head")
+    served = coord.http.get("/api/checkpoints/head", headers=auth_of(harness))
     assert served.content == state
     assert (served.headers["etag"], served.headers["x-checkpoint-sha256"], served.headers["x-checkpoint-epoch"]) == (f'"{sha}"', sha, "7")
 
@@ -61,10 +76,10 @@ def test_a_node_with_access_uploads_and_newcomers_must_download_it(coord, harnes
     assert (other["status"], other["stage"]) == ("access", "body1")
 
     # replacing keeps the previous file one upload longer, and no more
-    newer, newest = os.urandom(1000), os.urandom(1000)
+    newer, newest = stage_state(1000), stage_state(1000)
     for content in (newer, newest):
         assert upload(coord, "head", access["access_token"], content).status_code == 200
-    assert coord.http.get("/api/checkpoints/head").content == newest
+    assert coord.http.get("/api/checkpoints/head", headers=auth_of(harness)).content == newest
     assert stored_files(tmp_path, "head") == sorted(hashlib.sha256(c).hexdigest() for c in (newer, newest))
 
 
@@ -72,14 +87,14 @@ def test_a_stage_with_a_checkpoint_admits_newcomers_after_their_download(harness
     coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints")},
                           stages=[{"name": "head", "need": 2}])
     access = admitted(coord, harness, listener)
-    state = os.urandom(5000)
+    state = stage_state(5000)
     assert upload(coord, "head", access["access_token"], state).status_code == 200
 
     newcomer = harness.node("bob")
     queued = join(coord, newcomer, listener.port).json()
     assert (queued["status"], queued["stage"], queued["download_required"]) == ("queued", "head", True)
     assert queued["checkpoint_url"] == f"{coord.url}/api/checkpoints/head"
-    result = download_checkpoint(queued["checkpoint_url"], tmp_path / "head.ckpt")
+    result = download_checkpoint(queued["checkpoint_url"], tmp_path / "head.ckpt", headers=auth_of(harness, "bob"))
     assert (tmp_path / "head.ckpt").read_bytes() == state and result.size == len(state)
     granted = poll(coord, newcomer, queued, bytes_done=result.size, bytes_total=result.size, complete=True).json()
     assert granted["status"] == "access"
@@ -87,7 +102,7 @@ def test_a_stage_with_a_checkpoint_admits_newcomers_after_their_download(harness
 
 def test_uploads_without_valid_access_to_that_stage_are_refused(coord, harness, listener):
     access = admitted(coord, harness, listener)  # head
-    original = os.urandom(3000)
+    original = stage_state(3000)
     assert upload(coord, "head", access["access_token"], original).status_code == 200
 
     assert upload(coord, "head", None, b"x").status_code == 401
@@ -104,12 +119,13 @@ def test_uploads_without_valid_access_to_that_stage_are_refused(coord, harness, 
     expired = upload(coord, "head", access["access_token"], b"x")
     assert expired.status_code == 401 and "expired" in expired.json()["detail"]
     assert access["access_token"] not in expired.text
-    assert coord.http.get("/api/checkpoints/head").content == original, "refused uploads change nothing"
+    # alice's access has run out: an operator looks
+    assert coord.http.get("/api/checkpoints/head", headers=auth_of(harness, "carol")).content == original, "refused uploads change nothing"
 
 
 def test_oversize_and_damaged_uploads_are_refused_and_leave_nothing_behind(coord, harness, listener, tmp_path):
     token = admitted(coord, harness, listener)["access_token"]
-    original = os.urandom(2000)
+    original = stage_state(2000)
     assert upload(coord, "head", token, original).status_code == 200
 
     announced = upload(coord, "head", token, os.urandom(LIMIT + 1))
@@ -125,29 +141,29 @@ def test_oversize_and_damaged_uploads_are_refused_and_leave_nothing_behind(coord
     assert wrong_sum.status_code == 400 and hashlib.sha256(other).hexdigest() in wrong_sum.json()["detail"]
     assert upload(coord, "head", token, b"").status_code == 400
 
-    assert coord.http.get("/api/checkpoints/head").content == original
+    assert coord.http.get("/api/checkpoints/head", headers=auth_of(harness)).content == original
     assert stored_files(tmp_path, "head") == [hashlib.sha256(original).hexdigest()], "no partial upload left over"
 
 
 def test_ranges_and_their_limits(coord, harness, listener):
-    state = os.urandom(10_000)
+    state = stage_state(10_000)
     assert upload(coord, "head", admitted(coord, harness, listener)["access_token"], state).status_code == 200
-    part = coord.http.get("/api/checkpoints/head", headers={"Range": "bytes=100-199"})
+    part = coord.http.get("/api/checkpoints/head", headers={**auth_of(harness), "Range": "bytes=100-199"})
     assert part.status_code == 206 and part.content == state[100:200]
     assert part.headers["content-range"] == f"bytes 100-199/{len(state)}"
-    beyond = coord.http.get("/api/checkpoints/head", headers={"Range": f"bytes={len(state)}-"})
+    beyond = coord.http.get("/api/checkpoints/head", headers={**auth_of(harness), "Range": f"bytes={len(state)}-"})
     assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(state)}"
-    stale = coord.http.get("/api/checkpoints/head", headers={"Range": "bytes=100-", "If-Range": '"not-the-etag"'})
+    stale = coord.http.get("/api/checkpoints/head", headers={**auth_of(harness), "Range": "bytes=100-", "If-Range": '"not-the-etag"'})
     assert stale.status_code == 200 and stale.content == state, "a changed file comes whole"
 
 
 def test_download_resumes_a_partial_file(coord, harness, listener, tmp_path):
-    state = os.urandom(50_000)
+    state = stage_state(50_000)
     assert upload(coord, "head", admitted(coord, harness, listener)["access_token"], state).status_code == 200
     dest = tmp_path / "head.ckpt"
     (tmp_path / "head.ckpt.part").write_bytes(state[:12_345])
     progress = []
-    result = download_checkpoint(f"{coord.url}/api/checkpoints/head", dest, on_progress=lambda d, t: progress.append((d, t)),
+    result = download_checkpoint(f"{coord.url}/api/checkpoints/head", dest, headers=auth_of(harness), on_progress=lambda d, t: progress.append((d, t)),
                                  chunk_size=4096)
     assert result.resumed_from == 12_345 and dest.read_bytes() == state
     assert progress[0] == (12_345, len(state)) and progress[-1] == (len(state), len(state))
@@ -155,14 +171,14 @@ def test_download_resumes_a_partial_file(coord, harness, listener, tmp_path):
 
 
 def test_a_corrupted_partial_file_is_caught_by_the_checksum(coord, harness, listener, tmp_path):
-    state = os.urandom(30_000)
+    state = stage_state(30_000)
     assert upload(coord, "head", admitted(coord, harness, listener)["access_token"], state).status_code == 200
     dest, part = tmp_path / "head.ckpt", tmp_path / "head.ckpt.part"
     part.write_bytes(bytes(b ^ 0xFF for b in state[:1000]))
     with pytest.raises(ChecksumMismatch, match=hashlib.sha256(state).hexdigest()):
-        download_checkpoint(f"{coord.url}/api/checkpoints/head", dest)
+        download_checkpoint(f"{coord.url}/api/checkpoints/head", dest, headers=auth_of(harness))
     assert not part.exists() and not dest.exists()
-    assert download_checkpoint(f"{coord.url}/api/checkpoints/head", dest).resumed_from == 0
+    assert download_checkpoint(f"{coord.url}/api/checkpoints/head", dest, headers=auth_of(harness)).resumed_from == 0
     assert dest.read_bytes() == state
 
 
@@ -172,7 +188,7 @@ class Interrupted(Exception):
 
 def test_a_checkpoint_replaced_between_attempts_is_downloaded_from_the_start(coord, harness, listener, tmp_path):
     token = admitted(coord, harness, listener)["access_token"]
-    old, new = os.urandom(40_000), os.urandom(45_000)
+    old, new = stage_state(40_000), stage_state(45_000)
     assert upload(coord, "head", token, old).status_code == 200
     dest, part = tmp_path / "head.ckpt", tmp_path / "head.ckpt.part"
 
@@ -180,12 +196,12 @@ def test_a_checkpoint_replaced_between_attempts_is_downloaded_from_the_start(coo
         if done >= 8192:
             raise Interrupted
     with pytest.raises(Interrupted):
-        download_checkpoint(f"{coord.url}/api/checkpoints/head", dest, on_progress=stop_after_8k, chunk_size=4096)
+        download_checkpoint(f"{coord.url}/api/checkpoints/head", dest, headers=auth_of(harness), on_progress=stop_after_8k, chunk_size=4096)
     assert part.read_bytes() == old[:part.stat().st_size] and part.stat().st_size >= 8192
     assert (tmp_path / "head.ckpt.part.etag").read_text() == f'"{hashlib.sha256(old).hexdigest()}"'
 
     assert upload(coord, "head", token, new).status_code == 200
-    result = download_checkpoint(f"{coord.url}/api/checkpoints/head", dest)
+    result = download_checkpoint(f"{coord.url}/api/checkpoints/head", dest, headers=auth_of(harness))
     assert result.resumed_from == 0 and dest.read_bytes() == new
 
 

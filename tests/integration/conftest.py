@@ -1,5 +1,6 @@
 """Helpers that run real swarms on 127.0.0.1 and always take them down, even when a test fails."""
 
+import asyncio
 import io
 import threading
 from pathlib import Path
@@ -35,6 +36,17 @@ def dhts():
     yield first, second
     second.shutdown()
     first.shutdown()
+
+
+@pytest.fixture
+def rpc_loop():
+    """The worker's RPC loop: an event loop on a thread of its own."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
 
 
 class SwarmHarness:

@@ -3,26 +3,15 @@ each in a process of its own): progress as the bytes arrive, bfloat16 on the wir
 the shapes checked, and a dropped download continued from the parts already received."""
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from hivemind import DHT
 
 from agora_server.optim.averaging import AveragingConfig, SpartaAverager
 
 CONFIG = AveragingConfig(fraction=0.5, average_every=4, matchmaking_time=2.0, averaging_timeout=20.0, request_timeout=1.0)
-
-
-@pytest.fixture
-def rpc_loop():
-    """The worker's RPC loop: an event loop on a thread of its own."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield loop
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])

@@ -85,7 +85,9 @@ def test_a_queued_newcomer_downloads_the_stage_checkpoint_while_it_waits(swarm_h
 
 def uploaded(swarm, stage: str) -> bool:
     try:
-        probe = urllib.request.Request(f"{swarm.coordinator_url}/api/checkpoints/{stage}", headers={"Range": "bytes=0-0"})
+        # checkpoints go only to the stage's nodes and the operators; the local participant is one
+        probe = urllib.request.Request(f"{swarm.coordinator_url}/api/checkpoints/{stage}",
+                                       headers={"Range": "bytes=0-0", "Authorization": f"Bearer {swarm._token}"})
         with urllib.request.urlopen(probe, timeout=5) as answer:
             return answer.status == 206
     except OSError:

@@ -107,3 +107,25 @@ def test_a_restarted_worker_is_no_longer_banned_for_what_its_old_process_did():
     b.update_peers({"a": info(100.0, started_at=123.0)})
     assert b.choose(10) == "a"
     assert b.peers["a"].consecutive_failures == 0
+
+
+def test_an_unmeasured_claim_is_believed_only_up_to_a_bound():
+    b = balancer()  # default 100 tokens/s, claims believed up to 10x
+    b.update_peers({"liar": info(1e12), "honest": info(50.0)})
+    assert b.expected_throughput("liar") == 1000.0, "10x the default while nobody is measured"
+    b.succeeded("honest", b.choose(100) and 0, elapsed=0.0)  # measured: 1e-3 floor, never zero
+    b.succeeded("honest", 400, elapsed=1.0)
+    best = b.peers["honest"].throughput
+    assert b.expected_throughput("liar") == 10 * max(best, 100.0)
+    # the liar takes its share of new work, not all of it: the honest worker gets work while the liar's is in flight
+    chosen = [b.choose(100) for _ in range(30)]
+    assert chosen.count("honest") > 0
+
+
+def test_a_refusing_worker_is_banned_like_a_failing_one():
+    clock = Clock()
+    b = balancer(clock)
+    b.update_peers({"refuser": info(1e12), "honest": info(100.0)})
+    assert b.choose(10) == "refuser"
+    assert b.failed("refuser", 10) == 10.0  # what the trainer does with a refusal now
+    assert [b.choose(10) for _ in range(5)] == ["honest"] * 5

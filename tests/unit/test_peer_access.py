@@ -137,7 +137,8 @@ def test_it_wraps_hiveminds_own_validators_and_binds_the_stages_averaging_keys(c
 
     alice, bob = identities
     token = token_for(coordinator_key, alice)
-    hivemind_signer = RSASignatureValidator()  # what hivemind's progress tracker adds to a worker's DHT
+    # what hivemind's progress tracker adds to a worker's DHT, signing with the worker's own identity
+    hivemind_signer = RSASignatureValidator(alice.hivemind_key())
     writer = CompositeValidator([hivemind_signer, validator_for(coordinator_key, alice, token)])
     reader = CompositeValidator([RSASignatureValidator(), validator_for(coordinator_key)])
     progress = record("run.body1_progress", hivemind_signer.local_public_key, {"samples": 3})
@@ -155,6 +156,29 @@ def test_it_wraps_hiveminds_own_validators_and_binds_the_stages_averaging_keys(c
     head_worker = validator_for(coordinator_key, bob, token_for(coordinator_key, bob, stage="head"))
     assert not reader.validate(signed(head_worker, record(keys[0], PeerID.from_base58(bob.peer_id).to_bytes(), True))), \
         "a worker of another stage cannot look for a group on this one"
+
+
+def test_an_owned_progress_record_must_name_the_writer_itself(coordinator_key, identities):
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.validation import CompositeValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    alice, bob = identities
+    token = token_for(coordinator_key, alice)
+    reader = CompositeValidator([RSASignatureValidator(), validator_for(coordinator_key)])
+
+    def stored_by(signing_key, subkey: bytes) -> DHTRecord:
+        writer = CompositeValidator([RSASignatureValidator(signing_key), validator_for(coordinator_key, alice, token)])
+        progress = record("run.body1_progress", subkey, {"samples": 3})
+        return DHTRecord(progress.key, progress.subkey, writer.sign_value(progress), progress.expiration_time)
+
+    own = RSASignatureValidator(alice.hivemind_key()).local_public_key
+    assert reader.validate(stored_by(alice.hivemind_key(), own))
+    stranger_key = RSAPrivateKey()  # a key of alice's choosing, not the one her token names
+    assert not reader.validate(stored_by(stranger_key, RSASignatureValidator(stranger_key).local_public_key))
+    assert not reader.validate(stored_by(bob.hivemind_key(), RSASignatureValidator(bob.hivemind_key()).local_public_key))
+    assert not reader.validate(stored_by(alice.hivemind_key(), b"x" + own)), "containing the marker is not enough"
+    assert not reader.validate(stored_by(alice.hivemind_key(), b"[owner:anything]"))
 
 
 def test_a_seed_takes_a_coordinator_key_that_starts_with_a_dash():

@@ -72,8 +72,19 @@ def test_ram_over_threshold_stops_with_the_guides_message():
     assert console_lines(stopped[0])[0] == f"[SERVER] {RAM_MESSAGE}"
 
 
-def round_event(ok, attempted=True):
-    return ev.AveragingRound(stage="body1", epoch=4, slice_index=0, ok=ok, group_size=2 if ok else 0, reason="" if ok else "timeout", attempted=attempted)
+def round_event(ok, attempted=True, partner_online=True):
+    return ev.AveragingRound(stage="body1", epoch=4, slice_index=0, ok=ok, group_size=2 if ok else 0, reason="" if ok else "timeout",
+                             attempted=attempted, partner_online=partner_online)
+
+
+def test_rounds_that_failed_with_nobody_left_on_the_stage_never_stop_the_last_worker():
+    health, _, stopped, _ = monitor(max_failed_rounds=3, failed_rounds_window=4)
+    for _ in range(100):  # its partner has left: every round finds nobody
+        health(round_event(False, partner_online=False))
+    assert not stopped
+    for _ in range(3):  # a partner is back and the rounds still fail: that is this worker's problem
+        health(round_event(False))
+    assert [v.message for v in stopped] == [ALLREDUCE_MESSAGE]
 
 
 def test_failed_rounds_count_within_a_window_and_skipped_rounds_do_not_count():

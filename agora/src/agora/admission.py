@@ -15,6 +15,7 @@ import base64
 import collections
 import json
 import math
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,11 @@ class CoordinatorClient:
         """A client of the same coordinator and account with connections of its own: a transfer that
         takes minutes on it never delays a call on this one."""
         return CoordinatorClient(self.base_url, self._token, self._timeout)
+
+    def auth_for(self, url: str) -> dict[str, str]:
+        """The participant's token for a download from ``url``: only when this coordinator serves it
+        (it serves a stage's checkpoint only to that stage's nodes), never to weights hosted elsewhere."""
+        return {"Authorization": self._http.headers["Authorization"]} if url.startswith(self.base_url + "/") else {}
 
     def put(self, path: str, body: dict | None = None, *, content: bytes | None = None, headers: dict | None = None,
             timeout: float | None = None) -> dict:
@@ -135,7 +141,8 @@ def admit(
         if answer.get("download_required") and answer.get("checkpoint_url") and weights is None:
             dest = weights_for(answer["stage"])
             if dest is not None:
-                weights, progress = _fetch_weights(answer["checkpoint_url"], dest, emit)
+                url = answer["checkpoint_url"]
+                weights, progress = _fetch_weights(url, dest, emit, client.auth_for(url))
                 fetched_now = progress["complete"]
         # a node held back only by its download may be admitted the moment it has the weights: ask at once
         pause = 0.0 if fetched_now else float(answer["next_poll_seconds"])
@@ -179,7 +186,7 @@ def trainer_access(client: CoordinatorClient, identity: WorkerIdentity, timeout:
 
 def access_for(config: RunConfig, access: Access, identity: WorkerIdentity) -> tuple[PeerAccess, AccessRecordValidator]:
     """This peer's PeerAccess and the DHT validator that signs its records and checks everyone's."""
-    peer_access = PeerAccess(access.access_token, access.coordinator_public_key)
+    peer_access = PeerAccess(access.access_token, access.coordinator_public_key, identity)
     return peer_access, run_record_validator(config, access.coordinator_public_key, identity=identity, token=access.access_token)
 
 
@@ -204,7 +211,7 @@ def _key_request(identity: WorkerIdentity) -> dict:
     return {"peer_id": identity.peer_id, "public_key": base64.b64encode(identity.public_key_protobuf).decode()}
 
 
-def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tuple[Path | None, dict]:
+def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None], headers: dict[str, str]) -> tuple[Path | None, dict]:
     """Download while queued; a failure leaves the partial file for the next poll to resume."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     emit(ev.DownloadProgress(bytes_done=0, bytes_total=None))
@@ -219,7 +226,7 @@ def _fetch_weights(url: str, dest: Path, emit: Callable[[ev.Event], None]) -> tu
             emit(ev.DownloadProgress(bytes_done=done, bytes_total=total, bytes_per_second=rate))
 
     try:
-        result = download_checkpoint(url, dest, on_progress=on_progress)
+        result = download_checkpoint(url, dest, on_progress=on_progress, headers=headers)
     except CheckpointDownloadError as e:
         emit(ev.CoordinatorUnreachable(action="download the stage's weights", error=str(e), retry_in=0))
         done = dest.with_name(dest.name + ".part")
@@ -263,6 +270,8 @@ class CoordinatorSession:
         self._stats: ev.WorkerStats | None = None
         self._baseline: dict[str, float] = {}  # counters when this access began: heartbeats report what came after
         self._last_sent_at = 0.0
+        # a restarted process reports totals from zero again; the coordinator tells it by this id
+        self._session_id = secrets.token_hex(8)
         self._phase = "training"
         self._reports: collections.deque[dict] = collections.deque(maxlen=1000)  # a trainer's, not yet sent
         self._ended = False  # refused or expired: nothing more to tell the coordinator
@@ -386,6 +395,7 @@ class CoordinatorSession:
                 "peer_id": self.access.peer_id,
                 "uid": self.access.uid,
                 "sent_at": sent_at,
+                "session": self._session_id,
                 "samples_processed": done.samples,
                 "tokens_processed": done.tokens,
                 "phase": self._phase,

@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_coordinator_config(args.config, {"host": args.host, "port": args.port, "database_url": args.database})
+        app = create_app(config)
     except CoordinatorConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    app = create_app(config)
     # seeds check every DHT record against this key; it is public, the key file stays secret
     key = app.state.coordinator.signer.public_key
     # "=" keeps a key that starts with "-" (base64url) from being read as an option

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from agora.identity import ensure_identity
     from agora.processes import setup_process
+    from agora_server.p2p_frames import install_frame_limit
 
     setup_process(args.log_file)
     validators = []
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, AccessTokenError) as e:
             print(f"[SEED] {e}", file=sys.stderr)
             return 2
+    install_frame_limit()  # before the DHT forks its processes: they keep it
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=args.host_maddrs,

@@ -79,6 +79,8 @@ def run_worker(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, events) -> int:
     from hivemind import DHT
 
+    from agora_server.p2p_frames import install_frame_limit
+
     try:
         config = effective_server_config(load_run_config(args.config), args.batch_size_override)
     except ConfigError as e:
@@ -99,6 +101,7 @@ def _run(args: argparse.Namespace, events) -> int:
     else:
         stage = args.stage
     spec = config.stage(stage)
+    install_frame_limit()  # before the DHT forks its processes: they keep it
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=host_maddrs,

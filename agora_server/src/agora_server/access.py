@@ -33,6 +33,10 @@ from collections.abc import Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agora_server.peer_keys import WorkerIdentity
 
 PREFIX = "agora-access-v1"
 WORKER, TRAINER = "worker", "trainer"
@@ -174,8 +178,12 @@ class PeerAccess:
     """This peer's side: its own current token (renewed by the coordinator session, read by everything
     that presents it) and the guard that checks everyone else's."""
 
-    def __init__(self, token: str, coordinator_public_key: str | bytes | Ed25519PublicKey):
+    def __init__(self, token: str, coordinator_public_key: str | bytes | Ed25519PublicKey,
+                 identity: "WorkerIdentity | None" = None):
+        """``identity``: the key this peer's token names; it also signs the peer's stage progress record,
+        which the run's DHT accepts only from the peer the token names."""
         self.guard = AccessGuard(coordinator_public_key)
+        self.identity = identity
         self._token = token
         self._listeners: list[Callable[[str], None]] = []
 

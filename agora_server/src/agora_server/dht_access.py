@@ -33,14 +33,13 @@ from hivemind.utils.serializer import MSGPackSerializer
 from agora_server.access import WORKER, AccessGuard, AccessTokenError
 from agora_server.optim.averaging import AveragingConfig, averaging_keys
 from agora_server.optim.progress import progress_key
-from agora_server.peer_keys import PeerKeyError, WorkerIdentity, peer_id_of, verify_signature
+from agora_server.peer_keys import PeerKeyError, WorkerIdentity, owner_marker, peer_id_of, verify_signature
 from agora_server.wire import stage_key
 
 logger = logging.getLogger(__name__)
 
 _MARK = b"[agora-access:"
 _SEPARATOR = b"|"
-_HIVEMIND_OWNER = b"[owner:"
 
 
 class AccessRecordValidator(RecordValidatorBase):
@@ -104,16 +103,8 @@ class AccessRecordValidator(RecordValidatorBase):
         if stage is not None:
             if claims.role != WORKER or claims.stage != stage:
                 raise ValueError(f"{claims.peer_id} may not write stage {stage!r}'s records ({claims.role} of {claims.stage!r})")
-            if not self._own_subkey(record.subkey, claims.peer_id):
+            if not _own_subkey(record.subkey, claims.peer_id, claims.public_key):
                 raise ValueError(f"{claims.peer_id} may write stage {stage!r}'s records only under its own peer id")
-
-    @staticmethod
-    def _own_subkey(subkey: bytes, peer_id: str) -> bool:
-        # announcements name the peer in base58, averaging records in raw bytes; progress records name
-        # the owner of a hivemind signing key, which hivemind's RSASignatureValidator holds them to
-        if subkey in (MSGPackSerializer.dumps(peer_id), MSGPackSerializer.dumps(base58.b58decode(peer_id))):
-            return True
-        return _HIVEMIND_OWNER in subkey
 
     @staticmethod
     def renew_in(dht: DHT, token: str) -> None:
@@ -126,6 +117,19 @@ async def _renew(token: str, dht: DHT, _node) -> None:
     for validator in validators:
         if isinstance(validator, AccessRecordValidator):
             validator.token = token
+
+
+def _own_subkey(subkey: bytes, peer_id: str, public_key_b64: str) -> bool:
+    # announcements name the peer in base58, averaging records in raw bytes; progress records name
+    # their owner the way hivemind's RSASignatureValidator does, and that owner must be this very peer
+    if subkey in (MSGPackSerializer.dumps(peer_id), MSGPackSerializer.dumps(base58.b58decode(peer_id))):
+        return True
+    return subkey == _owner_subkey(public_key_b64)
+
+
+@functools.lru_cache(maxsize=4096)
+def _owner_subkey(public_key_b64: str) -> bytes:
+    return MSGPackSerializer.dumps(owner_marker(base64.b64decode(public_key_b64, validate=True)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -97,6 +97,12 @@ def load_public_key(public_key_protobuf: bytes) -> rsa.RSAPublicKey:
     return key
 
 
+def owner_marker(public_key_protobuf: bytes) -> bytes:
+    """How hivemind names the owner of a protected DHT record signed by this key: ``[owner:<OpenSSH key>]``."""
+    ssh = load_public_key(public_key_protobuf).public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return b"[owner:" + ssh + b"]"
+
+
 def verify_signature(public_key_protobuf: bytes, data: bytes, signature: bytes) -> bool:
     try:
         load_public_key(public_key_protobuf).verify(signature, data, _PSS, hashes.SHA256())
@@ -128,3 +134,13 @@ class WorkerIdentity:
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data, _PSS, hashes.SHA256())
+
+    def hivemind_key(self):
+        """This identity as the key hivemind signs owned DHT records with (a stage's progress record):
+        records that name their owner then name this very peer, which the run's DHT checks."""
+        from hivemind.utils.crypto import RSAPrivateKey  # only peers that run a DHT need hivemind
+
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key.__setstate__({"_private_key": self._key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())})
+        return key

@@ -6,7 +6,8 @@ bytes as they come and gives up before decoding anything over its limit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -79,15 +80,51 @@ def deserialize(parts: Iterable[runtime_pb2.Tensor]) -> list[torch.Tensor]:
     return tensors
 
 
-async def collect(messages: AsyncIterator, max_bytes: int) -> tuple[bytes, list[runtime_pb2.Tensor], int]:
-    """Read a request/response stream: (metadata of the first message, tensor parts, payload bytes)."""
+async def discard(messages: AsyncIterator, max_bytes: int) -> None:
+    """Read the rest of a refused stream without keeping it, up to what ``collect`` would have read."""
+    received, count, most = 0, 0, part_limit(max_bytes)
+    with contextlib.suppress(Exception):  # a caller that broke off has nothing more to send
+        async for message in messages:
+            received, count = received + message.ByteSize(), count + 1
+            if received > max_bytes or count > most:
+                return
+
+
+MAX_METADATA_BYTES = 64 * 2**10
+"""Largest request metadata (run, stage, rpc, access token): a few hundred bytes in practice."""
+_SPARE_PARTS = 16  # parts beyond the full chunks of the byte limit: one short last chunk per tensor
+
+
+def part_limit(max_bytes: int) -> int:
+    """Most parts a payload of ``max_bytes`` needs: full chunks, plus a short one per tensor."""
+    return max_bytes // CHUNK_BYTES + _SPARE_PARTS
+
+
+async def collect(messages: AsyncIterator, max_bytes: int,
+                  check_metadata: Callable[[bytes], None] | None = None) -> tuple[bytes, list[runtime_pb2.Tensor], int]:
+    """Read a request/response stream: (metadata of the first message, tensor parts, bytes received).
+
+    Every message counts with its whole encoded size (empty parts, headers and metadata included), and
+    the parts with their number, so what a sender can make the reader hold is bounded by ``max_bytes``
+    however it cuts its payload. With ``check_metadata`` the first message must carry the metadata,
+    which is checked (the caller's access, say) before anything more is read."""
     metadata, parts, received = b"", [], 0
+    most_parts = part_limit(max_bytes)
+    first = True
     async for message in messages:
+        received += message.ByteSize()
+        if received > max_bytes:
+            raise PayloadError(f"payload exceeds the limit of {max_bytes} bytes")
+        if first and check_metadata is not None:  # metadata missing from it is checked (and refused) as empty
+            if len(message.metadata) > MAX_METADATA_BYTES:
+                raise PayloadError(f"metadata of {len(message.metadata)} bytes exceeds {MAX_METADATA_BYTES}")
+            check_metadata(message.metadata)
+        first = False
         if not metadata and message.metadata:
             metadata = message.metadata
-        for part in message.tensors:
-            received += len(part.buffer)
-            if received > max_bytes:
-                raise PayloadError(f"payload exceeds the limit of {max_bytes} bytes")
-            parts.append(part)
+        parts.extend(message.tensors)
+        if len(parts) > most_parts:
+            raise PayloadError(f"payload arrives in more than {most_parts} parts")
+    if first and check_metadata is not None:  # no message at all: no metadata either
+        check_metadata(b"")
     return metadata, parts, received

@@ -11,8 +11,11 @@
 - ``porttest.py``    probe (coordinator side) and PortTestListener (worker side)
 - ``errors.py``      Refusal: every refusal's HTTP status and message (the guide's strings)
 - ``schemas.py``     request and answer bodies of the HTTP API
-- ``service.py``     Coordinator: the rules, on top of the database (who may upload a checkpoint included)
+- ``service.py``     Coordinator: the rules, on top of the database (who may upload or download a checkpoint included)
+- ``contributions.py`` how much of a heartbeat's reported work is credited: bounded by elapsed time, saturating
 - ``checkpoints.py`` CheckpointStore: each stage's latest checkpoint on disk, atomic uploads named by sha256
+- ``checkpoint_check.py`` check_stage_state: an upload is a safe-loading, finite state with the stage's layout
+- ``body_limit.py``  BodyLimit: the request body limit, counted while the body streams in
 - ``history.py``     the dashboard's data: workers per stage sampled over time, trainers' reports, the node list
 - ``metrics.py``     CoordinatorMetrics: the Prometheus registry behind ``/metrics``
 - ``dashboard.html`` the self-contained live dashboard page served at ``/`` (inline-SVG charts, per-node view)

@@ -16,12 +16,17 @@ from typing import Callable
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from agora_server.caller_text import clip
+
 from agora.coordinator import porttest
+from agora.coordinator.body_limit import BodyLimit, BodyTooLarge
 from agora.coordinator.checkpoints import CheckpointStore
-from agora.coordinator.config import CoordinatorConfig
+from agora.coordinator.config import CoordinatorConfig, CoordinatorConfigError
 from agora.coordinator.db import Database
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 from agora.coordinator.metrics import CoordinatorMetrics
@@ -51,7 +56,7 @@ from agora.coordinator.tokens import TokenVerifier, build_verifier
 _bearer = HTTPBearer(auto_error=False, description="The participant's Hugging Face token (or a token from the run's token file).")
 _access_bearer = HTTPBearer(auto_error=False, scheme_name="AccessToken",
                             description="The node's access token, as signed by this coordinator.")
-_REFUSALS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 409, 410, 429, 503)}
+_REFUSALS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 409, 410, 413, 429, 503)}
 _STAGE = Path(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
 _OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 
@@ -73,11 +78,27 @@ def _content_length(request: Request) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def _stage_layouts(config: CoordinatorConfig):
+    """What uploads must match, from the run config; a run config whose stages differ is refused here."""
+    if config.checkpoints.run_config is None:
+        return None
+    from agora.config import ConfigError, load_run_config
+    from agora.coordinator.checkpoint_check import stage_layouts
+
+    try:
+        layouts = stage_layouts(load_run_config(config.checkpoints.run_config))
+    except ConfigError as e:
+        raise CoordinatorConfigError(f"checkpoints.run_config: {e}") from None
+    if set(layouts) != set(config.stage_needs):
+        raise CoordinatorConfigError(f"checkpoints.run_config has stages {sorted(layouts)}, this coordinator {sorted(config.stage_needs)}")
+    return layouts
+
+
 def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = None, probe: PortProbe | None = None,
                clock: Callable[[], float] = time.time) -> FastAPI:
     db = Database(config.database_url)
     coordinator = Coordinator(
-        config, db, verifier or build_verifier(config.token_source, config.token_cache_s),
+        config, db, verifier or build_verifier(config.token_source, config.token_cache_s, config.token_failure_cache_s),
         AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock,
     )
 
@@ -103,13 +124,37 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     app.state.coordinator = coordinator
     metrics = CoordinatorMetrics(coordinator)
     store = None if config.checkpoints.directory is None else CheckpointStore(
-        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock)
+        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock, layouts=_stage_layouts(config))
     dashboard = resources.files("agora.coordinator").joinpath("dashboard.html").read_text(encoding="utf-8")
 
     @app.exception_handler(CoordinatorRefusal)
     async def _refused(_request: Request, exc: CoordinatorRefusal) -> JSONResponse:
         metrics.refusals.labels(exc.code).inc()
         return JSONResponse(status_code=exc.refusal.status, content={"detail": exc.message, "error": exc.code})
+
+    def _too_large(limit: int) -> JSONResponse:
+        refusal = CoordinatorRefusal(Refusal.REQUEST_TOO_LARGE, limit=limit)
+        metrics.refusals.labels(refusal.code).inc()
+        return JSONResponse(status_code=413, content={"detail": refusal.message, "error": refusal.code},
+                            headers={"Connection": "close"})  # the rest of the body is not wanted
+
+    @app.exception_handler(BodyTooLarge)
+    async def _body_too_large(_request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _too_large(exc.limit)
+
+    def _body_limit(method: str, path: str) -> int:
+        if method == "PUT" and path.startswith("/api/checkpoints/"):
+            return config.checkpoints.max_upload_bytes
+        return config.max_request_bytes
+
+    # ahead of every route: the limit counts the body's bytes before any route, token check or parsing sees them
+    app.add_middleware(BodyLimit, limit_for=_body_limit, refuse=_too_large)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # pydantic echoes what the caller sent: clipped, so a megabyte field does not come back whole
+        errors = [{**error, "input": clip(error.get("input")), "msg": clip(error.get("msg", ""))} for error in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
     @app.put("/api/join", response_model=JoinAnswer, responses=_REFUSALS)
     def join(body: JoinRequest, request: Request, token: str | None = Depends(_token)):
@@ -181,18 +226,20 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         **_REFUSALS, 200: {"content": _OCTETS}, 206: {"description": "The requested byte range", "content": _OCTETS},
         416: {"description": "The range starts beyond the end of the file"}})
     def download_checkpoint(
-        stage: str = _STAGE,
+        stage: str = _STAGE, token: str | None = Depends(_token),
         range_: str | None = Header(None, alias="Range", max_length=256, description="bytes=<start>- to resume a download"),
         if_range: str | None = Header(None, alias="If-Range", max_length=256,
                                       description="The ETag of the partial file: if it changed, the whole new file comes (200)"),
     ):
-        """The stage's latest checkpoint. ETag and X-Checkpoint-SHA256 carry its sha256, for resuming and checking."""
+        """The stage's latest checkpoint, for nodes of that stage only (see ``Coordinator.authorize_download``).
+        ETag and X-Checkpoint-SHA256 carry its sha256, for resuming and checking."""
         checkpoints = _store()
         if stage not in config.stage_needs:
             raise CoordinatorRefusal(Refusal.UNKNOWN_STAGE, stage=stage)
-        info = checkpoints.current(stage)
+        info = checkpoints.current(stage)  # whether one exists is no secret: run_info tells as much
         if info is None:
             raise CoordinatorRefusal(Refusal.NO_CHECKPOINT, stage=stage)
+        coordinator.authorize_download(token, stage)
         headers = {"ETag": f'"{info.sha256}"', "X-Checkpoint-SHA256": info.sha256, "Cache-Control": "no-cache"}
         if info.epoch is not None:
             headers["X-Checkpoint-Epoch"] = str(info.epoch)

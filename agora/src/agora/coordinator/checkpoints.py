@@ -18,6 +18,7 @@ from typing import AsyncIterator, Callable
 
 from fastapi.concurrency import run_in_threadpool
 
+from agora.coordinator.checkpoint_check import InvalidCheckpoint, StageLayout, check_stage_state
 from agora.coordinator.db import Database, StageCheckpoint
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 
@@ -45,8 +46,12 @@ class Uploader:
 
 
 class CheckpointStore:
-    def __init__(self, directory: Path, db: Database, max_upload_bytes: int, clock: Callable[[], float]):
+    def __init__(self, directory: Path, db: Database, max_upload_bytes: int, clock: Callable[[], float],
+                 layouts: dict[str, StageLayout] | None = None):
+        """``layouts``: each stage's weights as its model has them; an upload for a stage must match
+        them. None: uploads are checked for form and finite values only."""
         self.directory, self.db, self.max_upload_bytes, self._clock = Path(directory), db, max_upload_bytes, clock
+        self.layouts = layouts
         self.directory.mkdir(parents=True, exist_ok=True)
         self._commit_lock = threading.Lock()
         self._remove_abandoned_uploads()
@@ -89,10 +94,19 @@ class CheckpointStore:
                     batch.clear()
             await run_in_threadpool(_finish, file, bytes(batch))
             self._check_complete(size, digest.hexdigest(), expected_size, expected_sha256)
+            # checked whole before it can replace anything: a junk upload leaves the current one served
+            epoch = await run_in_threadpool(self._check_state, stage, partial, epoch)
             return await run_in_threadpool(self._commit, stage, partial, digest.hexdigest(), size, uploader, epoch)
         finally:
             file.close()
             partial.unlink(missing_ok=True)  # after a commit it has already been renamed away
+
+    def _check_state(self, stage: str, partial: Path, epoch: int | None) -> int:
+        layout = None if self.layouts is None else self.layouts[stage]
+        try:
+            return check_stage_state(partial, layout, epoch)
+        except InvalidCheckpoint as e:
+            raise CoordinatorRefusal(Refusal.INVALID_CHECKPOINT, stage=stage, reason=str(e)) from None
 
     @staticmethod
     def _check_complete(size: int, sha256: str, expected_size: int | None, expected_sha256: str | None) -> None:

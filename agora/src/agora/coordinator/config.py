@@ -57,11 +57,29 @@ class CheckpointConfig(BaseModel):
     directory: Path | None = None
     """Where the coordinator keeps each stage's latest uploaded checkpoint (and the one before it), served
     at ``/api/checkpoints/{stage}``. Unset: the coordinator accepts and serves no checkpoints."""
+    run_config: str | None = None
+    """The run config (a path, or the name of a shipped one) whose stages this coordinator admits to.
+    Set, every upload must hold exactly the weights (names, shapes, dtypes) of its stage's model; unset,
+    only that it is a stage state with finite values. Set it for any run open to strangers."""
     max_upload_bytes: int = Field(default=64 * 2**30, ge=1)
     """Largest checkpoint upload accepted; larger ones get 413. Size it to one stage's state, with room to grow."""
     public_url: str | None = Field(default=None, pattern=r"^https?://")
     """Base URL nodes reach the coordinator at (e.g. behind a reverse proxy), for the checkpoint URL in
     answers. Unset: the URL the node's own request came to."""
+
+
+class ContributionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_samples_per_second: float = Field(default=1000.0, gt=0)
+    """Most samples one node is credited per second since its last heartbeat. A stage of llama-8b at
+    4096 tokens does a few samples a second on the fastest GPU and the tiny CPU model a few hundred:
+    1000 is far above any honest node and still makes a forged report worthless."""
+    max_tokens_per_second: float = Field(default=1_000_000.0, gt=0)
+    """Most tokens one node is credited per second; the same margin as the samples."""
+    slack_s: float = Field(default=60.0, ge=0)
+    """Seconds added to the time since the last heartbeat: work finished just before access was recorded,
+    and clocks that differ by a little, are credited too."""
 
 
 class DashboardConfig(BaseModel):
@@ -94,6 +112,9 @@ class CoordinatorConfig(BaseModel):
     (lines ``<sha256 of token> <username>``)."""
     token_cache_s: float = Field(default=300.0, ge=0)
     """How long a successful token check is reused; Hugging Face rate-limits ``whoami`` hard."""
+    token_failure_cache_s: float = Field(default=60.0, ge=0)
+    """How long a refused token is refused again without asking Hugging Face, so that a stranger repeating
+    it cannot spend the ``whoami`` rate limit; short, so a token fixed on the Hugging Face side works soon."""
     key_path: Path = Path("coordinator.key")
     """Ed25519 key that signs access tokens; created with mode 0600 if missing. Keep it across
     restarts, or every access token issued before becomes worthless."""
@@ -108,12 +129,17 @@ class CoordinatorConfig(BaseModel):
     checkpoint_url_template: str | None = None
     """Where a node downloads its stage's weights when they are hosted elsewhere, ``{stage}`` replaced.
     Unset and ``checkpoints.directory`` unset: nothing to download, so a node may be admitted at once."""
+    max_request_bytes: int = Field(default=64 * 2**10, ge=1024)
+    """Largest request body (checkpoint uploads aside, see ``checkpoints.max_upload_bytes``). Enforced while
+    the body streams in, before any token is checked, so a stranger cannot make the coordinator buffer more.
+    The JSON bodies of the API are a few KiB; raise it only if a newer worker sends more."""
     max_heartbeat_skew_s: float = Field(default=300.0, gt=0)
     """Heartbeats whose timestamp is further than this from the coordinator's clock are refused (replays)."""
     queue: QueueConfig = QueueConfig()
     port_test: PortTestConfig = PortTestConfig()
     checkpoints: CheckpointConfig = CheckpointConfig()
     dashboard: DashboardConfig = DashboardConfig()
+    contributions: ContributionConfig = ContributionConfig()
 
     @model_validator(mode="after")
     def _unique_stages(self) -> "CoordinatorConfig":

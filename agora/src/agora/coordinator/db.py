@@ -9,7 +9,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, event, make_url
+from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, event, inspect, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 
@@ -96,6 +96,8 @@ class ActiveNode(Base):
     last_sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     reported_samples: Mapped[int] = mapped_column(Integer, default=0)
     reported_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    reporting_session: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The session id of the heartbeats that reported_samples/tokens come from."""
 
 
 class Contribution(Base):
@@ -207,6 +209,7 @@ class Database:
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_new_nullable_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -217,6 +220,19 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _add_new_nullable_columns(engine) -> None:
+    """A database from an older coordinator lacks the nullable columns added since; create_all makes
+    only missing tables, so add those columns (None in old rows means "not known")."""
+    existing = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            have = {column["name"] for column in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}')
 
 
 def _create_private_file(path: str | None) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import enum
 
+from agora_server.caller_text import clip
+
 
 class Refusal(enum.Enum):
     INVALID_TOKEN = (401, "Invalid HuggingFace token")  # (guide)
@@ -34,10 +36,14 @@ class Refusal(enum.Enum):
     BAD_ACCESS_TOKEN = (401, "The access token was not accepted: {reason}")
     WRONG_STAGE = (403, "This access token is for stage {token_stage}, not {stage}.")
     ACCESS_WITHDRAWN = (403, "This node no longer holds access to stage {stage}; join again.")
+    DOWNLOAD_NEEDS_TOKEN = (401, "Checkpoint downloads need 'Authorization: Bearer <token>': the participant's token of a node queued for or serving the stage, or that node's access token.")
+    NOT_ON_STAGE = (403, "Only nodes queued for or serving stage {stage} (and the run's operators) may download its checkpoint.")
     UNKNOWN_STAGE = (404, "This run has no stage named {stage}.")
     CHECKPOINTS_NOT_SERVED = (404, "This coordinator does not keep checkpoints.")
     NO_CHECKPOINT = (404, "No checkpoint has been uploaded for stage {stage} yet.")
+    REQUEST_TOO_LARGE = (413, "The request body is larger than the {limit} bytes this coordinator accepts.")
     CHECKPOINT_TOO_LARGE = (413, "The checkpoint is larger than the {limit} bytes this coordinator accepts.")
+    INVALID_CHECKPOINT = (400, "The upload is not a valid checkpoint of stage {stage}: {reason}. The stage keeps its current one.")
     EMPTY_CHECKPOINT = (400, "The checkpoint upload is empty.")
     CHECKPOINT_INCOMPLETE = (400, "The upload ended after {received} of the {expected} bytes announced; upload again.")
     CHECKPOINT_MISMATCH = (400, "The uploaded bytes have sha256 {actual}, not the {expected} sent in X-Checkpoint-SHA256; upload again.")
@@ -50,6 +56,8 @@ class Refusal(enum.Enum):
 class CoordinatorRefusal(Exception):
     def __init__(self, refusal: Refusal, **details):
         self.refusal = refusal
+        # details may come from the caller (a reason, a stage name): clipped before they reach the reply
+        details = {key: clip(value) if isinstance(value, str) else value for key, value in details.items()}
         self.message = refusal.value[1].format(**details) if details else refusal.value[1]
         super().__init__(self.message)
 

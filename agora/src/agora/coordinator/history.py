@@ -9,6 +9,7 @@ from typing import Sequence, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from agora.coordinator import contributions
 from agora.coordinator import node_states as ns
 from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import (
@@ -94,9 +95,10 @@ def nodes(s: Session, config: CoordinatorConfig, peer_id: str | None = None) -> 
     position = {r.peer_id: i + 1 for i, r in enumerate(waiting)}
     request = {r.peer_id: r for r in waiting}
     work = collections.defaultdict(lambda: [0, 0])
-    for pid, samples, tokens in s.execute(select(Contribution.peer_id, func.sum(Contribution.samples), func.sum(Contribution.tokens))
-                                          .group_by(Contribution.peer_id)):
-        work[pid] = [int(samples or 0), int(tokens or 0)]
+    # summed here, not with SQL's SUM: that overflows on 64-bit integers
+    for pid, samples, tokens in s.execute(select(Contribution.peer_id, Contribution.samples, Contribution.tokens)):
+        work[pid][0] += contributions.total([samples])
+        work[pid][1] += contributions.total([tokens])
     stage_order = {st.name: i for i, st in enumerate(config.stages)}
 
     def order(item):

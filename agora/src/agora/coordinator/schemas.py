@@ -67,8 +67,11 @@ class HeartbeatRequest(_Request):
     uid: str = Field(min_length=1, max_length=64)
     sent_at: float = Field(ge=0, le=1e11)
     """Unix seconds; must grow from one heartbeat to the next."""
+    session: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    """Random per worker process: totals under a new session start again from zero (a restart), a lower
+    total under the same session credits nothing. Older workers send none."""
     samples_processed: int = _COUNT
-    """Totals since this access was granted (not since the last heartbeat)."""
+    """Totals since this access was granted in this session (not since the last heartbeat)."""
     tokens_processed: int = _COUNT
     phase: Literal["warming_up", "training"] | None = None
     """What the node does now: catching up with its stage, or training (older workers send none)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -20,9 +21,10 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from agora_server.access import PREFIX as ACCESS_TOKEN_PREFIX
 from agora_server.access import TRAINER, WORKER, AccessClaims, AccessTokenError, verify_access_token
 
-from agora.coordinator import assignment, history, porttest, queue
+from agora.coordinator import assignment, contributions, history, porttest, queue
 from agora.coordinator import node_states as ns
 from agora.coordinator.checkpoints import Uploader
 from agora.coordinator.config import CoordinatorConfig
@@ -398,16 +400,26 @@ class Coordinator:
             record = Contribution(peer_id=node.peer_id, user_id=node.user_id, stage=node.stage,
                                   samples=0, tokens=0, seconds_online=0.0, updated_at=now)
             s.add(record)
-        # totals since access was granted; lower than last time means the worker restarted its counters
-        samples_delta = body.samples_processed - node.reported_samples if body.samples_processed >= node.reported_samples else body.samples_processed
-        tokens_delta = body.tokens_processed - node.reported_tokens if body.tokens_processed >= node.reported_tokens else body.tokens_processed
-        record.samples += samples_delta
-        record.tokens += tokens_delta
+        lifetime = self.config.access_token_lifetime_s
+        # a long silence is not time online, nor time to have worked in: cap it at one access lifetime
+        elapsed = min(max(0.0, now - (node.last_heartbeat_at or node.granted_at)), lifetime)
+        limits = self.config.contributions
+        same_session = body.session == node.reporting_session
+        samples_before = node.reported_samples if same_session else 0
+        tokens_before = node.reported_tokens if same_session else 0
+        added_samples = contributions.credit(body.samples_processed, samples_before,
+                                             limits.max_samples_per_second * (elapsed + limits.slack_s))
+        added_tokens = contributions.credit(body.tokens_processed, tokens_before,
+                                            limits.max_tokens_per_second * (elapsed + limits.slack_s))
+        record.samples = contributions.saturating_add(record.samples, added_samples)
+        record.tokens = contributions.saturating_add(record.tokens, added_tokens)
         if node.last_heartbeat_at is not None:
-            # a long silence is not time online: cap it at one access lifetime
-            record.seconds_online += min(now - node.last_heartbeat_at, self.config.access_token_lifetime_s)
+            record.seconds_online += elapsed
         record.updated_at = now
-        node.reported_samples, node.reported_tokens = body.samples_processed, body.tokens_processed
+        # what was reported, not what was credited: work over the bound is forfeited, not owed later
+        node.reported_samples = max(samples_before, body.samples_processed)
+        node.reported_tokens = max(tokens_before, body.tokens_processed)
+        node.reporting_session = body.session
         node.last_heartbeat_at, node.last_sent_at = now, body.sent_at
 
     def _maybe_move(self, s: Session, node: ActiveNode, user: User) -> HeartbeatAnswer:
@@ -442,6 +454,33 @@ class Coordinator:
             if node is None or node.peer_id != claims.peer_id or node.stage != stage or node.expires_at <= self._clock():
                 raise CoordinatorRefusal(Refusal.ACCESS_WITHDRAWN, stage=stage)
         return Uploader(username=claims.username, peer_id=claims.peer_id)
+
+    def authorize_download(self, token: str | None, stage: str) -> None:
+        """Who may download ``stage``'s checkpoint (the stage's weights and optimizer state, and the
+        uploader's counters that ride along in it): a node holding access to that stage (its access
+        token), an account with a node queued for or serving that stage (its participant token, the
+        download a queued node makes while it waits), or an operator. Nobody else, strangers least."""
+        if stage not in self.config.stage_needs:
+            raise CoordinatorRefusal(Refusal.UNKNOWN_STAGE, stage=stage)
+        if not token:
+            raise CoordinatorRefusal(Refusal.DOWNLOAD_NEEDS_TOKEN)
+        if token.startswith(f"{ACCESS_TOKEN_PREFIX}."):  # never sent on to Hugging Face
+            self.authorize_upload(token, stage)
+            return
+        username = self.authenticate(token)
+        if username in self.config.operators:
+            return
+        with self._lock, self.db.session() as s:
+            user = s.scalar(select(User).where(User.username == username))
+            if user is None:
+                raise CoordinatorRefusal(Refusal.NOT_ON_STAGE, stage=stage)
+            now = self._clock()
+            serving = s.scalar(select(ActiveNode.uid).where(ActiveNode.user_id == user.id, ActiveNode.stage == stage,
+                                                             ActiveNode.expires_at > now).limit(1))
+            waiting = s.scalar(select(QueueRequest.seq).where(QueueRequest.user_id == user.id, QueueRequest.stage == stage,
+                                                              QueueRequest.status == WAITING).limit(1))
+            if serving is None and waiting is None:
+                raise CoordinatorRefusal(Refusal.NOT_ON_STAGE, stage=stage)
 
     # ---- public read-only views
 
@@ -527,15 +566,17 @@ class Coordinator:
                                    .group_by(QueueRequest.stage))
             drops = s.execute(select(QueueRequest.drop_reason, func.count()).where(QueueRequest.status == DROPPED)
                               .group_by(QueueRequest.drop_reason))
-            work = list(s.execute(select(Contribution.stage, func.sum(Contribution.samples), func.sum(Contribution.tokens))
-                                  .group_by(Contribution.stage)))
+            samples, tokens = collections.defaultdict(list), collections.defaultdict(list)
+            for stage, stage_samples, stage_tokens in s.execute(select(Contribution.stage, Contribution.samples, Contribution.tokens)):
+                samples[stage].append(stage_samples)
+                tokens[stage].append(stage_tokens)
             return RunTotals(admissions=dict(admissions.all()), queue_drops=dict(drops.all()),
-                             samples={stage: int(samples) for stage, samples, _ in work},
-                             tokens={stage: int(tokens) for stage, _, tokens in work})
+                             samples={stage: contributions.total(values) for stage, values in samples.items()},
+                             tokens={stage: contributions.total(values) for stage, values in tokens.items()})
 
     def contributions(self) -> list[ContributionInfo]:
         with self.db.session() as s:
             rows = s.execute(select(Contribution, User.username).join(User, Contribution.user_id == User.id)
                              .order_by(Contribution.id))
-            return [ContributionInfo(username=name, peer_id=c.peer_id, stage=c.stage, samples=c.samples,
-                                     tokens=c.tokens, seconds_online=c.seconds_online) for c, name in rows]
+            return [ContributionInfo(username=name, peer_id=c.peer_id, stage=c.stage, samples=int(c.samples),
+                                     tokens=int(c.tokens), seconds_online=c.seconds_online) for c, name in rows]

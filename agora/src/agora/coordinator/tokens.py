@@ -2,13 +2,14 @@
 
 - ``HuggingFaceVerifier``  production: Hugging Face ``whoami`` through huggingface_hub
 - ``TokenFileVerifier``    offline and local runs: a file of ``<sha256 of token> <username>`` lines
-- ``CachingVerifier``      remembers successful checks for a while (``whoami`` is rate-limited)
+- ``CachingVerifier``      remembers checks for a while, refusals too (``whoami`` is rate-limited)
 
 Tokens are secrets: nothing here logs them or puts them in an exception message.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import os
@@ -109,11 +110,17 @@ def add_token(path: str | Path, username: str, token: str | None = None) -> str:
 
 
 class CachingVerifier:
-    """Successful checks are reused for ``ttl_s``; failures are always re-checked."""
+    """Successful checks are reused for ``ttl_s``, refused tokens are refused again for ``failure_ttl_s``
+    without asking: a stranger repeating a bad token cannot spend the ``whoami`` rate limit. A check
+    that could not be made (TokenServiceUnavailable) is not remembered. At most ``max_entries`` tokens
+    are remembered, the oldest forgotten first, so many random tokens cannot grow memory."""
 
-    def __init__(self, inner: TokenVerifier, ttl_s: float, clock: Callable[[], float] = time.monotonic):
-        self._inner, self._ttl, self._clock = inner, ttl_s, clock
-        self._cache: dict[str, tuple[str, float]] = {}  # digest, never the token itself
+    def __init__(self, inner: TokenVerifier, ttl_s: float, clock: Callable[[], float] = time.monotonic, *,
+                 failure_ttl_s: float = 60.0, max_entries: int = 100_000):
+        self._inner, self._ttl, self._failure_ttl, self._clock = inner, ttl_s, failure_ttl_s, clock
+        self._max_entries = max_entries
+        # digest → (username, or None for a refused token; until when); never the token itself
+        self._cache: collections.OrderedDict[str, tuple[str | None, float]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def username(self, token: str) -> str:
@@ -122,14 +129,26 @@ class CachingVerifier:
         with self._lock:
             hit = self._cache.get(digest)
             if hit is not None and hit[1] > now:
+                if hit[0] is None:
+                    raise InvalidToken()
                 return hit[0]
-        name = self._inner.username(token)
-        with self._lock:
-            self._cache[digest] = (name, now + self._ttl)
+        try:
+            name = self._inner.username(token)
+        except InvalidToken:
+            self._remember(digest, None, now + self._failure_ttl)
+            raise
+        self._remember(digest, name, now + self._ttl)
         return name
 
+    def _remember(self, digest: str, name: str | None, until: float) -> None:
+        with self._lock:
+            self._cache[digest] = (name, until)
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
 
-def build_verifier(token_source: str | Path, cache_s: float) -> TokenVerifier:
+
+def build_verifier(token_source: str | Path, cache_s: float, failure_cache_s: float = 60.0) -> TokenVerifier:
     if str(token_source) != "hf":
         return TokenFileVerifier(token_source)  # cheap to read, and a removed line takes effect at once
-    return CachingVerifier(HuggingFaceVerifier(), cache_s) if cache_s > 0 else HuggingFaceVerifier()
+    return CachingVerifier(HuggingFaceVerifier(), cache_s, failure_ttl_s=failure_cache_s)

@@ -19,6 +19,7 @@ def run_trainer(args: argparse.Namespace) -> int:
 
     from agora_server.data import PackedBatches, validation_batches
     from agora_server.data.retrying import DataSourceGaveUp
+    from agora_server.p2p_frames import install_frame_limit
     from agora_server.pipeline import PipelineTrainer, in_flight_limit
     from agora_server.telemetry.events import CoordinatorStop, ProcessError
 
@@ -50,6 +51,7 @@ def run_trainer(args: argparse.Namespace) -> int:
             session, validator = _admit_trainer(args, config, events)
         except RuntimeError as e:
             return fail(str(e))
+    install_frame_limit()  # before the DHT forks its processes: they keep it
     dht = DHT(
         initial_peers=args.initial_peers,
         host_maddrs=args.host_maddrs,

@@ -41,6 +41,10 @@ from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_ep
 from agora_server.optim.state_download import DownloadProgress, PartialState, ResumePoint, download_deadline, fetch_state, stream_state
 from agora_server.tensor_stream import bfloat16_message
 
+MAX_CONCURRENT_STATE_DOWNLOADS = 2
+"""Newcomers a worker sends the stage's weights to at once; each open download holds a copy of them.
+Others are turned away and try the next peer of the stage."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -146,6 +150,9 @@ class _StageStateAverager(DecentralizedAverager):
     round_running: threading.Event | None = None
     guard: AccessGuard | None = None
     stage: str = ""
+    members_key: str = ""
+    """The DHT key the stage's workers announce themselves under; downloads are for them only."""
+    _downloads = threading.BoundedSemaphore(MAX_CONCURRENT_STATE_DOWNLOADS)
 
     def _refusal(self, peer_id: str, gathered: object) -> str:
         if self.guard is None:
@@ -181,15 +188,40 @@ class _StageStateAverager(DecentralizedAverager):
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
 
     async def rpc_download_state_from(
-        self, request: averaging_pb2.DownloadData, _context: P2PContext
+        self, request: averaging_pb2.DownloadData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
         """The stage's state for a newcomer, continued from where its last stream stopped when this worker
-        still holds that state (state_download.stream_state)."""
+        still holds that state (state_download.stream_state). It goes only to a peer announced on this
+        stage (the run's DHT takes such an announcement only from a worker admitted to it), and to few at
+        once: each download holds a copy. Saying nothing is hivemind's no: the newcomer asks the next peer."""
         if not self.allow_state_sharing:
-            return  # the newcomer asks the next peer
-        metadata, tensors, infos = await self._get_current_state_from_host_process()
-        for message in stream_state(metadata, tensors, infos, self.state_compression, ResumePoint.from_message(request)):
-            yield message
+            return
+        if self.guard is not None and not await self._announced_on_stage(str(context.remote_id)):
+            logger.warning("refused %s a download of stage %s's state: not announced on the stage", context.remote_id, self.stage)
+            return
+        if not self._downloads.acquire(blocking=False):
+            return
+        try:
+            metadata, tensors, infos = await self._get_current_state_from_host_process()
+            for message in stream_state(metadata, tensors, infos, self.state_compression, ResumePoint.from_message(request)):
+                yield message
+        finally:
+            self._downloads.release()
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """hivemind's own download, which newcomers no longer use: served by no one, so it cannot skip
+        the checks above."""
+        return
+        yield  # an async generator that yields nothing
+
+    async def _announced_on_stage(self, peer_id: str) -> bool:
+        try:
+            found = await self.dht.get(self.members_key, latest=True, return_future=True)
+        except Exception:  # no answer from the DHT is no proof of access
+            return False
+        return found is not None and isinstance(found.value, dict) and peer_id in found.value
 
     def get_current_state(self):
         if self.state_provider is None:
@@ -263,6 +295,7 @@ class SpartaAverager:
         self.averager.round_running = self._round_running
         # the averager serves joins in a process of its own, forked at start: what it checks with goes in first
         self.averager.guard, self.averager.stage = (access.guard if access else None), stage
+        self.averager.members_key = prefix  # the stage key: where its workers announce themselves
         self.averager.run_in_background(await_ready=True)
         self._control = None
         self._closed = False

@@ -2,8 +2,9 @@
 
 Expected finish = (tokens already sent to it and not yet returned + new tokens) / throughput,
 with throughput an EMA of what this trainer measured, seeded from the worker's DHT record.
-Failed workers are banned for a while, longer each time they fail again; a worker that announces
-a new start time has restarted, and its record of failures is forgotten.
+Failed workers (and workers that refuse a request) are banned for a while, longer each time they
+fail again; a worker that announces a new start time has restarted, and its record of failures is
+forgotten. A throughput a worker announces is believed only up to a bound until it is measured.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ class StageBalancer:
         stage: str,
         *,
         default_throughput: float,
+        unmeasured_claim_factor: float = 10.0,
         ban_seconds: float,
         ban_max_seconds: float,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.stage, self.default_throughput = stage, default_throughput
+        self.stage, self.default_throughput, self.unmeasured_claim_factor = stage, default_throughput, unmeasured_claim_factor
         self.ban_seconds, self.ban_max_seconds, self.clock = ban_seconds, ban_max_seconds, clock
         self.peers: dict[str, PeerState] = {}
 
@@ -55,14 +57,16 @@ class StageBalancer:
                 state.listed = False
 
     def expected_throughput(self, peer_id: str) -> float:
-        """What this trainer measured; for a worker it has not measured yet, the best rate measured on
-        the stage (or announced, or the default), so it gets tried: a pessimistic guess would starve it
-        of the very work that would measure it."""
+        """What this trainer measured; for a worker it has not measured yet, at least the best rate measured
+        on the stage, so it gets tried (a pessimistic guess would starve it of the very work that would
+        measure it), and what it announces only up to ``unmeasured_claim_factor`` times that best rate
+        (or the default): an announcement is the worker's word, not a measurement."""
         state = self.peers[peer_id]
         if state.measured:
             return state.throughput
-        measured = [s.throughput for s in self.peers.values() if s.measured]
-        return max([*measured, state.throughput]) if measured else (state.throughput or self.default_throughput)
+        best = max((s.throughput for s in self.peers.values() if s.measured), default=0.0)
+        claimed = min(state.throughput or self.default_throughput, self.unmeasured_claim_factor * max(best, self.default_throughput))
+        return max(best, claimed)
 
     def usable(self) -> list[str]:
         now = self.clock()

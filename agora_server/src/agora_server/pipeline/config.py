@@ -42,6 +42,9 @@ class TrainerConfig(BaseModel):
     costs more forward passes of every stage."""
     default_throughput: float = Field(1000.0, gt=0)
     """Tokens/s assumed for a worker that has not measured its throughput yet."""
+    unmeasured_claim_factor: float = Field(10.0, ge=1)
+    """A worker not measured yet is believed at most this many times the best rate measured on its stage
+    (or ``default_throughput``): announcing a huge throughput must not draw all the work to a liar."""
 
 
 def in_flight_limit(config: TrainerConfig, target_batch_size: int, trainers: int = 1) -> int:

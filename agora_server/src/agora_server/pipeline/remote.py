@@ -1,8 +1,9 @@
 """Calls to a stage worker over hivemind's p2p layer, with response checks.
 
-Two kinds of failure are kept apart: ``StageRefused`` (the worker judged the request bad: do
-not retry it anywhere) and ``StageCallFailed`` (timeout, lost connection, worker error or an
-implausible answer: ban that worker and retry elsewhere).
+Two kinds of failure are kept apart: ``StageRefused`` (the worker judged the request bad) and
+``StageCallFailed`` (timeout, lost connection, worker error or an implausible answer). The trainer
+bans the worker and retries elsewhere on both: only the reason it drops a micro-batch with differs,
+since a worker that refuses what its stage's other workers serve is the one at fault.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from agora_server.models.config import StageKind, StageSpec
 from agora_server.pipeline.balancer import StageBalancer
 from agora_server.pipeline.config import TrainerConfig
 from agora_server.pipeline.directory import read_stage_records
+from agora_server.caller_text import clip
 from agora_server.pipeline.remote import StageCaller, StageCallFailed, StageRefused
 from agora_server.telemetry.events import (
     EventBus,
@@ -163,6 +164,7 @@ class PipelineTrainer:
             s.name: StageBalancer(
                 s.name,
                 default_throughput=config.default_throughput,
+                unmeasured_claim_factor=config.unmeasured_claim_factor,
                 ban_seconds=config.ban_seconds,
                 ban_max_seconds=config.ban_max_seconds,
             )
@@ -240,6 +242,7 @@ class PipelineTrainer:
         balancer, tokens = self.balancers[spec.name], tensors[0].numel()
         tried: list[str] = []
         waited_since: float | None = None
+        refused = False
         for attempt in range(self.config.max_attempts):
             peer = balancer.choose(tokens, exclude=tried)
             while peer is None:  # nobody serves this stage right now: wait for one to (re)appear
@@ -258,17 +261,18 @@ class PipelineTrainer:
                 outputs = await self._caller.call(
                     peer, spec.name, spec.kind, rpc, tensors, timeout=self.config.request_timeout, microbatch=microbatch
                 )
-            except StageRefused as e:
-                balancer.released(peer, tokens)
-                raise MicroBatchDroppedError(f"refused:{spec.name}") from e
-            except StageCallFailed as e:
+            except (StageRefused, StageCallFailed) as e:
+                # a refusal is judged like a failure: an honest worker refuses only a malformed request,
+                # which every worker of the stage then refuses too; one that refuses what others serve
+                # would otherwise draw every micro-batch and drop it
+                refused = isinstance(e, StageRefused)
                 seconds = balancer.failed(peer, tokens)
-                self.events.emit(WorkerBanned(stage=spec.name, peer_id=peer, seconds=seconds, reason=str(e)[:200]))
+                self.events.emit(WorkerBanned(stage=spec.name, peer_id=peer, seconds=seconds, reason=clip(str(e))))
                 tried.append(peer)
                 continue
             balancer.succeeded(peer, tokens, time.perf_counter() - started)
             return outputs
-        raise MicroBatchDroppedError(f"failed:{spec.name}")
+        raise MicroBatchDroppedError(f"{'refused' if refused else 'failed'}:{spec.name}")
 
     # --- one micro-batch ----------------------------------------------------------------
 

@@ -21,14 +21,19 @@ from hivemind.p2p import P2PContext, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from agora_server.access import TRAINER, AccessGuard, AccessTokenError
+from agora_server.caller_text import clip
 from agora_server.server.backend import MicroBatchOutOfMemory, StageBackend
-from agora_server.tensor_stream import PayloadError, collect, deserialize, serialize
+from agora_server.tensor_stream import PayloadError, collect, deserialize, discard, serialize
 from agora_server.server.validation import BadRequest, StageSignature
 from agora_server.telemetry.events import ComputeFailed, Event, RequestRefused
 from agora_server.models.config import StageKind
 from agora_server.wire import RequestMeta, Rpc, gradient_to_wire, pack_boundary, pack_error, pack_ok
 
 logger = logging.getLogger(__name__)
+
+MAX_STREAMS_PER_PEER = 32
+"""Requests one peer may have open at once on a worker; a trainer keeps at most ``max_in_flight``
+(16 in llama-8b) micro-batches in flight, so this refuses only a peer that opens streams to hold them."""
 
 
 class StageServicer(ServicerBase):
@@ -49,6 +54,7 @@ class StageServicer(ServicerBase):
         self.bytes_received: collections.Counter[str] = collections.Counter()
         self.bytes_sent: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()
+        self._open_streams: collections.Counter[str] = collections.Counter()
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         info = {"run": self.run, "stage": self.stage, "kind": self.signature.kind.value, "throughput": self.backend.throughput()}
@@ -67,15 +73,39 @@ class StageServicer(ServicerBase):
             yield response
 
     async def _serve(self, rpc: Rpc, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        caller = str(context.remote_id)
+        if self._open_streams[caller] >= MAX_STREAMS_PER_PEER:
+            # each open stream may hold a request's worth of memory: one peer gets only so many at once
+            reason = f"more than {MAX_STREAMS_PER_PEER} requests of this peer are open at once"
+            self.refused[rpc.value] += 1
+            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=caller, reason=reason))
+            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {reason}"))
+            return
+        self._open_streams[caller] += 1
         try:
-            metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes)
+            async for response in self._serve_one(rpc, requests, caller):
+                yield response
+        finally:
+            self._open_streams[caller] -= 1
+            if not self._open_streams[caller]:
+                del self._open_streams[caller]
+
+    async def _serve_one(self, rpc: Rpc, requests, caller: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        try:
+            # who calls, and for what, is checked on the first message: a stranger's stream is refused
+            # before its tensors are read, and nobody's is read past the request limit
+            metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes,
+                                                      check_metadata=lambda meta: self._check_meta(rpc, meta, caller))
             self.bytes_received[rpc.value] += received
-            self._check_meta(rpc, metadata, str(context.remote_id))
             inputs = self.signature.validate(rpc, deserialize(parts))
         except (BadRequest, PayloadError) as e:
             self.refused[rpc.value] += 1
-            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=str(context.remote_id), reason=str(e)))
-            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {e}"))
+            reason = clip(str(e))  # it may quote what the caller sent
+            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=caller, reason=reason))
+            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {reason}"))
+            # read what the caller still sends, holding none of it, so that the refusal reaches it rather
+            # than a stream closed under its writes; no further than an accepted request could go
+            await discard(requests, self.signature.limits.max_request_bytes)
             return
 
         compute = self.backend.forward if rpc is Rpc.FORWARD else self.backend.backward

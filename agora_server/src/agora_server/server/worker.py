@@ -100,7 +100,11 @@ class StageWorker:
             # the weights, optimizer and epoch of the stage; never another identity's counters
             resumed = {key: shared.state[key] for key in ("model", "optimizer", "epoch")}
         self.on_checkpoint = on_checkpoint
-        self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0)
+        # in a run with a coordinator the progress record is signed by this peer's identity: the DHT takes
+        # a stage's progress only from the worker whose token it carries
+        progress_key = access.identity.hivemind_key() if access is not None and access.identity is not None else None
+        self.progress = SwarmProgress(dht, run, spec.name, server.target_batch_size, epoch=resumed["epoch"] if resumed else 0,
+                                      private_key=progress_key)
         self._partner_seen_at = -float("inf")
         self.gradient_averager: GradientAverager | None = None
         if server.averaging.enabled and server.averaging.gradient_epochs > 0:
@@ -239,7 +243,10 @@ class StageWorker:
         return self.health.verdict
 
     def _report_round(self, result: RoundResult) -> None:
-        self.events.emit(AveragingRound(stage=self.spec.name, **dataclasses.asdict(result)))
+        # a round that failed while nobody else is announced on the stage had nobody to fail with: the
+        # partner has left (its record outlives it a little), so the round is not held against this worker
+        partner_online = result.ok or not result.attempted or bool(self._online_peers())
+        self.events.emit(AveragingRound(stage=self.spec.name, partner_online=partner_online, **dataclasses.asdict(result)))
 
     def describe(self) -> StageServerInfo:
         return StageServerInfo(

@@ -123,6 +123,10 @@ class AveragingRound(Event):
     reason: str
     attempted: bool = True
     """False for a round skipped because the previous one was still running (not a network failure)."""
+    partner_online: bool = True
+    """False for a failed round after which no other worker of the stage was announced online: there was
+    nobody to average with (the last worker of a stage whose partner left), which is no failure of this
+    worker's averaging and stops nothing."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

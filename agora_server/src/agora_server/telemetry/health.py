@@ -69,7 +69,7 @@ class HealthMonitor:
     def __call__(self, event: ev.Event) -> None:
         if isinstance(event, ev.WorkerStats):
             self._on_stats(event)
-        elif isinstance(event, ev.AveragingRound) and event.attempted:
+        elif isinstance(event, ev.AveragingRound) and event.attempted and event.partner_online:
             self._rounds.append(event.ok)
             failed = self._rounds.count(False)
             if failed >= self.config.max_failed_rounds:
