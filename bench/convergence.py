@@ -144,8 +144,9 @@ def train_sync(config, batches: list, val_batches: list, eval_every: int) -> dic
 
 
 def relative_distance(a: dict, b: dict) -> float:
-    diff = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a)
-    norm = sum(float(a[k].float().pow(2).sum()) for k in a)
+    a, b = ({k: v.detach().float() for k, v in state.items()} for state in (a, b))  # saved masters are Parameters
+    diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in a)
+    norm = sum(float(a[k].pow(2).sum()) for k in a)
     return math.sqrt(diff / norm)
 
 
@@ -192,6 +193,8 @@ def run_swarm_variant(config, steps: int, val_batches: list, log_dir: Path, time
         "dropped": summary["dropped"],
         "retried": summary["retried"],
         "wall_seconds": result["wall_seconds_with_startup"],
+        # what the in-flight window and the gradient rounds cost: the trainer's tokens per second of training
+        "tokens_per_second": round(summary["tokens"] / summary["seconds"], 1) if summary.get("seconds") else None,
         "leftover_processes": result["leftover_processes"],
     }
     out.update(evaluate_replicas(config, Path(config.server.checkpoint_dir), val_batches))

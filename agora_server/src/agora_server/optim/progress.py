@@ -96,7 +96,10 @@ class SwarmProgress:
         )
         self.epoch = 0
         self._carry = 0  # this worker's share of the last epoch's overshoot, counted towards this one
-        self._reported = 0
+        self._reported = 0  # this worker's samples of the current epoch, carry included
+        # the largest stage count of the current epoch this worker has seen, and its own part in it then:
+        # when another worker ends the epoch first, this worker still knows how far past the target it went
+        self._seen_total = self._seen_own = 0
         if epoch:
             self.jump_to(epoch)
 
@@ -104,6 +107,7 @@ class SwarmProgress:
         """Continue from ``epoch`` (a resumed checkpoint, or the state downloaded from a peer)."""
         with self.tracker.pause_updates():
             self.epoch = self.tracker.update_epoch(epoch)
+        self._carry = self._reported = self._seen_total = self._seen_own = 0
 
     @property
     def stage_epoch(self) -> int:
@@ -113,24 +117,30 @@ class SwarmProgress:
     def report(self, samples_accumulated: int) -> None:
         self._reported = self._carry + samples_accumulated
         self.tracker.report_local_progress(self.epoch, self._reported)
+        self._observe()
 
     def ready(self) -> bool:
         # samples only: hivemind's tracker also fires when its estimate of the time to the target runs
         # out, which stepped stages on gradients of a few samples and on clocks that differ per stage
         tracker = self.tracker
+        self._observe()
         return tracker.global_epoch > self.epoch or tracker.global_progress.samples_accumulated >= tracker.target_batch_size
 
+    def _observe(self) -> None:
+        tracker = self.tracker
+        if tracker.global_epoch == self.epoch and tracker.global_progress.samples_accumulated >= self._seen_total:
+            self._seen_total, self._seen_own = tracker.global_progress.samples_accumulated, self._reported
+
     def advance(self) -> int:
+        self._observe()
+        # the epoch's count as this worker knows it: the others' part when last seen, its own part now
+        total = self._seen_total + self._reported - self._seen_own
+        carry = overshoot_share(self._reported, total, self.tracker.target_batch_size)
         with self.tracker.pause_updates():
-            tracker = self.tracker
-            carry = 0
-            if tracker.global_epoch == self.epoch:  # this worker saw the epoch's whole count: share its overshoot
-                total = tracker.global_progress.samples_accumulated
-                carry = overshoot_share(self._reported, total, tracker.target_batch_size)
-            self.epoch = tracker.update_epoch(max(self.epoch + 1, tracker.global_epoch))
-            self._carry = self._reported = carry
+            self.epoch = self.tracker.update_epoch(max(self.epoch + 1, self.tracker.global_epoch))
+        self._carry = self._reported = self._seen_total = self._seen_own = carry
         if carry:  # not while paused: hivemind's rate estimate refuses updates then
-            tracker.report_local_progress(self.epoch, carry)
+            self.tracker.report_local_progress(self.epoch, carry)
         return self.epoch
 
     def shutdown(self) -> None:
