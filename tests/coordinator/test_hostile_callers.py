@@ -3,15 +3,11 @@ each driven through a real uvicorn server and its SQLite file."""
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import http.server
 import io
-import json
 import os
 import socket
 import sqlite3
-import threading
 
 import psutil
 import pytest
@@ -22,6 +18,7 @@ from agora.coordinator.app import create_app
 from agora.coordinator.checkpoint_check import stage_layouts
 from agora.coordinator.tokens import CachingVerifier, HuggingFaceVerifier
 from tests.coordinator.conftest import Node, RunningCoordinator, new_identity
+from tests.helpers.fake_whoami import FakeWhoami
 
 MiB = 2**20
 
@@ -159,39 +156,8 @@ def test_huge_counters_never_break_the_dashboard_or_metrics(harness, listener):
         assert coord.http.get(page).status_code == 200, page
 
 
-class _FakeWhoami:
-    """A stand-in for Hugging Face's whoami on 127.0.0.1 that counts the checks it answers."""
-
-    def __init__(self, tokens: dict[str, str]):
-        counts = self.calls = collections.Counter()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
-                counts[token] += 1
-                name = tokens.get(token)
-                body = json.dumps({"name": name} if name else {"error": "Invalid credentials"}).encode()
-                self.send_response(200 if name else 401)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_refused_tokens_are_remembered_so_strangers_cannot_spend_the_whoami_limit(harness, listener):
-    whoami = _FakeWhoami({"hf_good": "dave"})
+    whoami = FakeWhoami({"hf_good": "dave"})
     try:
         verifier = CachingVerifier(HuggingFaceVerifier(endpoint=whoami.url), ttl_s=300, clock=harness.clock, failure_ttl_s=60)
         coord = RunningCoordinator(create_app(harness.config(), verifier=verifier, clock=harness.clock))

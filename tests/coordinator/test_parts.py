@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import base64
-import json
 import socket
 import stat
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -18,6 +15,7 @@ from agora_server.peer_keys import WorkerIdentity, verify_signature
 from agora.coordinator.porttest import PortTestListener, probe
 from agora.coordinator.signing import load_or_create_key
 from agora.coordinator.tokens import HuggingFaceVerifier, InvalidToken, TokenFileVerifier, TokenServiceUnavailable, add_token
+from tests.helpers.fake_whoami import FakeWhoami
 
 
 def test_config_from_yaml_with_overrides(tmp_path):
@@ -53,36 +51,16 @@ def test_token_file_keeps_digests_only_and_is_private(tmp_path):
     assert "wrong-secret" not in repr(info.value) + str(info.value)
 
 
-class _WhoAmI(BaseHTTPRequestHandler):
-    """Stands in for the Hub's /api/whoami-v2 (no Hub here): one known token, 401 for the rest."""
-
-    def do_GET(self):
-        known = self.path == "/api/whoami-v2" and self.headers.get("Authorization") == "Bearer hf_known"
-        body = json.dumps({"name": "alice", "type": "user"} if known else {"error": "Invalid credentials"}).encode()
-        self.send_response(200 if known else 401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_hugging_face_verifier_through_huggingface_hub():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _WhoAmI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    whoami = FakeWhoami({"hf_known": "alice"})
     try:
-        verifier = HuggingFaceVerifier(endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+        verifier = HuggingFaceVerifier(endpoint=whoami.url)
         assert verifier.username("hf_known") == "alice"
         with pytest.raises(InvalidToken) as info:
             verifier.username("hf_unknown")
         assert "hf_unknown" not in str(info.value)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        whoami.close()
     with pytest.raises(TokenServiceUnavailable):  # the Hub unreachable is not the participant's fault
         verifier.username("hf_known")
 

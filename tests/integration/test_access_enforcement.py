@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -17,17 +15,17 @@ from hivemind.utils import get_dht_time
 
 from agora.coordinator.signing import load_or_create_key
 from agora.identity import ensure_identity
-from agora_server.access import AccessClaims, PeerAccess, encode_public_key, issue_access_token
+from agora_server.access import PeerAccess
 from agora_server.dht_access import AccessRecordValidator
 from agora_server.models.config import StageKind
-from agora_server.optim.averaging import AveragingConfig, SpartaAverager
+from agora_server.optim.averaging import AveragingConfig
 from agora_server.peer_keys import WorkerIdentity
 from agora_server.pipeline.directory import read_stage_records
 from agora_server.pipeline.remote import StageCaller, StageRefused
 from agora_server.wire import Rpc, ServerPhase, StageServerInfo, pack_boundary, stage_key
+from tests.helpers.admitted_peers import HOST, access_token, body1_averagers
 from tests.integration.conftest import run_trainer_to_end
 
-HOST = ["/ip4/127.0.0.1/tcp/0"]
 
 
 def body1_inputs(config):
@@ -48,7 +46,7 @@ def test_an_outsider_cannot_announce_itself_or_call_a_stage_until_admitted(swarm
         run, [s.name for s in config.stages], config.server.averaging, swarm.coordinator_public_key, **signer)
     outsider = DHT(initial_peers=swarm.seed_maddrs, host_maddrs=HOST, identity_path=str(key_path), start=True)
     newcomer = DHT(initial_peers=swarm.seed_maddrs, host_maddrs=HOST, identity_path=str(tmp_path / "admitted.key"), start=True,
-                   record_validators=[checks(identity=admitted, token=_token(coordinator_key, admitted, role="worker", stage="body1"))])
+                   record_validators=[checks(identity=admitted, token=access_token(coordinator_key, admitted, role="worker", stage="body1"))])
     reader = DHT(initial_peers=swarm.seed_maddrs, client_mode=True, start=True, record_validators=[checks()])
     try:
         fake = StageServerInfo(stage="body1", phase=ServerPhase.ONLINE, throughput=1e9, max_batch_size=64, wire_dtype="float32")
@@ -75,13 +73,13 @@ def test_an_outsider_cannot_announce_itself_or_call_a_stage_until_admitted(swarm
                 asyncio.run(call(None))
             key = swarm.coordinator_public_key
             with pytest.raises(StageRefused, match="issued to peer"):  # tokens are public: they travel in DHT records
-                asyncio.run(call(PeerAccess(_token(coordinator_key, someone_else, role="trainer"), key)))
+                asyncio.run(call(PeerAccess(access_token(coordinator_key, someone_else, role="trainer"), key)))
             with pytest.raises(StageRefused, match="needs trainer access"):
-                asyncio.run(call(PeerAccess(_token(coordinator_key, identity, role="worker", stage="body1"), key)))
+                asyncio.run(call(PeerAccess(access_token(coordinator_key, identity, role="worker", stage="body1"), key)))
             with pytest.raises(StageRefused, match="expired"):
-                asyncio.run(call(PeerAccess(_token(coordinator_key, identity, role="trainer", lifetime=-1), key)))
+                asyncio.run(call(PeerAccess(access_token(coordinator_key, identity, role="trainer", lifetime=-1), key)))
             with pytest.raises(StageRefused, match="signature"):
-                asyncio.run(call(PeerAccess(_token(Ed25519PrivateKey.generate(), identity, role="trainer"), key)))
+                asyncio.run(call(PeerAccess(access_token(Ed25519PrivateKey.generate(), identity, role="trainer"), key)))
             granted = _trainer_token_for(swarm, identity)
             (boundary,) = asyncio.run(call(PeerAccess(granted, key)))
             assert boundary.shape[:2] == (2, 16), "with its own trainer access the same peer is served"
@@ -104,45 +102,17 @@ def _trainer_token_for(swarm, identity: WorkerIdentity) -> str:
     return answer.json()["access_token"]
 
 
-def _token(signing_key, identity: WorkerIdentity, *, role: str, stage: str = "", lifetime: float = 600) -> str:
-    now = time.time()
-    claims = AccessClaims(identity.peer_id, stage, "local-participant", "u-test", now, now + lifetime, role=role,
-                          public_key=base64.b64encode(identity.public_key_protobuf).decode())
-    return issue_access_token(claims, signing_key)
-
-
 def test_a_stage_averages_only_with_workers_admitted_to_it(tmp_path):
     """Three averagers on body1's keys, each with a real token from one coordinator key; the third was
     admitted to head, not body1. Its declarations are refused by the DHT and its join requests by the
     leaders; the two body1 workers average between themselves."""
-    signing = Ed25519PrivateKey.generate()
-    public = encode_public_key(signing.public_key())
     config = AveragingConfig(fraction=0.5, average_every=4, matchmaking_time=2.0, averaging_timeout=20.0, request_timeout=1.0)
-    dhts, averagers, computes, params = [], [], [], []
-    try:
-        for index, stage in enumerate(("body1", "body1", "head")):
-            path = ensure_identity(tmp_path / f"peer{index}.key")
-            identity = WorkerIdentity.load(path)
-            token = _token(signing, identity, role="worker", stage=stage)
-            validator = AccessRecordValidator.for_run("run", ["head", "body1"], config, public, identity=identity, token=token)
-            initial = [str(m) for m in dhts[0].get_visible_maddrs()] if dhts else []
-            dhts.append(DHT(start=True, host_maddrs=HOST, identity_path=str(path), record_validators=[validator], initial_peers=initial))
-            computes.append(ThreadPoolExecutor(max_workers=1))
-            params.append([torch.full((40,), float(index))])
-            averagers.append(SpartaAverager(dhts[-1], stage_key("run", "body1"), params[-1], config, seed=7, on_compute=computes[-1].submit,
-                                            access=PeerAccess(token, public), stage="body1"))
+    with body1_averagers(tmp_path, ["body1", "body1", "head"], config) as (_, averagers, params):
         futures = [averager.maybe_start_round(4, weight=1.0) for averager in averagers]
         results = [future.result(timeout=90) for future in futures]
-        assert [(r.ok, r.group_size) for r in results[:2]] == [(True, 2)] * 2, results
-        assert not results[2].ok, "a worker of another stage joined body1's round"
-        averaged = averagers[0].partition.indices(0, results[0].slice_index)
-        for peer in (0, 1):
-            assert torch.allclose(params[peer][0][averaged], torch.full((len(averaged),), 0.5)), "(0 + 1) / 2, without the outsider's 2"
-        assert torch.equal(params[2][0], torch.full((40,), 2.0))
-    finally:
-        for averager in averagers:
-            averager.shutdown()
-        for compute in computes:
-            compute.shutdown()
-        for dht in dhts:
-            dht.shutdown()
+    assert [(r.ok, r.group_size) for r in results[:2]] == [(True, 2)] * 2, results
+    assert not results[2].ok, "a worker of another stage joined body1's round"
+    averaged = averagers[0].partition.indices(0, results[0].slice_index)
+    for peer in (0, 1):
+        assert torch.allclose(params[peer][0][averaged], torch.full((len(averaged),), 0.5)), "(0 + 1) / 2, without the outsider's 2"
+    assert torch.equal(params[2][0], torch.full((40,), 2.0))

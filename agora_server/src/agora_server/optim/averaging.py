@@ -151,6 +151,7 @@ class _StageStateAverager(DecentralizedAverager):
     guard: AccessGuard | None = None
     stage: str = ""
     members_key: str = ""
+    _running_round = None
     """The DHT key the stage's workers announce themselves under; downloads are for them only."""
     _downloads = threading.BoundedSemaphore(MAX_CONCURRENT_STATE_DOWNLOADS)
 
@@ -222,6 +223,31 @@ class _StageStateAverager(DecentralizedAverager):
         except Exception:  # no answer from the DHT is no proof of access
             return False
         return found is not None and isinstance(found.value, dict) and peer_id in found.value
+
+    def round_with_group(self, config: AveragingConfig, weight: float, gather: dict) -> dict | None:
+        """All-reduce this averager's tensors with the group it finds: each member's gathered data, or
+        None if no group formed or the all-reduce failed. Past the round's deadline it is cancelled and
+        TimeoutError raised. Finding a group gives up soon after the matchmaking window, so a round with
+        no partner does not block the next ones; the whole round has a deadline of its own as well,
+        since a step whose group breaks up mid-way has been seen to outlive every hivemind timeout."""
+        find_group_within = 2 * config.matchmaking_time + config.request_timeout
+        control = self._running_round = self.step(
+            weight=float(weight), gather=gather, timeout=find_group_within, allow_retries=False, wait=False
+        )
+        try:
+            return control.result(timeout=find_group_within + config.averaging_timeout)
+        except TimeoutError:
+            control.cancel()
+            raise
+        finally:
+            self._running_round = None
+
+    def cancel_round_and_shutdown(self) -> None:
+        """Cancel a round in progress (else its thread, and so the process's exit, waits out its deadline), then shut down."""
+        control = self._running_round
+        if control is not None:
+            control.cancel()
+        self.shutdown()
 
     def get_current_state(self):
         if self.state_provider is None:
@@ -297,7 +323,6 @@ class SpartaAverager:
         self.averager.guard, self.averager.stage = (access.guard if access else None), stage
         self.averager.members_key = prefix  # the stage key: where its workers announce themselves
         self.averager.run_in_background(await_ready=True)
-        self._control = None
         self._closed = False
         self._busy = threading.Lock()
         self.rounds_ok = self.rounds_failed = self.last_group_size = 0
@@ -414,21 +439,11 @@ class SpartaAverager:
                 buffer[: len(values)] = values.float()
         if self._bits:
             self.averager.set_group_bits(format(index, f"0{self._bits}b"))
-        # give up finding a group soon after the matchmaking window, so a round with no partner
-        # does not block the next ones; the whole round gets a deadline of its own as well, since a
-        # step whose group breaks up mid-way has been seen to outlive every hivemind timeout
-        find_group_within = 2 * self.config.matchmaking_time + self.config.request_timeout
         gather = {"slice": index, "access": self.access.token if self.access else ""}
-        control = self._control = self.averager.step(
-            weight=float(weight), gather=gather, timeout=find_group_within, allow_retries=False, wait=False
-        )
         try:
-            group = control.result(timeout=find_group_within + self.config.averaging_timeout)
+            group = self.averager.round_with_group(self.config, weight, gather)
         except TimeoutError:
-            control.cancel()
             return RoundResult(epoch, index, False, 0, "the round did not finish within its deadline")
-        finally:
-            self._control = None
         if not group:
             return RoundResult(epoch, index, False, 0, "no group formed or all-reduce failed")
         if any(gathered.get("slice") != index for gathered in group.values()):
@@ -459,7 +474,4 @@ class SpartaAverager:
 
     def shutdown(self) -> None:
         self._closed = True
-        control = self._control
-        if control is not None:
-            control.cancel()  # else the round's thread, and so the process's exit, waits out its deadline
-        self.averager.shutdown()
+        self.averager.cancel_round_and_shutdown()

@@ -15,7 +15,6 @@ values that are not finite leaves the worker to step on its own gradient, as wit
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,8 +22,7 @@ from hivemind import DHT
 
 from agora_server.access import PeerAccess
 from agora_server.optim.averaging import AveragingConfig, _StageStateAverager, group_settings
-
-logger = logging.getLogger(__name__)
+from agora_server.optim.sparta import to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +56,6 @@ class GradientAverager:
         )
         self.averager.guard, self.averager.stage = (access.guard if access else None), stage
         self.averager.run_in_background(await_ready=True)
-        self._control = None
 
     def averages(self, epoch: int) -> bool:
         """Whether the step that ends ``epoch`` averages gradients."""
@@ -71,20 +68,13 @@ class GradientAverager:
             return None
         with self.averager.get_tensors() as buffers:
             for buffer, gradient in zip(buffers, gradients):
-                buffer.copy_(gradient.detach().to("cpu", torch.float32))
-        find_group_within = 2 * self.config.matchmaking_time + self.config.request_timeout
+                buffer.copy_(to_host(gradient))
         gather = {"epoch": epoch, "access": self.access.token if self.access else ""}
-        # a worker that served no micro-batch this epoch still takes the stage's step, contributing nothing
-        control = self._control = self.averager.step(
-            weight=max(float(batches), 1e-6), gather=gather, timeout=find_group_within, allow_retries=False, wait=False
-        )
         try:
-            group = control.result(timeout=find_group_within + self.config.averaging_timeout)
+            # a worker that served no micro-batch this epoch still takes the stage's step, contributing nothing
+            group = self.averager.round_with_group(self.config, max(float(batches), 1e-6), gather)
         except Exception as e:  # a failed round leaves the worker its own gradient
-            control.cancel()
             return GradientRound(epoch, False, 0, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-        finally:
-            self._control = None
         if not group:
             return GradientRound(epoch, False, 0, "no group formed or all-reduce failed")
         if any(gathered.get("epoch") != epoch for gathered in group.values()):
@@ -97,7 +87,4 @@ class GradientAverager:
         return GradientRound(epoch, True, len(group))
 
     def shutdown(self) -> None:
-        control = self._control
-        if control is not None:
-            control.cancel()
-        self.averager.shutdown()
+        self.averager.cancel_round_and_shutdown()

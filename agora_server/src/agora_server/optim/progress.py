@@ -60,7 +60,7 @@ class LocalProgress:
 def overshoot_share(own: int, total: int, target: int) -> int:
     """This worker's part of the samples an epoch counted beyond its target, in proportion to what it
     contributed (every worker that saw the same total carries its share; together, the overshoot)."""
-    if total <= target or total <= 0:
+    if total <= target:
         return 0
     return min(own, round(own * (total - target) / total))
 

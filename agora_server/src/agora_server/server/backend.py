@@ -165,7 +165,7 @@ class StageBackend:
             return False
         epoch = self.progress.epoch
         # while gradients are averaged, a worker that served nothing this epoch still takes the stage's step
-        if self.weights.batches or (self.gradients is not None and self.gradients.averages(epoch)):
+        if self.weights.batches or self._averages_gradients(epoch):
             self._apply_gradients(epoch)
         self.after_epoch(self.progress.advance())
         return True
@@ -174,7 +174,7 @@ class StageBackend:
         # each micro-batch's loss is a mean over its tokens: the step takes the mean of their gradients
         lr = learning_rate(epoch, self.config.optimizer)
         combine = None
-        if self.gradients is not None and self.gradients.averages(epoch):
+        if self._averages_gradients(epoch):
             combine = lambda means, batches: self._average_gradients(epoch, means, batches)  # noqa: E731
         norm = self.weights.step(self.optimizer, lr, self.config.optimizer.clip_grad_norm, combine)
         if math.isfinite(norm):
@@ -186,6 +186,9 @@ class StageBackend:
                 self.counters.skipped_steps += 1
             self.emit(NonFiniteGradients(stage=self.stage.spec.name, grad_norm=norm))
         self._accumulated_samples = 0
+
+    def _averages_gradients(self, epoch: int) -> bool:
+        return self.gradients is not None and self.gradients.averages(epoch)
 
     def _average_gradients(self, epoch: int, means: list[torch.Tensor], batches: int) -> None:
         result = self.gradients.average(epoch, means, batches)
