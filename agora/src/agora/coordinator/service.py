@@ -55,13 +55,12 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig, stages: StagePlan, db: Database, verifier: TokenVerifier,
                  signer: AccessSigner, probe: PortProbe = porttest.probe, clock: Callable[[], float] = time.time):
         self.signer = signer
-        ledger, callers = Ledger(db), Callers(verifier, config.operators)
-        self._callers = callers
-        self._grants = AccessGrants(config, signer, clock)
-        roster = Roster(config, stages)
-        self._admission = Admission(config, ledger, callers, self._grants, roster, probe, clock)
-        self._reports = Reports(config, stages, ledger, callers, roster, signer.public_key, clock)
-        self._sessions = NodeSessions(config, stages, ledger, callers, self._grants, roster, self._reports, clock)
+        ledger, roster = Ledger(db), Roster(config, stages)
+        self._callers = callers = Callers(verifier, config.operators)
+        self._grants = grants = AccessGrants(config, signer, clock)
+        self._admission = Admission(config, ledger, callers, grants, roster, probe, clock)
+        self._reports = reports = Reports(config, stages, ledger, callers, roster, signer.public_key, clock)
+        self._sessions = NodeSessions(config, stages, ledger, callers, grants, roster, reports, clock)
         self._checkpoints = CheckpointAccess(stages, ledger, callers, signer.public_key, clock)
         with ledger.transaction() as s:
             roster.forgive_downtime(s, clock())
