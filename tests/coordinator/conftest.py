@@ -35,13 +35,15 @@ def _layouts() -> dict:
     return stage_layouts(load_run_config(RUN_CONFIG))
 
 
-def stage_state(size: int, epoch: int = 0, stage: str = "head") -> bytes:
+def stage_state(size: int, epoch: int = 0, stage: str = "head", **extra) -> bytes:
     """A state of ``stage`` of RUN_CONFIG as a worker saves it (weights of the stage's exact layout,
-    optimizer, epoch), random and padded in the optimizer state to at least ``size`` bytes."""
+    optimizer, epoch, and ``extra`` entries such as ``counters``), random and padded in the optimizer
+    state to at least ``size`` bytes."""
     weights = {name: torch.randn(shape, dtype=dtype) for name, (shape, dtype) in _layouts()[stage].items()}
     padding = max(1, (size - sum(w.numel() * w.element_size() for w in weights.values())) // 4)
     buffer = io.BytesIO()
-    torch.save({"model": weights, "optimizer": {"state": {0: {"exp_avg": torch.randn(padding)}}}, "epoch": epoch}, buffer)
+    torch.save({"model": weights, "optimizer": {"state": {0: {"exp_avg": torch.randn(padding)}}}, "epoch": epoch, **extra},
+               buffer)
     return buffer.getvalue()
 
 

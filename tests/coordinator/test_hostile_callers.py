@@ -242,7 +242,7 @@ def test_a_stages_checkpoint_goes_only_to_that_stages_nodes(harness, listener, t
     on_head = coord.http.put("/api/join", json=alice.join_body(listener.port), headers=alice.auth).json()
     on_body = coord.http.put("/api/join", json=bob.join_body(listener.port), headers=bob.auth).json()
     assert (on_head["stage"], on_body["stage"]) == ("head", "body1")
-    state = stage_state(1000)
+    state = stage_state(1000, counters={"forward_batches": 9})
     assert coord.http.put("/api/checkpoints/head", content=state,
                           headers={"Authorization": f"Bearer {on_head['access_token']}"}).status_code == 200
 

@@ -23,9 +23,10 @@ RUN = {"run_config": "local-tiny"}
 
 def test_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**RUN, "stages": [{"name": "head", "need": 3}, {"name": "tail"}], "queue": {"capacity": 5}}))
+    stages = [{"name": "head", "need": 3}, {"name": "body1"}, {"name": "tail"}]
+    path.write_text(yaml.safe_dump({**RUN, "stages": stages, "queue": {"capacity": 5}}))
     config = load_coordinator_config(path, {"port": 9100, "database_url": None})
-    assert [(s.name, s.need) for s in config.stages] == [("head", 3), ("tail", 1)]
+    assert [(s.name, s.need) for s in config.stages] == [("head", 3), ("body1", 1), ("tail", 1)]
     assert (config.queue.capacity, config.port, config.database_url) == (5, 9100, "sqlite:///coordinator.db")
     assert str(config.token_source) == "hf"
 
