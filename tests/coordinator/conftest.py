@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import io
 import json
 import socket
 import threading
@@ -11,16 +13,38 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agora.config import load_run_config
 from agora.coordinator.app import create_app
+from agora.coordinator.checkpoint_check import stage_layouts
 from agora.coordinator.config import CoordinatorConfig
 from agora_server.peer_keys import WorkerIdentity
 from agora.coordinator.porttest import PortTestListener
 from agora.coordinator.tokens import add_token
 
 USERS = ("alice", "bob", "carol")
+RUN_CONFIG = Path(__file__).parent / "three_stage_run.yaml"
+"""The run the harness's coordinators admit to: head, body1, tail."""
+
+
+@functools.cache
+def _layouts() -> dict:
+    return stage_layouts(load_run_config(RUN_CONFIG))
+
+
+def stage_state(size: int, epoch: int = 0, stage: str = "head", **extra) -> bytes:
+    """A state of ``stage`` of RUN_CONFIG as a worker saves it (weights of the stage's exact layout,
+    optimizer, epoch, and ``extra`` entries such as ``counters``), random and padded in the optimizer
+    state to at least ``size`` bytes."""
+    weights = {name: torch.randn(shape, dtype=dtype) for name, (shape, dtype) in _layouts()[stage].items()}
+    padding = max(1, (size - sum(w.numel() * w.element_size() for w in weights.values())) // 4)
+    buffer = io.BytesIO()
+    torch.save({"model": weights, "optimizer": {"state": {0: {"exp_avg": torch.randn(padding)}}}, "epoch": epoch, **extra},
+               buffer)
+    return buffer.getvalue()
 
 
 class ManualClock:
@@ -124,7 +148,7 @@ class CoordinatorHarness:
             "database_url": f"sqlite:///{self.tmp_path / 'coordinator.db'}",
             "key_path": str(self.tmp_path / "coordinator.key"),
             "token_source": str(self.token_file),
-            "stages": [{"name": "head", "need": 1}, {"name": "body1", "need": 1}, {"name": "tail", "need": 1}],
+            "run_config": str(RUN_CONFIG),
             "accepted_code_versions": ["v-test"],
             "port_test": {"deadline_s": 2.0},
         }

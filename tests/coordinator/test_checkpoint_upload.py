@@ -19,7 +19,7 @@ from tests.coordinator.conftest import RunningCoordinator
 from tests.helpers.throttled_proxy import ThrottledProxy
 
 from .test_api import join
-from .test_checkpoints import stage_state
+from .conftest import stage_state
 
 RATE = 800_000  # bytes per second, per connection
 CHECKPOINT_BYTES = 8_000_000  # 10 s through the link, twice what the kernel buffers hold

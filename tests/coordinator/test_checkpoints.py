@@ -4,17 +4,16 @@ with the resumable, checksum-verified client."""
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 
 import pytest
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agora_server.access import AccessClaims, issue_access_token
 
 from agora.checkpoint_download import CheckpointDownloadError, ChecksumMismatch, download_checkpoint
 
+from .conftest import stage_state
 from .test_api import join, poll
 
 LIMIT = 64_000
@@ -24,14 +23,6 @@ LIMIT = 64_000
 def coord(harness, tmp_path):
     return harness.start(checkpoints={"directory": str(tmp_path / "checkpoints"), "max_upload_bytes": LIMIT},
                          access_token_lifetime_s=600, operators=["carol"])
-
-
-def stage_state(size: int, epoch: int = 0) -> bytes:
-    """A stage state as a worker saves it (weights, optimizer, epoch), random and at least ``size`` bytes:
-    the coordinator accepts only uploads that load as one."""
-    buffer = io.BytesIO()
-    torch.save({"model": {"w": torch.randn(max(1, size // 4))}, "optimizer": {"state": {}}, "epoch": epoch}, buffer)
-    return buffer.getvalue()
 
 
 def admitted(coord, harness, listener, user="alice"):
@@ -85,10 +76,11 @@ def test_a_node_with_access_uploads_and_newcomers_must_download_it(coord, harnes
 
 def test_a_stage_with_a_checkpoint_admits_newcomers_after_their_download(harness, listener, tmp_path):
     coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints")},
-                          stages=[{"name": "head", "need": 2}])
+                          stages=[{"name": "head", "need": 2}, {"name": "body1", "need": 1}, {"name": "tail", "need": 1}])
     access = admitted(coord, harness, listener)
     state = stage_state(5000)
     assert upload(coord, "head", access["access_token"], state).status_code == 200
+    assert [admitted(coord, harness, listener)["stage"] for _ in range(2)] == ["body1", "tail"]  # no checkpoints there
 
     newcomer = harness.node("bob")
     queued = join(coord, newcomer, listener.port).json()

@@ -17,7 +17,7 @@ from agora.config import load_run_config
 from agora.coordinator.app import create_app
 from agora.coordinator.checkpoint_check import stage_layouts
 from agora.coordinator.tokens import CachingVerifier, HuggingFaceVerifier
-from tests.coordinator.conftest import Node, RunningCoordinator, new_identity
+from tests.coordinator.conftest import Node, RunningCoordinator, new_identity, stage_state
 from tests.helpers.fake_whoami import FakeWhoami
 
 MiB = 2**20
@@ -134,7 +134,7 @@ def test_a_forged_contribution_is_credited_only_what_the_elapsed_time_allows(har
 def test_huge_counters_never_break_the_dashboard_or_metrics(harness, listener):
     generous = {"max_samples_per_second": 1e15, "max_tokens_per_second": 1e15}
     coord = harness.start(queue={"max_active_per_user": 10}, contributions=generous,
-                          stages=[{"name": "head", "need": 3}, {"name": "tail", "need": 1}])
+                          stages=[{"name": "head", "need": 3}, {"name": "body1", "need": 1}, {"name": "tail", "need": 1}])
     nodes = [harness.node() for _ in range(3)]
     uids = [coord.http.put("/api/join", json=n.join_body(listener.port), headers=n.auth).json()["uid"] for n in nodes]
     for session in ("a", "b", "c"):  # three restarts, each claiming 2^53: the counter would pass it
@@ -194,7 +194,7 @@ class _RunsCode:
 
 
 def test_only_a_valid_state_of_the_stage_replaces_its_checkpoint(harness, listener, tmp_path):
-    coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints"), "run_config": "local-tiny"})
+    coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints")}, run_config="local-tiny")
     node = harness.node()
     access = coord.http.put("/api/join", json=node.join_body(listener.port), headers=node.auth).json()
     assert access["stage"] == "head"
@@ -242,7 +242,7 @@ def test_a_stages_checkpoint_goes_only_to_that_stages_nodes(harness, listener, t
     on_head = coord.http.put("/api/join", json=alice.join_body(listener.port), headers=alice.auth).json()
     on_body = coord.http.put("/api/join", json=bob.join_body(listener.port), headers=bob.auth).json()
     assert (on_head["stage"], on_body["stage"]) == ("head", "body1")
-    state = _saved({"model": {"w": torch.zeros(8)}, "optimizer": {}, "epoch": 0, "counters": {"forward_batches": 9}})
+    state = stage_state(1000, counters={"forward_batches": 9})
     assert coord.http.put("/api/checkpoints/head", content=state,
                           headers={"Authorization": f"Bearer {on_head['access_token']}"}).status_code == 200
 

@@ -18,19 +18,24 @@ from agora.coordinator.tokens import HuggingFaceVerifier, InvalidToken, TokenFil
 from tests.helpers.fake_whoami import FakeWhoami
 
 
+RUN = {"run_config": "local-tiny"}
+
+
 def test_config_from_yaml_with_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"stages": [{"name": "head", "need": 3}, {"name": "tail"}], "queue": {"capacity": 5}}))
+    stages = [{"name": "head", "need": 3}, {"name": "body1"}, {"name": "tail"}]
+    path.write_text(yaml.safe_dump({**RUN, "stages": stages, "queue": {"capacity": 5}}))
     config = load_coordinator_config(path, {"port": 9100, "database_url": None})
-    assert config.stage_needs == {"head": 3, "tail": 1}
+    assert [(s.name, s.need) for s in config.stages] == [("head", 3), ("body1", 1), ("tail", 1)]
     assert (config.queue.capacity, config.port, config.database_url) == (5, 9100, "sqlite:///coordinator.db")
     assert str(config.token_source) == "hf"
 
 
-@pytest.mark.parametrize("bad", [{"stages": [{"name": "a"}, {"name": "a"}]}, {"queue": {"capacity": 0}},
-                                 {"checkpoint_url_template": "http://x/no-stage"}, {"unknown_field": 1},
-                                 {"checkpoint_url_template": "http://x/{stage}", "checkpoints": {"directory": "ckpt"}}])
+@pytest.mark.parametrize("bad", [{"port": 9100}, {**RUN, "queue": {"capacity": 0}}, {**RUN, "stages": [{"name": "head", "need": 0}]},
+                                 {**RUN, "checkpoint_url_template": "http://x/no-stage"}, {**RUN, "unknown_field": 1},
+                                 {**RUN, "checkpoint_url_template": "http://x/{stage}", "checkpoints": {"directory": "ckpt"}}])
 def test_config_errors_name_the_file(tmp_path, bad):
+    """``{"port": 9100}``: no run config named, so no stages to admit to."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(CoordinatorConfigError, match="c.yaml"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 from agora_server.access import verify_access_token
 
 from .test_api import PEER_ID_TAKEN, join, poll, refused
+from .test_metrics import scrape
 
 READY = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
@@ -108,3 +110,27 @@ def test_restart_keeps_bindings_queue_and_contributions(harness, listener, proce
                               headers=active.auth).json()
     assert renewed["coordinator_public_key"] == access["coordinator_public_key"]
     assert verify_access_token(access["access_token"], renewed["coordinator_public_key"], now=time.time()).uid == access["uid"]
+
+
+def test_queue_states_are_stored_as_the_words_earlier_coordinators_wrote(harness, listener):
+    """The queue's states are an enum in the code and the same plain words in the database (the column's
+    type is unchanged), so the database files of earlier coordinators read the same."""
+    coord = harness.start(queue={"capacity": 1, "abandon_after_s": 60})
+    alice, bob, carol = harness.node("alice"), harness.node("bob"), harness.node("carol")
+    assert join(coord, alice, listener.port).json()["status"] == "access"
+    bob_q, carol_q = join(coord, bob, listener.port).json(), join(coord, carol, listener.port).json()
+    harness.clock.advance(40)
+    assert poll(coord, bob, bob_q).json()["position"] == 1
+    harness.clock.advance(40)  # carol has not polled for 80 s: dropped
+    assert poll(coord, bob, bob_q).json()["position"] == 1
+    with sqlite3.connect(harness.tmp_path / "coordinator.db") as db:
+        stored = db.execute("SELECT status, drop_reason FROM queue_requests ORDER BY seq").fetchall()
+    assert stored == [("admitted", None), ("waiting", None), ("dropped", "abandoned")]
+
+    harness.stop_all()
+    again = harness.start(queue={"capacity": 1, "abandon_after_s": 60})
+    assert poll(again, bob, bob_q).json()["position"] == 1
+    assert poll(again, carol, carol_q).json()["error"] == "abandoned"
+    metrics = scrape(again)
+    assert metrics[("agora_coordinator_queue_drops_total", (("reason", "abandoned"),))] == 1
+    assert metrics[("agora_coordinator_admissions_total", (("stage", "head"),))] == 1

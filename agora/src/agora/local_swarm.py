@@ -297,7 +297,7 @@ class LocalSwarm:
 
         token_file = self.keys_dir / "tokens.txt"
         self._token = add_token(token_file, "local-participant")
-        # the coordinator checks every uploaded checkpoint against this run's stages
+        # the coordinator takes its stages from this run config and checks every uploaded checkpoint against it
         run_config_path = self.keys_dir / "run_config.yaml"
         run_config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
         port = free_port(DEFAULT_HOST)
@@ -307,13 +307,13 @@ class LocalSwarm:
             "database_url": f"sqlite:///{(self.log_dir / 'coordinator.db').resolve()}",
             "host": DEFAULT_HOST,
             "port": port,
+            "run_config": str(run_config_path.resolve()),
             "stages": [{"name": spec.name, "need": max(1, self.workers.get(spec.name, 0))} for spec in self.config.stages],
             "token_source": str(token_file),
             "key_path": str(self.keys_dir / "coordinator.key"),
             "queue": {"capacity": max(1, total), "max_active_per_user": max(1, total) + 4},
             "operators": ["local-participant"],  # the local trainer runs under the same token
-            "checkpoints": {"directory": str((self.log_dir / "coordinator-checkpoints").resolve()),
-                            "run_config": str(run_config_path.resolve())},
+            "checkpoints": {"directory": str((self.log_dir / "coordinator-checkpoints").resolve())},
             # workers beat every 5 s here: sample and judge silence on that scale, not production's
             "dashboard": {"sample_interval_s": 2, "lapse_after_s": 15},
         }

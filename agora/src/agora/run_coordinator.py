@@ -2,6 +2,7 @@
 
 Example:
     python3 -m agora.run_coordinator --config coordinator.yaml --port 8000
+    python3 -m agora.run_coordinator --run_config llama-8b   # every other setting at its default
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="coordinator YAML (see agora.coordinator.config); defaults apply without one")
+    parser.add_argument("--config", default=None, help="coordinator YAML (see agora.coordinator.config); without one, defaults apply and --run_config is needed")
+    parser.add_argument("--run_config", default=None, help="the run config (path or shipped name) whose stages it admits to; "
+                                                           "overrides the config's run_config")
     parser.add_argument("--host", default=None, help="overrides the config's host")
     parser.add_argument("--port", type=int, default=None, help="overrides the config's port; 0 picks a free one")
     parser.add_argument("--database", default=None, help="SQLAlchemy URL; overrides the config's database_url")
@@ -25,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from agora.coordinator.config import CoordinatorConfigError, load_coordinator_config
 
     try:
-        config = load_coordinator_config(args.config, {"host": args.host, "port": args.port, "database_url": args.database})
+        config = load_coordinator_config(args.config, {"host": args.host, "port": args.port, "database_url": args.database,
+                                                       "run_config": args.run_config})
         app = create_app(config)
     except CoordinatorConfigError as e:
         print(e, file=sys.stderr)

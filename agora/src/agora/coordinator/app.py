@@ -25,8 +25,9 @@ from agora_server.caller_text import clip
 
 from agora.coordinator import porttest
 from agora.coordinator.body_limit import BodyLimit, BodyTooLarge
+from agora.coordinator.checkpoint_check import stage_layouts
 from agora.coordinator.checkpoints import CheckpointStore
-from agora.coordinator.config import CoordinatorConfig, CoordinatorConfigError
+from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import Database
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 from agora.coordinator.metrics import CoordinatorMetrics
@@ -51,6 +52,7 @@ from agora.coordinator.schemas import (
 )
 from agora.coordinator.service import Coordinator, PortProbe
 from agora.coordinator.signing import AccessSigner, load_or_create_key
+from agora.coordinator.stages import load_run, plan_stages
 from agora.coordinator.tokens import TokenVerifier, build_verifier
 
 _bearer = HTTPBearer(auto_error=False, description="The participant's Hugging Face token (or a token from the run's token file).")
@@ -78,27 +80,13 @@ def _content_length(request: Request) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _stage_layouts(config: CoordinatorConfig):
-    """What uploads must match, from the run config; a run config whose stages differ is refused here."""
-    if config.checkpoints.run_config is None:
-        return None
-    from agora.config import ConfigError, load_run_config
-    from agora.coordinator.checkpoint_check import stage_layouts
-
-    try:
-        layouts = stage_layouts(load_run_config(config.checkpoints.run_config))
-    except ConfigError as e:
-        raise CoordinatorConfigError(f"checkpoints.run_config: {e}") from None
-    if set(layouts) != set(config.stage_needs):
-        raise CoordinatorConfigError(f"checkpoints.run_config has stages {sorted(layouts)}, this coordinator {sorted(config.stage_needs)}")
-    return layouts
-
-
 def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = None, probe: PortProbe | None = None,
                clock: Callable[[], float] = time.time) -> FastAPI:
+    run = load_run(config)
+    stages = plan_stages(config, run)  # refused here, at start, if the config's stage list disagrees with the run's
     db = Database(config.database_url)
     coordinator = Coordinator(
-        config, db, verifier or build_verifier(config.token_source, config.token_cache_s, config.token_failure_cache_s),
+        config, stages, db, verifier or build_verifier(config.token_source, config.token_cache_s, config.token_failure_cache_s),
         AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock,
     )
 
@@ -124,7 +112,7 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     app.state.coordinator = coordinator
     metrics = CoordinatorMetrics(coordinator)
     store = None if config.checkpoints.directory is None else CheckpointStore(
-        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock, layouts=_stage_layouts(config))
+        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock, layouts=stage_layouts(run))
     dashboard = resources.files("agora.coordinator").joinpath("dashboard.html").read_text(encoding="utf-8")
 
     @app.exception_handler(CoordinatorRefusal)
@@ -234,7 +222,7 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         """The stage's latest checkpoint, for nodes of that stage only (see ``Coordinator.authorize_download``).
         ETag and X-Checkpoint-SHA256 carry its sha256, for resuming and checking."""
         checkpoints = _store()
-        if stage not in config.stage_needs:
+        if stage not in stages:
             raise CoordinatorRefusal(Refusal.UNKNOWN_STAGE, stage=stage)
         info = checkpoints.current(stage)  # whether one exists is no secret: run_info tells as much
         if info is None:

@@ -38,9 +38,9 @@ def stage_layouts(run_config) -> dict[str, StageLayout]:
     return layouts
 
 
-def check_stage_state(path: Path, layout: StageLayout | None, epoch: int | None = None) -> int:
-    """The state's epoch if ``path`` holds a valid state of the stage whose ``layout`` is given (None:
-    the form and finiteness only); InvalidCheckpoint otherwise."""
+def check_stage_state(path: Path, layout: StageLayout, epoch: int | None = None) -> int:
+    """The state's epoch if ``path`` holds a valid state of the stage whose ``layout`` is given;
+    InvalidCheckpoint otherwise."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -53,8 +53,7 @@ def check_stage_state(path: Path, layout: StageLayout | None, epoch: int | None 
     if epoch is not None and epoch != found_epoch:
         raise InvalidCheckpoint(f"it holds epoch {found_epoch}, not the {epoch} sent in X-Checkpoint-Epoch")
     weights = state["model"]
-    if layout is not None:
-        _check_layout(weights, layout)
+    _check_layout(weights, layout)
     for where, tensor in _tensors({"model": weights, "optimizer": state["optimizer"]}, "", 0):
         if not _finite(tensor):
             raise InvalidCheckpoint(f"{where[:120]} holds values that are not finite")

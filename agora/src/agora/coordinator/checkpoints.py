@@ -47,9 +47,8 @@ class Uploader:
 
 class CheckpointStore:
     def __init__(self, directory: Path, db: Database, max_upload_bytes: int, clock: Callable[[], float],
-                 layouts: dict[str, StageLayout] | None = None):
-        """``layouts``: each stage's weights as its model has them; an upload for a stage must match
-        them. None: uploads are checked for form and finite values only."""
+                 layouts: dict[str, StageLayout]):
+        """``layouts``: each stage's weights as its model has them; an upload for a stage must match them."""
         self.directory, self.db, self.max_upload_bytes, self._clock = Path(directory), db, max_upload_bytes, clock
         self.layouts = layouts
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -102,9 +101,8 @@ class CheckpointStore:
             partial.unlink(missing_ok=True)  # after a commit it has already been renamed away
 
     def _check_state(self, stage: str, partial: Path, epoch: int | None) -> int:
-        layout = None if self.layouts is None else self.layouts[stage]
         try:
-            return check_stage_state(partial, layout, epoch)
+            return check_stage_state(partial, self.layouts[stage], epoch)
         except InvalidCheckpoint as e:
             raise CoordinatorRefusal(Refusal.INVALID_CHECKPOINT, stage=stage, reason=str(e)) from None
 

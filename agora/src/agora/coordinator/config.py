@@ -57,10 +57,6 @@ class CheckpointConfig(BaseModel):
     directory: Path | None = None
     """Where the coordinator keeps each stage's latest uploaded checkpoint (and the one before it), served
     at ``/api/checkpoints/{stage}``. Unset: the coordinator accepts and serves no checkpoints."""
-    run_config: str | None = None
-    """The run config (a path, or the name of a shipped one) whose stages this coordinator admits to.
-    Set, every upload must hold exactly the weights (names, shapes, dtypes) of its stage's model; unset,
-    only that it is a stage state with finite values. Set it for any run open to strangers."""
     max_upload_bytes: int = Field(default=64 * 2**30, ge=1)
     """Largest checkpoint upload accepted; larger ones get 413. Size it to one stage's state, with room to grow."""
     public_url: str | None = Field(default=None, pattern=r"^https?://")
@@ -105,8 +101,13 @@ class CoordinatorConfig(BaseModel):
     """Any SQLAlchemy URL; a PostgreSQL URL for a big run."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    stages: list[StageNeed] = Field(default_factory=lambda: [StageNeed(name="head"), StageNeed(name="tail")], min_length=1)
-    """The run's stages in pipeline order, each with the number of workers it needs."""
+    run_config: str
+    """The run config (a path, or the name of a shipped one) whose stages this coordinator admits to: the
+    stages and their pipeline order come from it, and every checkpoint upload must hold exactly the weights
+    (names, shapes, dtypes) of its stage's model."""
+    stages: list[StageNeed] | None = None
+    """Unset: the run config's stages, one worker needed each. Set it only to give stages other needs: it must
+    then list every stage of the run config, in pipeline order (the coordinator refuses to start otherwise)."""
     token_source: Literal["hf"] | Path = "hf"
     """``hf``: check participants' tokens with Hugging Face ``whoami``; a path: an offline token file
     (lines ``<sha256 of token> <username>``)."""
@@ -142,20 +143,13 @@ class CoordinatorConfig(BaseModel):
     contributions: ContributionConfig = ContributionConfig()
 
     @model_validator(mode="after")
-    def _unique_stages(self) -> "CoordinatorConfig":
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names repeat: {names}")
+    def _checkpoint_source(self) -> "CoordinatorConfig":
         if self.checkpoint_url_template is not None and "{stage}" not in self.checkpoint_url_template:
             raise ValueError("checkpoint_url_template must contain {stage}")
         if self.checkpoint_url_template is not None and self.checkpoints.directory is not None:
             raise ValueError("set checkpoint_url_template (weights hosted elsewhere) or checkpoints.directory "
                              "(the coordinator serves them), not both")
         return self
-
-    @property
-    def stage_needs(self) -> dict[str, int]:
-        return {s.name: s.need for s in self.stages}
 
     @property
     def serves_checkpoints(self) -> bool:

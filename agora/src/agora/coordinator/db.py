@@ -5,16 +5,26 @@ stores them the same way."""
 
 from __future__ import annotations
 
+import enum
 import os
 from contextlib import contextmanager
 from typing import Iterator
 
-from sqlalchemy import Boolean, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, event, inspect, make_url
+from sqlalchemy import Boolean, Enum, Float, ForeignKey, Integer, String, UniqueConstraint, create_engine, event, inspect, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from agora.coordinator.queue import DropReason, QueueStatus
 
 
 class Base(DeclarativeBase):
     pass
+
+
+def _stored_as_value(kind: type[enum.Enum], length: int) -> Enum:
+    """A VARCHAR holding the enum's values ("waiting"), as the columns always held plain strings, so the
+    database files of earlier coordinators read the same; no native enum type and no CHECK constraint."""
+    return Enum(kind, native_enum=False, create_constraint=False, length=length, validate_strings=True,
+                values_callable=lambda members: [member.value for member in members])
 
 
 class User(Base):
@@ -48,9 +58,9 @@ class QueueRequest(Base):
     session_token_sha256: Mapped[str] = mapped_column(String(64))
     peer_id: Mapped[str] = mapped_column(ForeignKey("identity_bindings.peer_id"), index=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # waiting | admitted | dropped
+    status: Mapped[QueueStatus] = mapped_column(_stored_as_value(QueueStatus, 16), index=True)
     stage: Mapped[str] = mapped_column(String(64))
-    drop_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    drop_reason: Mapped[DropReason | None] = mapped_column(_stored_as_value(DropReason, 64), nullable=True)
     enqueued_at: Mapped[float] = mapped_column(Float)
     last_poll_at: Mapped[float] = mapped_column(Float)
     admitted_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -22,6 +22,7 @@ from agora.coordinator.db import (
     TrainingPoint,
     User,
 )
+from agora.coordinator.queue import QueueStatus
 from agora.coordinator.schemas import HistoryAnswer, NodeInfo, StageSampleInfo, TimelineEntry, TrainingReport, TrainingSample
 
 T = TypeVar("T")
@@ -43,14 +44,14 @@ def stage_counts(s: Session, stages: Sequence[str]) -> dict[str, collections.Cou
     rows = s.execute(select(ActiveNode.stage, NodeState.state).join(NodeState, NodeState.peer_id == ActiveNode.peer_id, isouter=True))
     for stage, state in rows:
         counts.setdefault(stage, collections.Counter())[state or ns.STARTING] += 1
-    for stage, waiting in s.execute(select(QueueRequest.stage, func.count()).where(QueueRequest.status == "waiting")
+    for stage, waiting in s.execute(select(QueueRequest.stage, func.count()).where(QueueRequest.status == QueueStatus.WAITING)
                                     .group_by(QueueRequest.stage)):
         counts.setdefault(stage, collections.Counter())["queued"] += waiting
     return counts
 
 
-def take_sample(s: Session, config: CoordinatorConfig, now: float) -> None:
-    for stage, count in stage_counts(s, [st.name for st in config.stages]).items():
+def take_sample(s: Session, stages: Sequence[str], now: float) -> None:
+    for stage, count in stage_counts(s, stages).items():
         s.add(StageSample(at=now, stage=stage, training=count[ns.TRAINING], warming_up=count[ns.WARMING_UP],
                           starting=count[ns.STARTING], lapsed=count[ns.LAPSED], queued=count["queued"]))
 
@@ -62,14 +63,14 @@ def record_training(s: Session, body: TrainingReport, now: float) -> None:
                         dropped=body.dropped, finished=body.finished))
 
 
-def history(s: Session, config: CoordinatorConfig, since: float, now: float) -> HistoryAnswer:
+def history(s: Session, config: CoordinatorConfig, stages: Sequence[str], since: float, now: float) -> HistoryAnswer:
     most = config.dashboard.history_points
     points = s.scalars(select(TrainingPoint).where(TrainingPoint.at >= since).order_by(TrainingPoint.at, TrainingPoint.id)).all()
     # validation points are few and each one matters: thin only the progress reports
     validation = [p for p in points if p.validation_loss is not None]
     progress = thin([p for p in points if p.validation_loss is None], most)
     training = sorted([*progress, *validation], key=lambda p: (p.at, p.id))
-    by_stage: dict[str, list[StageSample]] = {st.name: [] for st in config.stages}
+    by_stage: dict[str, list[StageSample]] = {stage: [] for stage in stages}
     for row in s.scalars(select(StageSample).where(StageSample.at >= since).order_by(StageSample.at, StageSample.id)):
         by_stage.setdefault(row.stage, []).append(row)
     return HistoryAnswer(
@@ -84,14 +85,14 @@ def history(s: Session, config: CoordinatorConfig, since: float, now: float) -> 
     )
 
 
-def nodes(s: Session, config: CoordinatorConfig, peer_id: str | None = None) -> list[NodeInfo]:
-    """Nodes taking part (serving, then queued in order), then the latest that have gone; only the
-    one named by ``peer_id`` if given."""
+def nodes(s: Session, config: CoordinatorConfig, stages: Sequence[str], peer_id: str | None = None) -> list[NodeInfo]:
+    """Nodes taking part (serving, by ``stages``' pipeline order, then queued in order), then the latest
+    that have gone; only the one named by ``peer_id`` if given."""
     query = select(NodeState, User.username).join(User, User.id == NodeState.user_id)
     if peer_id is not None:
         query = query.where(NodeState.peer_id == peer_id)
     rows = list(s.execute(query))
-    waiting = list(s.scalars(select(QueueRequest).where(QueueRequest.status == "waiting").order_by(QueueRequest.seq)))
+    waiting = list(s.scalars(select(QueueRequest).where(QueueRequest.status == QueueStatus.WAITING).order_by(QueueRequest.seq)))
     position = {r.peer_id: i + 1 for i, r in enumerate(waiting)}
     request = {r.peer_id: r for r in waiting}
     work = collections.defaultdict(lambda: [0, 0])
@@ -99,7 +100,7 @@ def nodes(s: Session, config: CoordinatorConfig, peer_id: str | None = None) -> 
     for pid, samples, tokens in s.execute(select(Contribution.peer_id, Contribution.samples, Contribution.tokens)):
         work[pid][0] += contributions.total([samples])
         work[pid][1] += contributions.total([tokens])
-    stage_order = {st.name: i for i, st in enumerate(config.stages)}
+    stage_order = {stage: i for i, stage in enumerate(stages)}
 
     def order(item):
         row = item[0]

@@ -4,8 +4,24 @@ how often nodes leave the run, not assumed)."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Sequence
+
+
+class QueueStatus(enum.StrEnum):
+    """Where one join request stands; the values are what the database stores."""
+
+    WAITING = "waiting"
+    ADMITTED = "admitted"
+    DROPPED = "dropped"
+
+
+class DropReason(enum.StrEnum):
+    """Why a waiting request lost its place; the values are what the database and ``/metrics`` show."""
+
+    SLOW_DOWNLOAD = "download_too_slow"
+    ABANDONED = "abandoned"
 
 
 @dataclasses.dataclass(frozen=True)
