@@ -8,9 +8,8 @@
 - ``queue.py``       capacity, admissions, wait estimate (from observed departures), poll interval
 - ``node_states.py`` each node's state for the dashboard (queued … training, lapsed, gone) and its changes
 - ``assignment.py``  choose_stage (least filled, with hysteresis), choose_move (refill an empty stage)
-- ``porttest.py``    probe (coordinator side) and PortTestListener (worker side)
+- ``porttest.py``    probe: is the joining peer's port-test listener reachable on the port it announced?
 - ``errors.py``      Refusal: every refusal's HTTP status and message (the guide's strings)
-- ``schemas.py``     request and answer bodies of the HTTP API
 - ``service.py``     Coordinator: the rules, on top of the database (who may upload or download a checkpoint included)
 - ``contributions.py`` how much of a heartbeat's reported work is credited: bounded by elapsed time, saturating
 - ``checkpoints.py`` CheckpointStore: each stage's latest checkpoint on disk, atomic uploads named by sha256
@@ -21,7 +20,8 @@
 - ``dashboard.html`` the self-contained live dashboard page served at ``/`` (inline-SVG charts, per-node view)
 - ``app.py``         create_app(config): the FastAPI routes
 
-Newcomers download checkpoints with ``agora.checkpoint_download.download_checkpoint``.
+The request and answer bodies of the HTTP API are ``agora.protocol``, shared with the peers; the
+peers' side (join, session, checkpoint download) is ``agora.membership``.
 
 The access-token format itself lives in ``agora_server.access`` because every worker checks tokens.
 """

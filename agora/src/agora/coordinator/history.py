@@ -22,7 +22,7 @@ from agora.coordinator.db import (
     TrainingPoint,
     User,
 )
-from agora.coordinator.schemas import HistoryAnswer, NodeInfo, StageSampleInfo, TimelineEntry, TrainingReport, TrainingSample
+from agora.protocol import HistoryAnswer, NodeInfo, StageSampleInfo, TimelineEntry, TrainingReport, TrainingSample
 
 T = TypeVar("T")
 ENDED_SHOWN = 50

@@ -31,7 +31,7 @@ from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import ActiveNode, Contribution, Database, IdentityBinding, NodeStop, QueueRequest, StageCheckpoint, User
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 from agora_server.peer_keys import PeerKeyError, load_public_key, peer_id_of, verify_signature
-from agora.coordinator.schemas import (
+from agora.protocol import (
     AccessAnswer,
     ContributionInfo,
     HeartbeatAnswer,
