@@ -22,7 +22,7 @@ from agora.coordinator.app import create_app
 from agora.coordinator.checkpoint_check import stage_layouts
 from agora.coordinator.config import CoordinatorConfig
 from agora_server.peer_keys import WorkerIdentity
-from agora.coordinator.porttest import PortTestListener
+from agora.membership.port_test import PortTestListener
 from agora.coordinator.tokens import add_token
 
 USERS = ("alice", "bob", "carol")

@@ -308,8 +308,9 @@ def test_trainer_access_is_for_operators_and_names_the_trainers_key(harness):
 
 
 def test_a_worker_moved_to_an_emptied_stage_stops_and_says_why(harness, listener):
-    from agora.admission import CoordinatorClient, CoordinatorSession
-    from agora.coordinator.schemas import AccessAnswer
+    from agora.membership.client import CoordinatorClient
+    from agora.membership.session import CoordinatorSession
+    from agora.protocol import AccessAnswer
     from agora_server.telemetry.events import CoordinatorStop, WorkerStats
 
     coord, nodes, stages = empty_the_tail(harness, listener)

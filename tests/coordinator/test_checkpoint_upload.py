@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from agora.admission import CoordinatorClient, CoordinatorSession
-from agora.checkpoint_upload import CheckpointUploader
 from agora.coordinator.app import create_app
-from agora.coordinator.schemas import AccessAnswer
+from agora.membership.checkpoint_upload import CheckpointUploader
+from agora.membership.client import CoordinatorClient
+from agora.membership.session import CoordinatorSession
+from agora.protocol import AccessAnswer
 from agora_server.telemetry import events as ev
 from tests.coordinator.conftest import RunningCoordinator
 from tests.helpers.throttled_proxy import ThrottledProxy

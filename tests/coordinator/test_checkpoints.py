@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agora_server.access import AccessClaims, issue_access_token
 
-from agora.checkpoint_download import CheckpointDownloadError, ChecksumMismatch, download_checkpoint
+from agora.membership.checkpoint_download import CheckpointDownloadError, ChecksumMismatch, download_checkpoint
 
 from .conftest import stage_state
 from .test_api import join, poll

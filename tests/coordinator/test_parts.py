@@ -12,7 +12,8 @@ import yaml
 from agora.coordinator import assignment, queue
 from agora.coordinator.config import CoordinatorConfigError, load_coordinator_config
 from agora_server.peer_keys import WorkerIdentity, verify_signature
-from agora.coordinator.porttest import PortTestListener, probe
+from agora.coordinator.porttest import probe
+from agora.membership.port_test import PortTestListener
 from agora.coordinator.signing import load_or_create_key
 from agora.coordinator.tokens import HuggingFaceVerifier, InvalidToken, TokenFileVerifier, TokenServiceUnavailable, add_token
 from tests.helpers.fake_whoami import FakeWhoami

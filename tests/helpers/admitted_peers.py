@@ -14,7 +14,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind import DHT
 
-from agora.identity import ensure_identity
+from agora.membership.identity import ensure_identity
 from agora_server.access import AccessClaims, PeerAccess, encode_public_key, issue_access_token
 from agora_server.dht_access import AccessRecordValidator
 from agora_server.optim.averaging import AveragingConfig, SpartaAverager

@@ -14,7 +14,7 @@ from hivemind import DHT
 from hivemind.utils import get_dht_time
 
 from agora.coordinator.signing import load_or_create_key
-from agora.identity import ensure_identity
+from agora.membership.identity import ensure_identity
 from agora_server.access import PeerAccess
 from agora_server.dht_access import AccessRecordValidator
 from agora_server.models.config import StageKind

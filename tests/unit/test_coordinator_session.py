@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from agora.admission import CoordinatorSession, CoordinatorUnavailable
-from agora.coordinator.schemas import AccessAnswer
+from agora.membership.client import CoordinatorUnavailable
+from agora.membership.session import CoordinatorSession
+from agora.protocol import AccessAnswer, HeartbeatAnswer
 from agora_server.telemetry import events as ev
 from agora_server.telemetry.console import console_lines
 from agora_server.telemetry.health import ACCESS_EXPIRED_MESSAGE, HealthConfig, HealthMonitor
@@ -48,15 +49,19 @@ class Coordinator:
         self.clock, self.down_at, self.calls = clock, down_at, []
         self.expires_at = clock.now + LIFETIME  # the node's access, as the coordinator records it
 
-    def put(self, path, body=None, *, content=None, headers=None, timeout=None):
+    def refresh(self, request, *, timeout=None) -> AccessAnswer:
+        self._call("/api/refresh_token", timeout)
+        self.expires_at = self.clock.now + LIFETIME
+        return access(self.expires_at)
+
+    def heartbeat(self, request, identity, *, timeout=None) -> HeartbeatAnswer:
+        self._call("/api/heartbeat", timeout)
+        return HeartbeatAnswer(expires_at=self.expires_at)
+
+    def _call(self, path, timeout):
         self.calls.append((self.clock.now, path, timeout))
         if self.clock.now >= self.down_at:
             raise CoordinatorUnavailable("the coordinator at http://127.0.0.1:8000 did not answer: ConnectError")
-        if path == "/api/refresh_token":
-            self.expires_at = self.clock.now + LIFETIME
-            return access(self.expires_at).model_dump()
-        assert path == "/api/heartbeat"
-        return {"expires_at": self.expires_at}
 
     def close(self):
         pass

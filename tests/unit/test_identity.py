@@ -1,6 +1,6 @@
 import stat
 
-from agora.identity import ensure_identity
+from agora.membership.identity import ensure_identity
 
 
 def test_new_key_is_private_and_stable(tmp_path):

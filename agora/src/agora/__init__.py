@@ -2,12 +2,12 @@
 
 - ``config.py``        RunConfig (YAML → typed objects), load_run_config, ConfigError
 - ``configs/``         shipped run configs: local-tiny.yaml (CPU swarm), llama-8b.yaml (production shape)
-- ``identity.py``      the worker's persistent key file (0600)
+- ``protocol.py``      the coordinator's requests and answers, shared by the coordinator and the peers
+- ``membership/``      how a peer joins a run and stays in it: join, session, checkpoint transfers, identity
 - ``processes.py``     logging set-up and signal handling shared by the entry points
 - ``run_server.py``    worker entry point (parse → build → run)
 - ``run_seed.py``      seed entry point: a long-lived DHT peer with a fixed identity
 - ``trainer/``         trainer entry point: data → PipelineTrainer
 - ``local_swarm.py``   starts seed, workers and trainer on 127.0.0.1 and stops them all
-- ``checkpoint_upload.py``  CheckpointUploader: a worker's checkpoints to the coordinator, on a thread of its own
 - ``cli/``             ``agora_cli.py`` after bootstrap: ``--local``, ``test``, ``memory-plan``, ``export``
 """

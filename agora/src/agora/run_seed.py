@@ -35,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_on_signals()  # before hivemind loads: a Ctrl+C during the import must still stop cleanly
     from hivemind import DHT
 
-    from agora.identity import ensure_identity
+    from agora.membership.identity import ensure_identity
     from agora.processes import setup_process
     from agora_server.p2p_frames import install_frame_limit
 
     setup_process(args.log_file)
     validators = []
     if args.coordinator_public_key:
-        from agora.admission import run_record_validator
+        from agora.membership.access import run_record_validator
         from agora.config import ConfigError, load_run_config
         from agora_server.access import AccessTokenError
 

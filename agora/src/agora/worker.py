@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import torch
 
-from agora.checkpoint_upload import CheckpointUploader
 from agora.cli import troubleshooting as known
 from agora.config import ConfigError, RunConfig, load_run_config
-from agora.identity import default_identity_path, ensure_identity
+from agora.membership.checkpoint_upload import CheckpointUploader
+from agora.membership.identity import default_identity_path, ensure_identity
 from agora.ports import free_port
 from agora.processes import setup_process, start_metrics_push, stop_on_signals
 from agora_server.optim.state_download import StateDownloadTooSlow
@@ -94,7 +93,8 @@ def _run(args: argparse.Namespace, events) -> int:
     host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT + args.gpu_id}"]
     session = weights = peer_access = validator = None
     if args.auth_server:
-        host_maddrs, weights, session, validator = join_run(args, config, identity, host_maddrs, events, stop)
+        host_maddrs, membership = join_run(args, config, identity, host_maddrs, events, stop)
+        session, weights, validator = membership.session, membership.weights, membership.validator
         stage, peer_access = session.access.stage, session.peer_access
     elif args.stage is None:
         raise WorkerLaunchError("no stage to serve: pass --auth_server (the coordinator assigns one) or --stage <name> for a run without a coordinator")
@@ -158,12 +158,9 @@ def _run(args: argparse.Namespace, events) -> int:
 
 def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_maddrs: list[str], events, stop):
     """Get admitted by the coordinator before the p2p daemon starts; returns the maddrs to listen on
-    (a free port chosen if none was given: the port test needs the real one), the stage weights
-    downloaded while queued (None if this identity has its own checkpoint), the session (holding the
-    access) and the DHT validator that signs with it."""
-    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, CoordinatorUnavailable, access_for, admit
-    from agora_server.peer_keys import WorkerIdentity
-    from agora_server.server.checkpoint import checkpoint_path
+    (a free port chosen if none was given: the port test needs the real one) and the Membership."""
+    from agora.membership.client import AdmissionError, CoordinatorUnavailable
+    from agora.membership.join import WorkerRole, join
 
     token = args.token or os.environ.get("AGORA_TOKEN")
     if not token:
@@ -172,26 +169,14 @@ def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_ma
     if port == 0:
         port = free_port(host)
         host_maddrs = [host_maddrs[0].replace("/tcp/0", f"/tcp/{port}", 1), *host_maddrs[1:]]
-    identity = WorkerIdentity.load(identity_path)
-
-    def weights_for(stage: str) -> Path | None:
-        own = checkpoint_path(config.server.checkpoint_dir, config.run_name, stage, identity.peer_id)
-        return None if own.exists() else own.with_name("from-coordinator.pt")
-
-    client = CoordinatorClient(args.auth_server, token)
+    role = WorkerRole(host=host, port=port, wait_timeout=args.auth_timeout, email=args.email, heartbeat_interval=args.heartbeat_interval)
     try:
-        access, weights = admit(
-            client, identity, host=host, port=port, emit=events.emit, timeout=args.auth_timeout, email=args.email, weights_for=weights_for, stop=stop
-        )
+        membership = join(role, config, coordinator_url=args.auth_server, token=token, identity_path=identity_path, emit=events.emit, stop=stop)
     except CoordinatorUnavailable as e:
-        client.close()
         raise WorkerLaunchError(COORDINATOR_UNREACHABLE_MESSAGE.format(url=args.auth_server, error=e.reason), tag="AUTH") from None
     except AdmissionError as e:
-        client.close()
         raise WorkerLaunchError(str(e), tag="AUTH") from None
-    peer_access, validator = access_for(config, access, identity)
-    session = CoordinatorSession(client, identity, access, events.emit, heartbeat_interval=args.heartbeat_interval, peer_access=peer_access)
-    return host_maddrs, weights, session, validator
+    return host_maddrs, membership
 
 
 def tcp_listen_address(maddr: str) -> tuple[str, int]:

@@ -10,9 +10,8 @@
 - ``queue.py``       QueueStatus, DropReason; capacity, admissions, wait estimate (from observed departures), poll interval
 - ``node_states.py`` each node's state for the dashboard (queued … training, lapsed, gone) and its changes
 - ``assignment.py``  choose_stage (least filled, with hysteresis), choose_move (refill an empty stage)
-- ``porttest.py``    probe (coordinator side) and PortTestListener (worker side)
+- ``porttest.py``    probe: is the joining peer's port-test listener reachable on the port it announced?
 - ``errors.py``      Refusal: every refusal's HTTP status and message (the guide's strings)
-- ``schemas.py``     request and answer bodies of the HTTP API
 - ``service.py``     Coordinator: the rules as one object for the routes, composed of the parts below
 - ``ledger.py``      Ledger: the database under one lock, one transaction per state change
 - ``callers.py``     Callers: a participant's token → username; operators
@@ -31,7 +30,8 @@
 - ``dashboard.html`` the self-contained live dashboard page served at ``/`` (inline-SVG charts, per-node view)
 - ``app.py``         create_app(config): the FastAPI routes
 
-Newcomers download checkpoints with ``agora.checkpoint_download.download_checkpoint``.
+The request and answer bodies of the HTTP API are ``agora.protocol``, shared with the peers; the
+peers' side (join, session, checkpoint download) is ``agora.membership``.
 
 The access-token format itself lives in ``agora_server.access`` because every worker checks tokens.
 """

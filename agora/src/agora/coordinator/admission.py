@@ -24,7 +24,7 @@ from agora.coordinator.grants import AccessGrants, check_public_key
 from agora.coordinator.ledger import Ledger
 from agora.coordinator.queue import DropReason, QueueStatus
 from agora.coordinator.roster import Roster
-from agora.coordinator.schemas import AccessAnswer, JoinRequest, QueuedAnswer, StatusRequest
+from agora.protocol import AccessAnswer, JoinRequest, QueuedAnswer, StatusRequest
 
 PortProbe = Callable[[str, int, float], bool]
 

@@ -31,7 +31,10 @@ from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import Database
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
 from agora.coordinator.metrics import CoordinatorMetrics
-from agora.coordinator.schemas import (
+from agora.protocol import (
+    CHECKPOINT_EPOCH_HEADER,
+    CHECKPOINT_SHA256_HEADER,
+    SIGNATURE_HEADER,
     AccessAnswer,
     CheckpointAnswer,
     ContributionInfo,
@@ -166,7 +169,7 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
 
     @app.put("/api/heartbeat", response_model=HeartbeatAnswer, responses=_REFUSALS)
     async def heartbeat(body: HeartbeatRequest, request: Request, token: str | None = Depends(_token),
-                        signature: str = Header(alias="X-Agora-Signature", max_length=2048,
+                        signature: str = Header(alias=SIGNATURE_HEADER, max_length=2048,
                                                 description="base64 RSA-PSS/SHA-256 signature of the body bytes")):
         """Report the node's counters; the answer may move the node to another stage."""
         raw = await request.body()  # the signature covers these exact bytes, not a re-serialisation
@@ -194,9 +197,9 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
              openapi_extra={"requestBody": {"required": True, "content": _OCTETS}})
     async def upload_checkpoint(
         request: Request, stage: str = _STAGE, access_token: str | None = Depends(_access_token),
-        epoch: int | None = Header(None, alias="X-Checkpoint-Epoch", ge=0, le=2**53,
+        epoch: int | None = Header(None, alias=CHECKPOINT_EPOCH_HEADER, ge=0, le=2**53,
                                    description="The stage epoch this state was saved at."),
-        sha256: str | None = Header(None, alias="X-Checkpoint-SHA256", pattern=r"^[0-9a-fA-F]{64}$",
+        sha256: str | None = Header(None, alias=CHECKPOINT_SHA256_HEADER, pattern=r"^[0-9a-fA-F]{64}$",
                                     description="sha256 of the body; a mismatch refuses the upload."),
     ):
         """Replace the stage's checkpoint with the body's bytes. Only a node holding access to this stage may.
@@ -228,9 +231,9 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
         if info is None:
             raise CoordinatorRefusal(Refusal.NO_CHECKPOINT, stage=stage)
         coordinator.authorize_download(token, stage)
-        headers = {"ETag": f'"{info.sha256}"', "X-Checkpoint-SHA256": info.sha256, "Cache-Control": "no-cache"}
+        headers = {"ETag": f'"{info.sha256}"', CHECKPOINT_SHA256_HEADER: info.sha256, "Cache-Control": "no-cache"}
         if info.epoch is not None:
-            headers["X-Checkpoint-Epoch"] = str(info.epoch)
+            headers[CHECKPOINT_EPOCH_HEADER] = str(info.epoch)
         # FileResponse answers Range and If-Range itself, against the ETag given here
         return FileResponse(info.path, headers=headers, media_type="application/octet-stream",
                             filename=f"{config.run_name}-{stage}.ckpt")

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from agora.coordinator.config import ContributionConfig
 from agora.coordinator.db import ActiveNode, Contribution
-from agora.coordinator.schemas import HeartbeatRequest
+from agora.protocol import HeartbeatRequest
 
 COUNTER_MAX = 2**53
 """Largest value a stored counter takes: exact as a float, so the dashboard's JavaScript shows it right."""

@@ -16,7 +16,7 @@ from agora_server.peer_keys import PeerKeyError, load_public_key, peer_id_of
 from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import ActiveNode, IdentityBinding, User
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
-from agora.coordinator.schemas import AccessAnswer, TrainerAccessRequest
+from agora.protocol import AccessAnswer, TrainerAccessRequest
 from agora.coordinator.signing import AccessSigner
 
 

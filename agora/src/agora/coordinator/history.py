@@ -23,7 +23,7 @@ from agora.coordinator.db import (
     User,
 )
 from agora.coordinator.queue import QueueStatus
-from agora.coordinator.schemas import HistoryAnswer, NodeInfo, StageSampleInfo, TimelineEntry, TrainingReport, TrainingSample
+from agora.protocol import HistoryAnswer, NodeInfo, StageSampleInfo, TimelineEntry, TrainingReport, TrainingSample
 
 T = TypeVar("T")
 ENDED_SHOWN = 50

@@ -22,7 +22,7 @@ from agora.coordinator.grants import AccessGrants
 from agora.coordinator.ledger import Ledger
 from agora.coordinator.reports import Reports
 from agora.coordinator.roster import Roster
-from agora.coordinator.schemas import AccessAnswer, HeartbeatAnswer, HeartbeatRequest, RefreshRequest, StopNodeAnswer, StopNodeRequest
+from agora.protocol import AccessAnswer, HeartbeatAnswer, HeartbeatRequest, RefreshRequest, StopNodeAnswer, StopNodeRequest
 from agora.coordinator.stages import StagePlan
 
 

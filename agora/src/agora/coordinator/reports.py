@@ -18,7 +18,7 @@ from agora.coordinator.db import Contribution, QueueRequest, User
 from agora.coordinator.ledger import Ledger
 from agora.coordinator.queue import QueueStatus
 from agora.coordinator.roster import Roster
-from agora.coordinator.schemas import ContributionInfo, HistoryAnswer, NodeInfo, RunInfo, StageInfo, TrainingReport
+from agora.protocol import ContributionInfo, HistoryAnswer, NodeInfo, RunInfo, StageInfo, TrainingReport
 from agora.coordinator.stages import StagePlan
 
 

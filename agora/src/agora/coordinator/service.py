@@ -27,7 +27,7 @@ from agora.coordinator.ledger import Ledger
 from agora.coordinator.node_sessions import NodeSessions
 from agora.coordinator.reports import Reports, RunTotals
 from agora.coordinator.roster import Roster
-from agora.coordinator.schemas import (
+from agora.protocol import (
     AccessAnswer,
     ContributionInfo,
     HeartbeatAnswer,

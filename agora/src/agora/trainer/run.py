@@ -153,20 +153,15 @@ def _resumable_batches(args: argparse.Namespace, config, packed, events):
 
 def _admit_trainer(args: argparse.Namespace, config, events):
     """Access from the coordinator for this trainer's identity, and the session that renews it."""
-    from agora.admission import AdmissionError, CoordinatorClient, CoordinatorSession, access_for, trainer_access
-    from agora.identity import ensure_identity
-    from agora_server.peer_keys import WorkerIdentity
+    from agora.membership.client import AdmissionError
+    from agora.membership.join import TrainerRole, join
 
     token = args.token or os.environ.get("AGORA_TOKEN")
     if not token:
         raise RuntimeError("--auth_server needs an operator's HuggingFace token: pass --token or set AGORA_TOKEN")
-    identity = WorkerIdentity.load(ensure_identity(args.identity_path))
-    client = CoordinatorClient(args.auth_server, token)
     try:
-        access = trainer_access(client, identity)
+        membership = join(TrainerRole(), config, coordinator_url=args.auth_server, token=token, identity_path=args.identity_path,
+                          emit=events.emit)
     except AdmissionError as e:
-        client.close()
         raise RuntimeError(f"the coordinator refused this trainer: {e}") from None
-    peer_access, validator = access_for(config, access, identity)
-    session = CoordinatorSession(client, identity, access, events.emit, peer_access=peer_access, trainer=True)
-    return session, validator
+    return membership.session, membership.validator

@@ -1,21 +1,42 @@
-"""Request and answer bodies of the coordinator's HTTP API; FastAPI turns them into the OpenAPI spec.
+"""The coordinator's protocol, one definition for both sides: the request and answer bodies of its
+HTTP API, the headers beside them, and the lines of the port test.
 
-Requests tolerate unknown fields, so a newer worker can talk to an older coordinator.
+The coordinator validates requests with these types (FastAPI turns them into the OpenAPI spec);
+peers build their requests from them and parse the answers into them (``agora.membership.client``).
+Both tolerate unknown fields, so a newer peer can talk to an older coordinator and a newer
+coordinator to an older peer.
 """
 
 from __future__ import annotations
 
+import socket
+import time
 from ipaddress import IPv4Address, IPv6Address
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+SIGNATURE_HEADER = "X-Agora-Signature"
+"""On a heartbeat: base64 of the RSA-PSS signature of the exact body bytes by the peer's identity key."""
+CHECKPOINT_EPOCH_HEADER = "X-Checkpoint-Epoch"
+"""On a checkpoint upload and download: the stage epoch the state was saved at."""
+CHECKPOINT_SHA256_HEADER = "X-Checkpoint-SHA256"
+"""On a checkpoint upload (optional) and download: sha256 of the body."""
 
 _COUNT = Field(ge=0, le=2**53)
 _MEASURE = Field(default=0.0, ge=0, le=1e9)
 
 
 class _Request(BaseModel):
+    """Requests ignore fields they do not know: a newer peer may send some."""
+
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _Answer(BaseModel):
+    """Answers ignore fields they do not know: a newer coordinator may send some."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class PeerKeyRequest(_Request):
@@ -60,8 +81,7 @@ class RefreshRequest(_Request):
 
 
 class HeartbeatRequest(_Request):
-    """Signed as sent: the X-Agora-Signature header carries base64 of the RSA-PSS signature of the
-    exact body bytes by the worker's identity key."""
+    """Signed as sent: see ``SIGNATURE_HEADER``."""
 
     peer_id: str = Field(min_length=1, max_length=128)
     uid: str = Field(min_length=1, max_length=64)
@@ -104,12 +124,12 @@ class StopNodeRequest(_Request):
     """Shown to the node's owner in its log."""
 
 
-class StopNodeAnswer(BaseModel):
+class StopNodeAnswer(_Answer):
     peer_id: str
     was_active: bool
 
 
-class AccessAnswer(BaseModel):
+class AccessAnswer(_Answer):
     status: Literal["access"] = "access"
     stage: str
     uid: str
@@ -123,7 +143,7 @@ class AccessAnswer(BaseModel):
     """This node's view on the run's dashboard."""
 
 
-class QueuedAnswer(BaseModel):
+class QueuedAnswer(_Answer):
     status: Literal["queued"] = "queued"
     request_id: str
     session_token: str | None
@@ -142,14 +162,14 @@ class QueuedAnswer(BaseModel):
 JoinAnswer = Annotated[AccessAnswer | QueuedAnswer, Field(discriminator="status")]
 
 
-class HeartbeatAnswer(BaseModel):
+class HeartbeatAnswer(_Answer):
     expires_at: float
     move_to_stage: str | None = None
     """Set when the coordinator moves this node to another stage; access_token is then for that stage."""
     access_token: str | None = None
 
 
-class StageInfo(BaseModel):
+class StageInfo(_Answer):
     name: str
     need: int
     workers: int
@@ -163,7 +183,7 @@ class StageInfo(BaseModel):
     """Waiting in the queue for this stage."""
 
 
-class RunInfo(BaseModel):
+class RunInfo(_Answer):
     run_name: str
     stages: list[StageInfo]
     capacity: int
@@ -178,7 +198,7 @@ class RunInfo(BaseModel):
     """Checks every access token of the run; seeds need it to refuse records from unadmitted peers."""
 
 
-class ContributionInfo(BaseModel):
+class ContributionInfo(_Answer):
     username: str
     peer_id: str
     stage: str
@@ -187,12 +207,12 @@ class ContributionInfo(BaseModel):
     seconds_online: float
 
 
-class ErrorAnswer(BaseModel):
+class ErrorAnswer(_Answer):
     detail: str
     error: str
 
 
-class CheckpointAnswer(BaseModel):
+class CheckpointAnswer(_Answer):
     """The checkpoint a stage now serves, as stored after an upload."""
 
     stage: str
@@ -203,13 +223,13 @@ class CheckpointAnswer(BaseModel):
     uploaded_at: float
 
 
-class TimelineEntry(BaseModel):
+class TimelineEntry(_Answer):
     at: float
     state: str
     stage: str
 
 
-class NodeInfo(BaseModel):
+class NodeInfo(_Answer):
     """One node as the dashboard shows it."""
 
     peer_id: str
@@ -229,7 +249,7 @@ class NodeInfo(BaseModel):
     """Its latest state changes, oldest first."""
 
 
-class TrainingSample(BaseModel):
+class TrainingSample(_Answer):
     at: float
     step: int
     total_steps: int
@@ -243,7 +263,7 @@ class TrainingSample(BaseModel):
     finished: bool
 
 
-class StageSampleInfo(BaseModel):
+class StageSampleInfo(_Answer):
     at: float
     training: int
     warming_up: int
@@ -252,9 +272,32 @@ class StageSampleInfo(BaseModel):
     queued: int
 
 
-class HistoryAnswer(BaseModel):
+class HistoryAnswer(_Answer):
     """The dashboard's time series, oldest first, each thinned to at most ``dashboard.history_points``."""
 
     now: float
     training: list[TrainingSample]
     stages: dict[str, list[StageSampleInfo]]
+
+
+# The port test: the coordinator connects to the announced ip:port, sends PORT_TEST_PROBE + nonce + "\n"
+# and expects PORT_TEST_REPLY + the same nonce + "\n" back. The nonce makes sure it was the joining
+# peer's listener that answered, not whatever else happens to hold the port.
+PORT_TEST_PROBE = b"AGORA-PORT-TEST "
+PORT_TEST_REPLY = b"AGORA-PORT-OK "
+_PORT_TEST_MAX_LINE = 128
+
+
+def read_port_test_line(sock: socket.socket, deadline: float) -> bytes:
+    """One line of the port test (at most 128 bytes), read before ``deadline`` (``time.monotonic``)."""
+    data = b""
+    while not data.endswith(b"\n") and len(data) < _PORT_TEST_MAX_LINE:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no complete line before the deadline")
+        sock.settimeout(remaining)
+        chunk = sock.recv(_PORT_TEST_MAX_LINE - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -17,6 +17,8 @@ from typing import Callable
 
 import httpx
 
+from agora.protocol import CHECKPOINT_SHA256_HEADER
+
 ProgressCallback = Callable[[int, int | None], None]
 """Called with (bytes on disk, total bytes or None if the server did not say)."""
 
@@ -67,7 +69,7 @@ def download_checkpoint(url: str, dest: str | os.PathLike, *, on_progress: Progr
                     _discard(part, etag_file)
                     continue
                 _raise_for_status(response, url)
-                server_sha = response.headers.get("x-checkpoint-sha256")
+                server_sha = response.headers.get(CHECKPOINT_SHA256_HEADER)
                 if response.status_code == 200 or not offset:
                     offset = 0  # a whole answer: the server ignored our range or the file changed
                 _save_etag(etag_file, response.headers.get("etag"))

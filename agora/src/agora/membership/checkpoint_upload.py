@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from agora.admission import AdmissionError, CoordinatorClient, CoordinatorUnavailable
-from agora.coordinator.schemas import AccessAnswer
+from agora.membership.client import AdmissionError, CoordinatorClient, CoordinatorUnavailable
+from agora.protocol import AccessAnswer
 from agora_server.telemetry import events as ev
 
 CHUNK_BYTES = 4 * 2**20
@@ -99,10 +99,9 @@ class CheckpointUploader:
             return True
         with f:
             size = os.fstat(f.fileno()).st_size
-            headers = {"Authorization": f"Bearer {access.access_token}", "X-Checkpoint-Epoch": str(epoch),
-                       "Content-Type": "application/octet-stream", "Content-Length": str(size)}
             try:
-                self.client.put(f"/api/checkpoints/{stage}", content=self._chunks(f, stage, epoch, size), headers=headers)
+                self.client.upload_checkpoint(stage, self._chunks(f, stage, epoch, size), size=size, epoch=epoch,
+                                              access_token=access.access_token)
             except CoordinatorUnavailable as e:
                 self.emit(ev.CheckpointUploaded(stage=stage, epoch=epoch, ok=False, detail=str(e)))
                 return False
