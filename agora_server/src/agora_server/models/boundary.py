@@ -4,20 +4,20 @@ A stage never ships its residual stream directly: it calls ``encode`` before sen
 receiver calls ``decode``. Both run inside the stage's autograd graph, so the gradient that
 crosses the wire backwards is the gradient of the encoded tensor. The dense codec sends the
 stream as it is; the subspace codec (Protocol Models) plugs in here with a narrower ``width``.
+A codec may also constrain what writes into the stream: a stage asks it for its token embedding and
+its residual branches' output projections while it is built. ``codec_factory`` picks the codec.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from agora_server.models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from agora_server.models.stages import PipelineStage
+from agora_server.models.llama import seeded_embedding
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -65,8 +65,14 @@ class BoundaryCodec(nn.Module):
     def decode(self, boundary: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def adapt_stage(self, stage: "PipelineStage", seed: int) -> None:
-        """Change the stage's modules where the codec needs it (called once, at construction)."""
+    def head_embedding(self, model: ModelConfig, seed: int) -> nn.Module:
+        """The head stage's token embedding: by default the model's own learned table."""
+        return seeded_embedding(model, seed)
+
+    def branch_output(self, projection: nn.Linear, seed: int, layer_index: int, which: int) -> nn.Module:
+        """The projection that ends a residual branch (``which``: 0 attention, 1 MLP) of a layer whose
+        stream crosses this boundary; ``projection`` is the dense one the layer was drawn with, kept by default."""
+        return projection
 
 
 class DenseBoundary(BoundaryCodec):
@@ -79,14 +85,3 @@ class DenseBoundary(BoundaryCodec):
 
     def decode(self, boundary: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return boundary
-
-
-def build_boundary_codec(config: BoundaryConfig, model: ModelConfig, seed: int, device: torch.device | None = None) -> BoundaryCodec:
-    """``device``: where the codec's constants are built (default: the current default device)."""
-    if config.codec == "dense":
-        return DenseBoundary(model.hidden_size)
-    if config.codec == "subspace":
-        from agora_server.models.subspace import SubspaceBoundary
-
-        return SubspaceBoundary(model, config.subspace_rank(model.hidden_size), seed, device)
-    raise ValueError(f"unknown boundary codec {config.codec!r}")

@@ -2,8 +2,8 @@
 
 Parameter names follow Llama's (q_proj, o_proj, down_proj, ...) so that checkpoints and
 equivalence checks map one to one. Every layer is initialised from its own generator,
-seeded by (run seed, layer index): a stage built alone gets exactly the weights the same
-layers have in the unsplit model.
+seeded by (run seed, layer index), and so are the token embedding and the LM head: a stage built
+alone gets exactly the weights the same modules have in the unsplit model.
 """
 
 from __future__ import annotations
@@ -111,6 +111,9 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+_EMBED_SALT, _LM_HEAD_SALT = 1_000_000, 1_000_001
+
+
 def seeded_generator(seed: int, *salt: int) -> torch.Generator:
     """A generator whose stream depends only on the run seed and where a module sits in the model."""
     value = seed
@@ -131,3 +134,17 @@ def init_decoder_layer(layer: DecoderLayer, config: ModelConfig, seed: int, laye
                 param.normal_(0.0, out_std, generator=gen)
             else:
                 param.normal_(0.0, config.init_std, generator=gen)
+
+
+def seeded_embedding(config: ModelConfig, seed: int) -> nn.Embedding:
+    embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+    with torch.no_grad():
+        embedding.weight.normal_(0.0, config.init_std, generator=seeded_generator(seed, _EMBED_SALT))
+    return embedding
+
+
+def seeded_lm_head(config: ModelConfig, seed: int) -> nn.Linear:
+    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    with torch.no_grad():
+        lm_head.weight.normal_(0.0, config.init_std, generator=seeded_generator(seed, _LM_HEAD_SALT))
+    return lm_head

@@ -14,34 +14,27 @@ from torch.utils.checkpoint import checkpoint
 
 from agora_server.models.boundary import BoundaryCodec
 from agora_server.models.config import ModelConfig, StageKind, StageSpec
-from agora_server.models.llama import DecoderLayer, RMSNorm, init_decoder_layer, rotary_tables, seeded_generator
+from agora_server.models.llama import DecoderLayer, RMSNorm, init_decoder_layer, rotary_tables, seeded_embedding, seeded_lm_head
 from agora_server.models.precision import PrecisionConfig
 
 IGNORE_INDEX = -100
-_EMBED_SALT, _LM_HEAD_SALT = 1_000_000, 1_000_001
 
 
-def _build_layers(config: ModelConfig, indices: range, seed: int) -> nn.ModuleDict:
+def _build_layers(config: ModelConfig, indices: range, seed: int, boundary: BoundaryCodec | None = None) -> nn.ModuleDict:
+    """``boundary``: the codec of the boundary the layers' stream crosses, which chooses the projections
+    that end their residual branches (the tail's stream and the unsplit model's cross none)."""
     layers = nn.ModuleDict()
     for index in indices:
         layer = DecoderLayer(config)
+        # the dense projections are drawn even where the codec replaces them: the layer's weights come
+        # from one stream, and those drawn after them must stay the unsplit model's
         init_decoder_layer(layer, config, seed, index)
+        if boundary is not None:
+            attention, mlp = layer.self_attn, layer.mlp
+            attention.o_proj = boundary.branch_output(attention.o_proj, seed, index, 0)
+            mlp.down_proj = boundary.branch_output(mlp.down_proj, seed, index, 1)
         layers[str(index)] = layer
     return layers
-
-
-def _build_embedding(config: ModelConfig, seed: int) -> nn.Embedding:
-    embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-    with torch.no_grad():
-        embedding.weight.normal_(0.0, config.init_std, generator=seeded_generator(seed, _EMBED_SALT))
-    return embedding
-
-
-def _build_lm_head(config: ModelConfig, seed: int) -> nn.Linear:
-    lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    with torch.no_grad():
-        lm_head.weight.normal_(0.0, config.init_std, generator=seeded_generator(seed, _LM_HEAD_SALT))
-    return lm_head
 
 
 def per_token_cross_entropy(hidden: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
@@ -109,13 +102,13 @@ class PipelineStage(_Decoder):
         super().__init__()
         self.config, self.spec, self.codec = config, spec, codec
         self._set_precision(precision)
-        self.embed_tokens = _build_embedding(config, seed) if spec.kind is StageKind.HEAD else None
-        self.layers = _build_layers(config, spec.layer_indices, seed)
+        self.embed_tokens = codec.head_embedding(config, seed) if spec.kind is StageKind.HEAD else None
+        # the tail's output is a loss, not a boundary: its layers are the unsplit model's
+        self.layers = _build_layers(config, spec.layer_indices, seed, None if spec.kind is StageKind.TAIL else codec)
         if spec.kind is StageKind.TAIL:
             self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-            self.lm_head = _build_lm_head(config, seed)
+            self.lm_head = seeded_lm_head(config, seed)
         self._register_rotary(config)
-        codec.adapt_stage(self, seed)
 
     @property
     def kind(self) -> StageKind:
@@ -148,10 +141,10 @@ class DecoderLM(_Decoder):
         super().__init__()
         self.config = config
         self._set_precision(precision)
-        self.embed_tokens = _build_embedding(config, seed)
+        self.embed_tokens = seeded_embedding(config, seed)
         self.layers = _build_layers(config, range(config.num_layers), seed)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = _build_lm_head(config, seed)
+        self.lm_head = seeded_lm_head(config, seed)
         self._register_rotary(config)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,12 @@ boundary and stay full rank. Neither constant is trained, sent or checkpointed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from agora_server.models.boundary import BoundaryCodec
-from agora_server.models.config import ModelConfig, StageKind
+from agora_server.models.config import ModelConfig
 from agora_server.models.llama import seeded_generator
-
-if TYPE_CHECKING:
-    from agora_server.models.stages import PipelineStage
 
 _BASIS_SALT, _FIXED_EMBEDDING_SALT, _PROJECTION_SALT = 2_000_000, 2_000_001, 2_000_002
 _FIXED_EMBEDDING_BLOCK_ROWS = 4096
@@ -76,15 +71,11 @@ class SubspaceBoundary(BoundaryCodec):
         """Largest |h − decode(encode(h))|: zero (to rounding) for any stream that obeys the invariant."""
         return float((hidden - self.decode(self.encode(hidden, tokens), tokens)).abs().max())
 
-    def adapt_stage(self, stage: "PipelineStage", seed: int) -> None:
-        if stage.kind is StageKind.TAIL:
-            return  # the tail's output is a loss, not a boundary: its layers keep full rank
-        if stage.kind is StageKind.HEAD:
-            stage.embed_tokens = SubspaceEmbedding(self, seed)
-        for index, layer in stage.layers.items():
-            attention, mlp = layer.self_attn, layer.mlp
-            attention.o_proj = SubspaceLinear(attention.o_proj.in_features, self, seed, int(index), 0)
-            mlp.down_proj = SubspaceLinear(mlp.down_proj.in_features, self, seed, int(index), 1)
+    def head_embedding(self, model: ModelConfig, seed: int) -> nn.Module:
+        return SubspaceEmbedding(self, seed)
+
+    def branch_output(self, projection: nn.Linear, seed: int, layer_index: int, which: int) -> nn.Module:
+        return SubspaceLinear(projection.in_features, self, seed, layer_index, which)
 
 
 class SubspaceLinear(nn.Linear):

@@ -7,7 +7,14 @@
                      good file; at most FILES_AT_ONCE checkpoint-sized files per identity)
 - ``handler.py``     StageServicer: rpc_forward, rpc_backward, rpc_info
 - ``announcer.py``   StageAnnouncer: periodic DHT record with expiry
-- ``worker.py``      StageWorker: composes the above and reports progress
+- ``handler_loop.py``  HandlerLoop: the asyncio loop thread that runs the p2p handlers
+- ``memory_plan.py`` plan_stage: a stage's bytes per component on a device, activation checkpointing decided
+- ``partners.py``    StagePartners: the stage's other workers as the DHT announces them
+- ``resume.py``      OwnCheckpoint: which state a worker starts from, and its saves after that
+- ``averaging_rounds.py``  AveragingRounds: when a SPARTA round starts, its weight and report, the state newcomers download
+- ``warmup.py``      Warmup: the CATCHING_UP → ONLINE state machine of a worker joining a running stage
+- ``reporting.py``   WorkerReports: WorkerStats, progress reports and their cadence
+- ``worker.py``      StageWorker: builds the stage and composes the above
 """
 
 from agora_server.server.backend import StageBackend
