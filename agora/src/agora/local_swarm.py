@@ -129,8 +129,8 @@ class LocalSwarm:
         self.seed_maddrs: list[str] = []
         self._seed_ready = threading.Event()
         self._seen = threading.Condition()
-        self.texts: dict[str, list[str]] = {}
-        self.events: dict[str, list[ev.Event]] = {}
+        self._texts: dict[str, list[str]] = {}
+        self._events: dict[str, list[ev.Event]] = {}
         self._claimed = False
         self._stopping = False
         self._preexec = None
@@ -156,7 +156,7 @@ class LocalSwarm:
         self.state.add(name, popen.pid)
         pump = threading.Thread(target=self._pump, args=(name, popen, on_line), daemon=True, name=f"pump-{name}")
         with self._seen:
-            process = SwarmProcess(name, popen, pump, len(self.events.get(name, [])))
+            process = SwarmProcess(name, popen, pump, len(self._events.get(name, [])))
         self.processes.append(process)
         pump.start()
         return process
@@ -168,9 +168,9 @@ class LocalSwarm:
             event = decode_event(line)
             with self._seen:
                 if event is None:
-                    self.texts.setdefault(name, []).append(line.rstrip())
+                    self._texts.setdefault(name, []).append(line.rstrip())
                 else:
-                    self.events.setdefault(name, []).append(event)
+                    self._events.setdefault(name, []).append(event)
                 self._seen.notify_all()
             if event is None:
                 self.console.child_text(name, line.rstrip())
@@ -187,27 +187,27 @@ class LocalSwarm:
         before that index (an earlier run of a restarted child, or what came before an action)."""
 
         def matching() -> list[E]:
-            return [e for e in self.events.get(name, [])[since:] if isinstance(e, kind) and (where is None or where(e))]
+            return [e for e in self._events.get(name, [])[since:] if isinstance(e, kind) and (where is None or where(e))]
 
         with self._seen:
             return matching()[count - 1] if self._seen.wait_for(lambda: len(matching()) >= count, timeout) else None
 
-    def events_of(self, name: str, kind: type[ev.Event], since: int = 0, until: int | None = None) -> list[ev.Event]:
+    def events_of(self, name: str, kind: type[E], since: int = 0, until: int | None = None) -> list[E]:
         """The child's events of ``kind``; ``since``/``until``: only those of the events at these
         indices (one run of a restarted child: its ``first_event`` to the next run's)."""
         with self._seen:
-            return [e for e in self.events.get(name, [])[since:until] if isinstance(e, kind)]
+            return [e for e in self._events.get(name, [])[since:until] if isinstance(e, kind)]
 
     def texts_of(self, name: str) -> list[str]:
         """The lines a child (all its runs under that name) printed that were no event: a library's
         warning, a traceback, a coordinator's log."""
         with self._seen:
-            return list(self.texts.get(name, []))
+            return list(self._texts.get(name, []))
 
     def events_sent(self, name: str) -> int:
         """How many events a child (all its runs under that name) has sent so far."""
         with self._seen:
-            return len(self.events.get(name, []))
+            return len(self._events.get(name, []))
 
     def _on_seed_line(self, line: str) -> bool:
         if line.startswith("{") and "seed_maddrs" in line:
