@@ -2,7 +2,6 @@
 plain line, read back by ``wait_for`` (kind, condition, count, since) and ``texts_of``."""
 
 import io
-import sys
 
 import pytest
 
