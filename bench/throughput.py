@@ -13,7 +13,7 @@ schedule (AdamW per stage, clipped per stage, a step every ``server.target_batch
 Both run ``--warmup`` micro-batches first and are then timed over the next ``--steps``
 micro-batches: the single process from the end of the last warm-up micro-batch to the end of the
 last one; the swarm from the trainer's report of its ``warmup``-th completed micro-batch to its
-report of the last (the times of its ``TrainerReport`` events).
+report of the last (the times its ``TrainerReport`` events carry).
 End-to-end rates (warm-up and pipeline fill included) are reported next to them.
 
 Usage:
