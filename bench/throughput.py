@@ -141,7 +141,7 @@ def build_config(args: argparse.Namespace):
             "request_timeout": 300,  # queueing behind other micro-batches must never count as a failure
             "refresh_period": 1,
             "stage_wait_timeout": 180,
-            "report_every": 1,  # one TrainerReport line per completion: the swarm's timing source
+            "report_every": 1,  # one TrainerReport event per completion: the swarm's timing source
         },
         "data": {"source": "local", "tokenizer": "agora-bpe-8k", "seq_len": seq_len},
     }
