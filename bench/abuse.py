@@ -175,7 +175,7 @@ def worker_stream(swarm, dht, peer, size: int, empty_parts: bool):
         asyncio.run(asyncio.wait_for(attack(), 120))
     except asyncio.TimeoutError:
         return False, "the stream could not be opened or did not end within 120 s"
-    refusal = swarm.wait_for_event("body1#0", lambda e: isinstance(e, ev.RequestRefused), 30, since=seen)
+    refusal = swarm.wait_for("body1#0", ev.RequestRefused, timeout=30, since=seen)
     return refusal is not None, refusal.reason if refusal else "no refusal logged within 30 s"
 
 
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
     dht = None
     try:
         swarm.start(timeout=600)
-        if swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.TrainerReport), 300) is None:
+        if swarm.wait_for("trainer", ev.TrainerReport, timeout=300) is None:
             raise RuntimeError(f"the trainer never reported; see {log_dir}")
         completed_before = max(e.step for e in swarm.events_of("trainer", ev.TrainerReport))
         coordinator_pid = swarm.process("coordinator").popen.pid
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
             attacks["worker_unauthenticated_empty_parts"] = measured(
                 "body1 worker", worker_pid, lambda: worker_stream(swarm, dht, peer, size, empty_parts=True))
         target = completed_before + 1
-        rose = swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.TrainerReport) and e.step >= target, 120)
+        rose = swarm.wait_for("trainer", ev.TrainerReport, lambda e: e.step >= target, timeout=120)
         result["trainer_completed"] = {"before_attacks": completed_before,
                                        "after_attacks": max(e.step for e in swarm.events_of("trainer", ev.TrainerReport)),
                                        "rose": rose is not None}

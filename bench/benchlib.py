@@ -6,16 +6,13 @@ Imports of the project's packages happen inside the functions, so that ``--help`
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
-import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REPORT_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ agora\.events: TrainerReport step=(\d+) ")
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -118,7 +115,8 @@ def run_swarm(config, steps: int, log_dir: Path, timeout: float, *, workers_per_
     if result.get("trainer_exit_code") != 0 or not swarm.summary_path.is_file():
         raise RuntimeError(f"the swarm's trainer did not finish cleanly ({result}); see {log_dir}")
     result["summary"] = json.loads(swarm.summary_path.read_text())
-    result["reports"] = trainer_reports(log_dir / "trainer.log")
+    result["reports"] = trainer_reports(swarm)
+    result["workers"] = worker_rounds(swarm)
     return result
 
 
@@ -140,26 +138,25 @@ def wait_for_trainer(swarm, timeout: float, result: dict) -> int | None:
     return None
 
 
-def trainer_reports(log_path: Path) -> list[tuple[float, int]]:
-    """(timestamp, completed micro-batches) of every TrainerReport line."""
-    reports = []
-    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
-        match = REPORT_RE.match(line)
-        if match:
-            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            reports.append((stamp, int(match.group(2))))
-    return reports
+def trainer_reports(swarm) -> list[tuple[float, int]]:
+    """(time sent, completed micro-batches) of every report the swarm's trainer sent."""
+    from agora_server.telemetry import events as ev
+
+    return [(report.time, report.step) for report in swarm.events_of("trainer", ev.TrainerReport)]
 
 
-def count_events(log_path: Path, name: str) -> int:
-    if not log_path.is_file():
-        return 0
-    needle = f"agora.events: {name} "
-    return sum(needle in line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines())
+def worker_rounds(swarm) -> dict[str, dict[str, int]]:
+    """Per worker of the swarm ("head#0", …): its averaging rounds that succeeded and failed, and its optimizer steps."""
+    from agora_server.telemetry import events as ev
 
-
-def event_lines(log_path: Path, name: str) -> list[str]:
-    if not log_path.is_file():
-        return []
-    needle = f"agora.events: {name} "
-    return [line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if needle in line]
+    workers = {}
+    for process in swarm.processes:
+        if process.name in workers or process.name in ("seed", "coordinator", "trainer"):
+            continue
+        rounds = swarm.events_of(process.name, ev.AveragingRound)
+        workers[process.name] = {
+            "ok": sum(r.ok for r in rounds),
+            "failed": sum(not r.ok for r in rounds),
+            "optimizer_steps": len(swarm.events_of(process.name, ev.OptimizerStepped)),
+        }
+    return workers

@@ -75,6 +75,8 @@ class Churn:
 
     def serving(self) -> dict[str, str]:
         """Workers up now and the stage each announced in its latest run."""
+        from agora_server.telemetry import events as ev
+
         found = {}
         for stage in STAGES:
             for index in range(WORKERS_PER_STAGE):
@@ -82,7 +84,7 @@ class Churn:
                 process = self.swarm.process(name)
                 if process.popen.poll() is not None:
                     continue
-                started = [e for e in self.swarm.events.get(name, [])[process.first_event :] if type(e).__name__ == "ServerStarted"]
+                started = self.swarm.events_of(name, ev.ServerStarted, since=process.first_event)
                 if started:
                     found[name] = started[-1].stage
         return found
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         churn = Churn(swarm, rng)
         try:
             swarm.start(timeout=600)
-            if swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.TrainerReport), 300) is None:
+            if swarm.wait_for("trainer", ev.TrainerReport, timeout=300) is None:
                 raise RuntimeError(f"the trainer never reported; see {log_dir}")
             churn.started = time.monotonic()
             outage_at = args.duration / 2 if args.outage > 0 else None

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import build_stages, composed_loss, count_events, evaluate, event_lines, merge, run_and_print, run_swarm, step_stages
+from benchlib import build_stages, composed_loss, evaluate, merge, run_and_print, run_swarm, step_stages
 
 MICRO_BATCH = 4
 SEQ_LEN = 128
@@ -198,15 +198,7 @@ def run_swarm_variant(config, steps: int, val_batches: list, log_dir: Path, time
         "leftover_processes": result["leftover_processes"],
     }
     out.update(evaluate_replicas(config, Path(config.server.checkpoint_dir), val_batches))
-    workers: dict[str, dict] = {}
-    for log in sorted(log_dir.glob("server_*.log")):
-        lines = event_lines(log, "AveragingRound")
-        workers[log.stem] = {
-            "ok": sum("ok=True" in line for line in lines),
-            "failed": sum("ok=False" in line for line in lines),
-            "optimizer_steps": count_events(log, "OptimizerStepped"),
-        }
-    out["workers"] = workers
+    out["workers"] = result["workers"]
     # the stage's steps are its epochs: every checkpoint of a stage holds the epoch its worker reached
     out["stage_epochs"] = {stage: max(epochs) for stage, epochs in out["epochs"].items()}
     return out

@@ -146,7 +146,7 @@ def join_once(args, mode: str, log_dir: Path) -> dict:
         if mode == "cut":
             out["cut"] = cut_mid_download(args, net, before, state_bytes, swarm)
         patience = 900 + 20 * ideal
-        done = swarm.wait_for_event(NEWCOMER, lambda e: isinstance(e, StateDownloaded), patience - (time.monotonic() - started))
+        done = swarm.wait_for(NEWCOMER, StateDownloaded, timeout=patience - (time.monotonic() - started))
         if done is None:
             out["error"] = f"no StateDownloaded from the newcomer within {patience:.0f}s; see {log_dir}"
             return out

@@ -13,7 +13,7 @@ schedule (AdamW per stage, clipped per stage, a step every ``server.target_batch
 Both run ``--warmup`` micro-batches first and are then timed over the next ``--steps``
 micro-batches: the single process from the end of the last warm-up micro-batch to the end of the
 last one; the swarm from the trainer's report of its ``warmup``-th completed micro-batch to its
-report of the last (``TrainerReport`` lines in ``<log dir>/trainer.log``, millisecond timestamps).
+report of the last (the times its ``TrainerReport`` events carry).
 End-to-end rates (warm-up and pipeline fill included) are reported next to them.
 
 Usage:
@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import REPO, build_stages, count_events, run_and_print, step_stages, trainer_reports
+from benchlib import REPO, build_stages, run_and_print, step_stages, trainer_reports, worker_rounds
 
 # The benchmark model: ~25M parameters; one micro-batch of 4 x 256 tokens takes ~2.5 s of
 # forward+backward on one core, while a boundary tensor is 2 MiB: compute dominates messaging.
@@ -141,7 +141,7 @@ def build_config(args: argparse.Namespace):
             "request_timeout": 300,  # queueing behind other micro-batches must never count as a failure
             "refresh_period": 1,
             "stage_wait_timeout": 180,
-            "report_every": 1,  # one TrainerReport line per completion: the swarm's timing source
+            "report_every": 1,  # one TrainerReport event per completion: the swarm's timing source
         },
         "data": {"source": "local", "tokenizer": "agora-bpe-8k", "seq_len": seq_len},
     }
@@ -379,17 +379,15 @@ def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: flo
         loss_first=summary["losses"][0][1] if summary["losses"] else None,
         loss_last=summary["losses"][-1][1] if summary["losses"] else None,
     )
-    result["optimizer_steps"] = {
-        spec.name: count_events(log_dir / f"server_{spec.name}_0.log", "OptimizerStepped") for spec in config.stages
-    }
-    result["averaging_rounds"] = {
-        spec.name: count_events(log_dir / f"server_{spec.name}_0.log", "AveragingRound") for spec in config.stages
-    }
-    reports = trainer_reports(log_dir / "trainer.log")
+    rounds = worker_rounds(swarm)
+    by_stage = {spec.name: rounds[swarm.worker_name(spec.name, 0)] for spec in config.stages}
+    result["optimizer_steps"] = {stage: counts["optimizer_steps"] for stage, counts in by_stage.items()}
+    result["averaging_rounds"] = {stage: counts["ok"] + counts["failed"] for stage, counts in by_stage.items()}
+    reports = trainer_reports(swarm)
     start = next(((t, k) for t, k in reports if k >= warmup), None)
     end = reports[-1] if reports else None
     if start is None or end is None or end[1] <= start[1] or end[0] <= start[0]:
-        raise RuntimeError(f"could not find the trainer's reports in {log_dir / 'trainer.log'}")
+        raise RuntimeError(f"the trainer sent too few reports to time the run: {reports}")
     result.update(
         timed_from_completed=start[1],
         timed_to_completed=end[1],

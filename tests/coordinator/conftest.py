@@ -24,6 +24,7 @@ from agora.coordinator.config import CoordinatorConfig
 from agora_server.peer_keys import WorkerIdentity
 from agora.membership.port_test import PortTestListener
 from agora.coordinator.tokens import add_token
+from tests.helpers.clock import ManualClock
 
 USERS = ("alice", "bob", "carol")
 RUN_CONFIG = Path(__file__).parent / "three_stage_run.yaml"
@@ -45,19 +46,6 @@ def stage_state(size: int, epoch: int = 0, stage: str = "head", **extra) -> byte
     torch.save({"model": weights, "optimizer": {"state": {0: {"exp_avg": torch.randn(padding)}}}, "epoch": epoch, **extra},
                buffer)
     return buffer.getvalue()
-
-
-class ManualClock:
-    """Coordinator time that a test moves forward instead of sleeping."""
-
-    def __init__(self):
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class _Server(uvicorn.Server):
@@ -140,7 +128,7 @@ class CoordinatorHarness:
         self.tmp_path = tmp_path
         self.token_file = tmp_path / "tokens.txt"
         self.tokens = {user: add_token(self.token_file, user) for user in USERS}
-        self.clock = ManualClock()
+        self.clock = ManualClock(time.time())
         self.running: list[RunningCoordinator] = []
 
     def config(self, **overrides) -> CoordinatorConfig:

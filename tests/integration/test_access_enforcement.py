@@ -24,7 +24,7 @@ from agora_server.pipeline.directory import read_stage_records
 from agora_server.pipeline.remote import StageCaller, StageRefused
 from agora_server.wire import Rpc, ServerPhase, StageServerInfo, pack_boundary, stage_key
 from tests.helpers.admitted_peers import HOST, access_token, body1_averagers
-from tests.integration.conftest import run_trainer_to_end
+from tests.helpers.swarms import run_trainer_to_end
 
 
 

@@ -10,9 +10,10 @@ import torch
 from hivemind import DHT
 
 from agora_server.pipeline.remote import StageCaller
+from agora_server.telemetry import events as ev
 from agora_server.telemetry.health import ALLREDUCE_MESSAGE, RAM_MESSAGE
 from agora_server.wire import Rpc
-from tests.integration.test_worker_rpc import find_worker, packed, valid_inputs
+from tests.helpers.worker_rpc import find_worker, packed, valid_inputs
 
 FAST_STATS = {"stats_interval": 1}
 
@@ -21,12 +22,13 @@ def start_body_worker(swarm_harness, server: dict, workers: int = 1):
     swarm = swarm_harness.create({"server": server}, workers={"head": 0, "body1": workers, "tail": 0})
     swarm.start(trainer=False)
     for index in range(workers):
-        assert swarm.wait_for_output(f"body1#{index}", "[SERVER] Training started", 120)
+        assert swarm.wait_for(f"body1#{index}", ev.ServerStarted, timeout=120)
     return swarm
 
 
 def exits_with(swarm, name: str, message: str, timeout: float = 120) -> None:
-    assert swarm.wait_for_output(name, f"[SERVER] {message}", timeout), f"{name} never printed {message!r}"
+    stop = swarm.wait_for(name, ev.HealthStop, lambda e: e.message.startswith(message), timeout=timeout)
+    assert stop, f"{name} never stopped with {message!r}"
     # shutdown waits out an averaging round that is still running (its deadline: matchmaking + averaging
     # timeouts); on a loaded 2-core machine that was seen to take over a minute
     assert swarm.process(name).popen.wait(150) == 1, "a worker stopped by a health rule exits non-zero"
@@ -67,7 +69,7 @@ def test_non_finite_gradients_rule(swarm_harness):
     finally:
         dht.shutdown()
     exits_with(swarm, "body1#0", "Gradients stayed NaN or infinite for 2 optimizer steps in a row. Exiting run.")
-    assert swarm.wait_for_output("body1#0", "[TRAINING] Skipped a step: gradient norm is inf", 5)
+    assert swarm.wait_for("body1#0", ev.NonFiniteGradients, lambda e: e.grad_norm == float("inf"), timeout=5)
 
 
 def test_failed_averaging_rounds_rule(swarm_harness):
@@ -78,7 +80,7 @@ def test_failed_averaging_rounds_rule(swarm_harness):
     swarm = swarm_harness.create({"server": server}, steps=400, workers={"body1": 2})
     swarm.start()
     for name in ("body1#0", "body1#1"):
-        assert swarm.wait_for_output(name, "[TRAINING] Training step", 240)
+        assert swarm.wait_for(name, ev.OptimizerStepped, timeout=240)
     stalled = swarm.process("body1#1").popen.pid
     with contextlib.suppress(ProcessLookupError):  # on a loaded machine its own rounds may already have stopped it
         os.killpg(stalled, signal.SIGSTOP)

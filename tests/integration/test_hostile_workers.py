@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from agora_server.telemetry import events as ev
-from tests.integration.conftest import run_trainer_to_end, wait_for_trainer_step
+from tests.helpers.swarms import run_trainer_to_end, wait_for_trainer_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def test_a_worker_that_refuses_every_call_is_banned_and_training_goes_on(swarm_h
     try:
         ready = json.loads(refuser.stdout.readline())
         assert ready["event"] == "refusing_worker_ready", ready
-        banned = swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.WorkerBanned) and e.peer_id == ready["peer_id"], 120)
+        banned = swarm.wait_for("trainer", ev.WorkerBanned, lambda e: e.peer_id == ready["peer_id"], timeout=120)
         assert banned is not None, "the trainer never tried (or never banned) the worker that claims 1e9 tokens/s"
         assert banned.reason.startswith("refused"), banned.reason
         assert run_trainer_to_end(swarm, 400) == 0

@@ -20,8 +20,8 @@ def test_the_last_worker_of_a_stage_keeps_running_after_its_partner_leaves(swarm
     swarm = swarm_harness.create({"server": server}, steps=100_000, workers={"body1": 2})
     swarm.start()
     for name in ("body1#0", "body1#1"):
-        assert swarm.wait_for_output(name, "[TRAINING] Training step", 240)
-    assert swarm.wait_for_event("body1#0", lambda e: isinstance(e, ev.AveragingRound) and e.ok, 240), \
+        assert swarm.wait_for(name, ev.OptimizerStepped, timeout=240)
+    assert swarm.wait_for("body1#0", ev.AveragingRound, lambda e: e.ok, timeout=240), \
         "the two workers never averaged"
     rounds_before = len(swarm.events_of("body1#0", ev.AveragingRound))
     swarm.kill("body1#1")  # gone without a word: its DHT record outlives it until it expires

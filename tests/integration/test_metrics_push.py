@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agora.ports import free_port
-from tests.integration.conftest import run_trainer_to_end
+from tests.helpers.swarms import run_trainer_to_end
 
 STEPS = 16
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from agora_server.server.checkpoint import load_checkpoint
-from tests.integration.conftest import run_trainer_to_end, trainer_step, wait_for_trainer_step
+from agora_server.telemetry import events as ev
+from tests.helpers.swarms import run_trainer_to_end, trainer_step, wait_for_trainer_step
 
 STEPS = 120
 # epochs of 6 micro-batches (a few seconds here) and a round every 3 epochs: a round that finds no
@@ -36,7 +37,7 @@ def train_two_body_workers(swarm_harness, averaging: dict):
 
 def test_averaging_keeps_workers_of_a_stage_close(swarm_harness):
     averaged_swarm, averaged = train_two_body_workers(swarm_harness, AVERAGING)
-    rounds_ok = sum("AveragingRound" in line and "ok=True" in line for line in (averaged_swarm.log_dir / "server_body1_0.log").read_text().splitlines())
+    rounds_ok = sum(r.ok for r in averaged_swarm.events_of("body1#0", ev.AveragingRound))
     _, independent = train_two_body_workers(swarm_harness, {"enabled": False})
 
     with_averaging = relative_distance(averaged[0]["model"], averaged[1]["model"])
@@ -64,18 +65,14 @@ def test_a_swarm_on_the_production_policy_trains_and_averages_its_offloaded_mast
     assert summary["completed"] == STEPS, summary
     losses = [loss for _, loss in summary["losses"]]
     assert sum(losses[:10]) / 10 - sum(losses[-10:]) / 10 > 1.0, "the loss fell"
-    rounds = event_lines(swarm, "server_body1_0.log", "AveragingRound")
-    assert sum("ok=True" in line for line in rounds) >= 2, rounds
+    rounds = swarm.events_of("body1#0", ev.AveragingRound)
+    assert sum(r.ok for r in rounds) >= 2, rounds
     assert swarm.stop() == []
     directory = Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1"
     states = [load_checkpoint(path) for path in sorted(directory.glob("*.pt"))]
     for state in states:
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state["model"].values()), "float32 masters"
     assert relative_distance(states[0]["model"], states[1]["model"]) < 0.1
-
-
-def event_lines(swarm, log_name: str, event: str) -> list[str]:
-    return [line for line in (swarm.log_dir / log_name).read_text().splitlines() if f"agora.events: {event} " in line]
 
 
 def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness):
@@ -85,13 +82,12 @@ def test_newcomer_catches_up_before_it_is_routed_to_and_ends_close(swarm_harness
     assert wait_for_trainer_step(swarm, 20, 240)
 
     swarm.start_worker("body1", 2)
-    assert swarm.wait_for_output("body1#2", "[WARMUP] Node warmup started, catching up with other nodes", 120)
-    assert swarm.wait_for_output("body1#2", "[WARMUP] Loaded the stage's weights from a peer", 120)
-    assert swarm.wait_for_output("body1#2", "[WARMUP] Node warmup complete", 180)
-    (complete,) = event_lines(swarm, "server_body1_2.log", "WarmupComplete")
-    assert "requests_served=0" in complete, f"the trainer routed to a catching-up worker: {complete}"
-    assert "timed_out=False" in complete
-    assert swarm.wait_for_output("body1#2", "[TRAINING] Training step", 120)
+    assert swarm.wait_for("body1#2", ev.WarmupStarted, timeout=120)
+    assert swarm.wait_for("body1#2", ev.StateDownloaded, lambda e: e.ok, timeout=120), "the newcomer loaded the stage's weights from a peer"
+    complete = swarm.wait_for("body1#2", ev.WarmupComplete, timeout=180)
+    assert complete and complete.requests_served == 0, f"the trainer routed to a catching-up worker: {complete}"
+    assert not complete.timed_out
+    assert swarm.wait_for("body1#2", ev.OptimizerStepped, timeout=120)
 
     assert wait_for_trainer_step(swarm, trainer_step(swarm) + 60, 300), "training with the newcomer went on"
     trainer = swarm.process("trainer").popen
@@ -110,8 +106,8 @@ def test_workers_averaging_gradients_take_the_same_steps(swarm_harness):
     epoch: from the same initial weights they stay together, far closer than SPARTA alone keeps them."""
     averaging = {**AVERAGING, "enabled": True, "gradient_epochs": 10**6, "target_group_size": 2}
     swarm, states = train_two_body_workers(swarm_harness, averaging)
-    rounds = [line for name in ("server_body1_0.log", "server_body1_1.log") for line in event_lines(swarm, name, "GradientsAveraged")]
-    ok = sum("ok=True" in line for line in rounds)
+    rounds = [r for name in ("body1#0", "body1#1") for r in swarm.events_of(name, ev.GradientsAveraged)]
+    ok = sum(r.ok for r in rounds)
     steps = [state["counters"]["optimizer_steps"] for state in states]
     assert ok >= 0.8 * sum(steps), f"{ok} averaged of {sum(steps)} steps: {rounds[:5]}"
     assert relative_distance(states[0]["model"], states[1]["model"]) < 1e-3

@@ -7,15 +7,7 @@ import time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from agora_server.optim import SwarmProgress
-
-
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
+from tests.helpers.polling import wait_until
 
 
 def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate(dhts):

@@ -5,7 +5,7 @@ import signal
 
 from agora.local_console import outcome_line
 from agora_server.telemetry import events as ev
-from tests.integration.conftest import ports_in_use, run_trainer_to_end, wait_for_trainer_step
+from tests.helpers.swarms import ports_in_use, run_trainer_to_end, wait_for_trainer_step
 
 STEPS = 60
 LOSS_DROP = 1.0  # nats between the mean of the first and last 10 micro-batches; we measure ~2.3
@@ -15,11 +15,11 @@ def test_swarm_trains_and_leaves_nothing_behind(swarm_harness):
     swarm = swarm_harness.create(steps=STEPS)
     swarm.start()
     for stage in ("head", "body1", "tail"):
-        assert swarm.wait_for_output(f"{stage}#0", "[SERVER] Training started", 120)
-    assert swarm.wait_for_output("head#0", "[TRAINING] Training step 1", 120)
+        assert swarm.wait_for(f"{stage}#0", ev.ServerStarted, timeout=120)
+    assert swarm.wait_for("head#0", ev.OptimizerStepped, lambda e: e.step == 1, timeout=120)
     ports = swarm.listening_ports()
     assert len(ports) >= 4, "seed and each worker listen on a TCP port"
-    assert swarm.wait_for_output("body1#0", "[PROGRESS] Processed", 120)
+    assert swarm.wait_for("body1#0", ev.ProgressReport, timeout=120)
 
     assert run_trainer_to_end(swarm, 300) == 0
     summary = json.loads(swarm.summary_path.read_text())
@@ -38,7 +38,7 @@ def test_training_survives_a_killed_worker(swarm_harness):
     swarm.start()
     assert wait_for_trainer_step(swarm, 10, 180)
     for name in ("body1#0", "body1#1"):
-        assert swarm.wait_for_output(name, "[TRAINING] Training step", 60), f"{name} never trained: not load-balanced"
+        assert swarm.wait_for(name, ev.OptimizerStepped, timeout=60), f"{name} never trained: not load-balanced"
 
     swarm.kill("body1#1", signal.SIGKILL)  # the volunteer's machine vanishes: no goodbye, no cleanup
 
@@ -56,11 +56,11 @@ def test_an_emptied_stage_pauses_the_trainer_until_a_worker_returns(swarm_harnes
     assert wait_for_trainer_step(swarm, 10, 180)
 
     swarm.kill("body1#0", signal.SIGKILL)  # the stage's only worker vanishes
-    assert swarm.wait_for_output("trainer", "[TRAINER] Paused: no worker serves stage(s) body1", 60)
-    paused_at = swarm.lines_printed("trainer")
+    assert swarm.wait_for("trainer", ev.TrainerPaused, lambda e: "body1" in e.stages, timeout=60)
+    paused_at = swarm.events_sent("trainer")  # no resume before the worker is back
     restarted = swarm.start_worker("body1", 0)  # the volunteer comes back, same identity
-    assert swarm.wait_for_line("body1#0", lambda line: "[SERVER] Training started" in line, 120, since=restarted.first_line)
-    assert swarm.wait_for_line("trainer", lambda line: "[TRAINER] Resumed after" in line, 120, since=paused_at)
+    assert swarm.wait_for("body1#0", ev.ServerStarted, timeout=120, since=restarted.first_event)
+    assert swarm.wait_for("trainer", ev.TrainerResumed, timeout=120, since=paused_at)
 
     assert run_trainer_to_end(swarm, 300) == 0
     summary = json.loads(swarm.summary_path.read_text())
@@ -75,7 +75,7 @@ def test_micro_batches_a_stop_abandons_count_as_cancelled_not_failed(swarm_harne
     swarm.start()
     assert wait_for_trainer_step(swarm, 10, 180)
     swarm.kill("body1#0", signal.SIGKILL)  # what is in flight now waits for a body1 worker that never comes
-    paused = swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.TrainerPaused), 60)
+    paused = swarm.wait_for("trainer", ev.TrainerPaused, timeout=60)
     assert paused is not None and paused.in_flight > 0
     assert swarm.stop() == []  # SIGTERM to the trainer first: the stop the participant asked for
 

@@ -8,8 +8,9 @@ import urllib.request
 from pathlib import Path
 
 from agora_server.telemetry import events as ev
+from agora_server.telemetry.console import console_lines
 from tests.helpers.chromium import charts_in, rendered_dom, screenshot
-from tests.integration.conftest import run_trainer_to_end, wait_for_trainer_step
+from tests.helpers.swarms import run_trainer_to_end, wait_for_trainer_step
 
 
 def get_json(url: str):
@@ -17,10 +18,8 @@ def get_json(url: str):
         return json.loads(answer.read())
 
 
-def last_stats_samples(swarm, log_name: str) -> tuple[str, int]:
-    lines = [line for line in (swarm.log_dir / log_name).read_text().splitlines() if "agora.events: WorkerStats " in line]
-    last = lines[-1]
-    return last.split("peer_id='")[1].split("'")[0], int(last.split(" samples=")[1].split()[0])
+def last_stats(swarm, name: str) -> ev.WorkerStats:
+    return swarm.events_of(name, ev.WorkerStats)[-1]
 
 
 def test_coordinator_admits_assigns_and_counts_what_each_worker_counts(swarm_harness):
@@ -28,17 +27,17 @@ def test_coordinator_admits_assigns_and_counts_what_each_worker_counts(swarm_har
     swarm.start()
     for spec in swarm.config.stages:
         name = swarm.worker_name(spec.name, 0)
-        assert swarm.wait_for_output(name, "[AUTH] Access granted for local-participant", 5)
-        assert swarm.wait_for_output(name, f"[SERVER] Serving stage {spec.name} as", 60), "the coordinator fills stages in pipeline order"
+        assert swarm.wait_for(name, ev.AccessGranted, lambda e: e.username == "local-participant", timeout=5)
+        assert swarm.wait_for(name, ev.ServerStarted, lambda e: e.stage == spec.name, timeout=60), "the coordinator fills stages in pipeline order"
     info = get_json(f"{swarm.coordinator_url}/api/run_info")
     assert {s["name"]: s["workers"] for s in info["stages"]} == {spec.name: 1 for spec in swarm.config.stages}
     assert run_trainer_to_end(swarm, 300) == 0
 
     expected = {}
     for spec in swarm.config.stages:
-        peer, samples = last_stats_samples(swarm, f"server_{spec.name}_0.log")
-        assert samples >= 24 * swarm.config.trainer.micro_batch_size
-        expected[peer] = samples
+        stats = last_stats(swarm, swarm.worker_name(spec.name, 0))
+        assert stats.samples >= 24 * swarm.config.trainer.micro_batch_size
+        expected[stats.peer_id] = stats.samples
     deadline = time.monotonic() + 60
     while True:  # the work is over; the next heartbeats carry the final counts
         recorded = {c["peer_id"]: c["samples"] for c in get_json(f"{swarm.coordinator_url}/api/contributions")}
@@ -76,9 +75,11 @@ def test_a_queued_newcomer_downloads_the_stage_checkpoint_while_it_waits(swarm_h
         assert time.monotonic() < deadline, "the workers never uploaded a checkpoint of every stage"
         time.sleep(1)
     newcomer = swarm.start_worker("tail", 1)
-    assert swarm.wait_for_output(newcomer.name, "[AUTH] Authorization queue: position 1, estimated wait:", 120)
-    assert swarm.wait_for_output(newcomer.name, "[DOWNLOAD] Downloading model weights...", 60)
-    assert swarm.wait_for_output(newcomer.name, "[DOWNLOAD] Model weights downloaded. Waiting for authorization...", 120)
+    queued = swarm.wait_for(newcomer.name, ev.AuthQueued, lambda e: e.position == 1, timeout=120)
+    # text, because the guide fixes what a queued participant reads
+    assert queued and console_lines(queued)[0].startswith("[AUTH] Authorization queue: position 1, estimated wait:"), queued
+    assert swarm.wait_for(newcomer.name, ev.DownloadProgress, lambda e: e.bytes_done == 0, timeout=60), "the download never began"
+    assert swarm.wait_for(newcomer.name, ev.DownloadComplete, timeout=120)
     assert list(Path(swarm.config.server.checkpoint_dir).glob("*/*/from-coordinator.pt")), "the weights were saved for the stage it will serve"
     assert newcomer.popen.poll() is None, "still waiting for a place"
 
@@ -100,7 +101,7 @@ def test_an_operator_stops_a_worker_through_the_coordinator(swarm_harness):
     )
     swarm.start()
     assert wait_for_trainer_step(swarm, 10, 240)
-    peer = last_stats_samples(swarm, "server_body1_0.log")[0]
+    peer = last_stats(swarm, "body1#0").peer_id
     request = urllib.request.Request(
         f"{swarm.coordinator_url}/api/admin/stop_node",
         data=json.dumps({"peer_id": peer, "reason": "maintenance of stage body1"}).encode(),
@@ -108,8 +109,10 @@ def test_an_operator_stops_a_worker_through_the_coordinator(swarm_harness):
         method="POST",
     )
     assert get_json_from(request) == {"peer_id": peer, "was_active": True}
-    assert swarm.wait_for_output("body1#0", "[SERVER] The coordinator asked this node to leave the run. Exiting run.", 60)
-    assert swarm.wait_for_output("body1#0", "[SERVER] Reason: The run's operators stopped this node: maintenance of stage body1", 5)
+    stop = swarm.wait_for("body1#0", ev.HealthStop, timeout=60)
+    # text, because the guide fixes what the stopped participant reads
+    assert stop and console_lines(stop) == ["[SERVER] The coordinator asked this node to leave the run. Exiting run.",
+                                            "[SERVER] Reason: The run's operators stopped this node: maintenance of stage body1"], stop
     assert swarm.process("body1#0").popen.wait(60) == 1
 
 

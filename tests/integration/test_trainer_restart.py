@@ -17,9 +17,7 @@ def completed(swarm, since: int, until: int | None = None) -> list[ev.MicroBatch
 
 def wait_for_completions(swarm, count: int, since: int, timeout: float) -> bool:
     """The run of the trainer whose events start at ``since`` completed at least ``count`` micro-batches."""
-    # the condition looks at the run's events as a whole; any new event wakes the wait to look again
-    reached = swarm.wait_for_event("trainer", lambda e: len(completed(swarm, since)) >= count, timeout, since=since)
-    return reached is not None
+    return swarm.wait_for("trainer", ev.MicroBatchCompleted, timeout=timeout, since=since, count=count) is not None
 
 
 def test_a_restarted_trainer_does_not_repeat_the_micro_batches_it_completed(swarm_harness):
@@ -33,7 +31,7 @@ def test_a_restarted_trainer_does_not_repeat_the_micro_batches_it_completed(swar
     first.pump.join(30)  # every event it wrote before it died has been read
     second = swarm.start_trainer()
     before = completed(swarm, first.first_event, second.first_event)
-    resumed = swarm.wait_for_event("trainer", lambda e: isinstance(e, ev.DataResumed), 120, since=second.first_event)
+    resumed = swarm.wait_for("trainer", ev.DataResumed, timeout=120, since=second.first_event)
     assert resumed is not None and resumed.finished >= len(before)
     assert wait_for_completions(swarm, 12, second.first_event, 240), "the restarted trainer never got going"
     after = completed(swarm, second.first_event)

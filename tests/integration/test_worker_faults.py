@@ -3,27 +3,17 @@ checkpoint files that cannot be read at start. Each gives a clear message and ke
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
 import torch
 
-from tests.integration.conftest import wait_for_worker_step
+from agora_server.telemetry import events as ev
+from tests.helpers.polling import wait_until
+from tests.helpers.swarms import wait_for_worker_step
 
 WORKER = "body1#0"
 FAST_CHECKPOINTS = {"server": {"checkpoint_every": 2}}  # local-tiny epochs last about a second
-
-
-def wait_until(condition, timeout: float, what: str):
-    """Poll ``condition`` until it returns something truthy (returned), or fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def epoch_of(path: Path) -> int | None:
@@ -36,15 +26,16 @@ def epoch_of(path: Path) -> int | None:
 
 def wait_for_checkpoint(swarm, timeout: float) -> Path:
     directory = Path(swarm.config.server.checkpoint_dir) / swarm.config.run_name / "body1"
-    return wait_until(lambda: next(directory.glob("*.pt"), None), timeout, f"a first checkpoint in {directory}")
-
-
-def failures(swarm) -> list[str]:
-    return [line for line in list(swarm.lines.get(WORKER, ())) if "[SERVER] Checkpoint not saved:" in line]
+    found = wait_until(lambda: next(directory.glob("*.pt"), None), timeout)
+    assert found, f"timed out after {timeout:.0f}s waiting for a first checkpoint in {directory}"
+    return found
 
 
 def wait_for_failure(swarm, text: str, timeout: float) -> str:
-    return wait_until(lambda: next((line for line in failures(swarm) if text in line), None), timeout, f"a failed save saying {text!r}")
+    """The reason of the first failed save whose reason says ``text``."""
+    failed = swarm.wait_for(WORKER, ev.CheckpointFailed, lambda e: text in e.reason, timeout=timeout)
+    assert failed, f"timed out after {timeout:.0f}s waiting for a failed save saying {text!r}"
+    return failed.reason
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(swarm_harness):
@@ -67,16 +58,17 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(swarm_ha
     assert kept is not None and not tmp.exists(), "the partial file is removed and the good one still loads"
 
     # ENOSPC itself: the next write goes to /dev/full, which answers every write with "No space left on device"
-    wait_until(lambda: _plant(tmp, "/dev/full"), 30, f"{tmp} to be free for the /dev/full link")
+    assert wait_until(lambda: _plant(tmp, "/dev/full"), 30), f"{tmp} never was free for the /dev/full link"
     full = wait_for_failure(swarm, "the disk is full", 60)
     assert f"the previous one is kept: {path}" in full and "server.checkpoint_dir" in full
     assert not tmp.is_symlink() and not tmp.exists() and epoch_of(path) == kept
-    step = int(full.rsplit("tried at step ", 1)[1])
-    assert wait_for_worker_step(swarm, WORKER, step, 60), "the worker trains on after failed saves"
+    assert "training goes on and the next checkpoint is tried at step " in full
+    stepped = swarm.events_of(WORKER, ev.OptimizerStepped)[-1].step
+    assert wait_for_worker_step(swarm, WORKER, stepped + 2, 60), "the worker trains on after failed saves"
     assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE
 
     worker.rlimit(psutil.RLIMIT_FSIZE, original)  # space again: the next save succeeds and the old one becomes .prev
-    wait_until(lambda: (epoch_of(path) or 0) > kept, 60, "a newer checkpoint once writes work again")
+    assert wait_until(lambda: (epoch_of(path) or 0) > kept, 60), "no newer checkpoint once writes work again"
     assert epoch_of(path.with_suffix(".prev")) >= kept and not tmp.exists()
 
 
@@ -99,7 +91,7 @@ def test_unreadable_checkpoints_fall_back_to_the_previous_one_or_stop_the_worker
     swarm.start()
     path = wait_for_checkpoint(swarm, 240)
     previous = path.with_suffix(".prev")
-    wait_until(previous.exists, 60, "a second periodic checkpoint")
+    assert wait_until(previous.exists, 60), "no second periodic checkpoint"
     swarm.kill("trainer")  # training is done for this test; a trainer missing a stage takes a while to stop
     stop_worker(swarm, swarm.process(WORKER))
     previous_epoch = epoch_of(previous)
@@ -107,10 +99,9 @@ def test_unreadable_checkpoints_fall_back_to_the_previous_one_or_stop_the_worker
     # the newest file cut short (a crash mid-copy, a full disk on a file system without atomic rename)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
     restarted = swarm.start_worker("body1", 0)  # same identity file, so the same checkpoint files
-    assert swarm.wait_for_output(WORKER, "[SERVER] Resumed stage body1", 120)
-    lines = swarm.lines[WORKER]
-    assert f"[SERVER] Could not read checkpoint {path}: the file is damaged or incomplete; resuming from the previous one" in "\n".join(lines)
-    assert f"[SERVER] Resumed stage body1 at training step {previous_epoch} from {previous}" in lines
+    loaded = swarm.wait_for(WORKER, ev.CheckpointLoaded, timeout=120, since=restarted.first_event)
+    assert loaded and loaded.unreadable == (f"{path}: the file is damaged or incomplete",), loaded
+    assert (loaded.stage, loaded.epoch, loaded.path) == ("body1", previous_epoch, str(previous))
     stop_worker(swarm, restarted)
     assert epoch_of(path) >= previous_epoch, "the stop's checkpoint replaced the unreadable file"
     assert epoch_of(previous) == previous_epoch, "and did not push the good previous one out"
@@ -119,11 +110,10 @@ def test_unreadable_checkpoints_fall_back_to_the_previous_one_or_stop_the_worker
     path.write_bytes(b"not a checkpoint")
     previous.write_bytes(b"")
     before = {p: p.read_bytes() for p in (path, previous)}
-    seen = len(swarm.lines[WORKER])
     failed = swarm.start_worker("body1", 0)
     assert failed.popen.wait(120) == 1, "a worker with only unreadable checkpoints must not start"
     failed.pump.join(5)
-    said = "\n".join(swarm.lines[WORKER][seen:])
+    said = "\n".join(e.message for e in swarm.events_of(WORKER, ev.ProcessError, since=failed.first_event))
     assert "No checkpoint of this worker can be read" in said and "Delete these files to start this worker afresh" in said, said
     assert f"{path}: the file is damaged or incomplete" in said and f"{previous}: the file is empty" in said, said
     assert {p: p.read_bytes() for p in (path, previous)} == before, "the unreadable files are left as they were"

@@ -15,7 +15,6 @@ import msgpack
 import pytest
 import torch
 from hivemind import DHT
-from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 from hypothesis import HealthCheck, given, settings
@@ -24,19 +23,19 @@ from hypothesis import strategies as st
 from agora.config import load_run_config
 from agora_server.models import PipelineStage, StageKind, build_boundary_codec
 from agora_server.pipeline.remote import StageCallFailed, StageCaller
-from agora_server.tensor_stream import ALLOWED_DTYPES, CHUNK_BYTES, collect, deserialize
+from agora_server.telemetry import events as ev
+from agora_server.tensor_stream import ALLOWED_DTYPES, CHUNK_BYTES, deserialize
 from agora_server.wire import (
     RequestMeta,
     Rpc,
-    handler_name,
     id_slots,
     pack_boundary,
     request_fields,
     unpack_boundary,
     unpack_response_error,
 )
-from tests.integration.conftest import SwarmHarness
-from tests.integration.test_worker_rpc import find_worker, valid_inputs
+from tests.helpers.swarms import SwarmHarness
+from tests.helpers.worker_rpc import find_worker, send_raw, valid_inputs
 
 CONFIG = load_run_config("local-tiny")  # the swarm's own config differs only in timings
 RUN, STAGE, WORKER = CONFIG.run_name, "body1", "body1#0"
@@ -88,21 +87,6 @@ def encode(tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> list[runtime
 
 def meta(rpc: Rpc) -> bytes:
     return RequestMeta(RUN, STAGE, rpc).pack()
-
-
-async def send(p2p, peer: str, rpc: Rpc, metadata: bytes, parts: list | None):
-    """One request as raw messages: (the worker's error or None, the answer's parts)."""
-
-    async def messages():
-        if parts is None:
-            return
-        yield runtime_pb2.ExpertRequest(uid=STAGE, tensors=parts[:1], metadata=metadata)
-        for part in parts[1:]:
-            yield runtime_pb2.ExpertRequest(tensors=[part])
-
-    stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer), handler_name(RUN, rpc), messages(), runtime_pb2.ExpertResponse)
-    answer, answer_parts, _ = await collect(stream, 1 << 30)
-    return unpack_response_error(answer), answer_parts
 
 
 # --- strategies ------------------------------------------------------------------------------
@@ -352,7 +336,7 @@ class LiveWorker:
         """Send a request as raw parts: (the worker's error or None, the answer's parts)."""
         for _ in range(ATTEMPTS):
             try:
-                error, answer = self.run(send(self.p2p, self.peer, case.rpc, case.metadata, case.parts))
+                error, answer = self.run(send_raw(self.p2p, self.peer, RUN, STAGE, case.rpc, case.metadata, case.parts))
             except TimeoutError:
                 raise AssertionError(f"{case!r}: no answer within {CALL_TIMEOUT:.0f}s") from None
             except Exception as e:  # p2p errors: the handler raised instead of answering
@@ -386,7 +370,7 @@ def worker(tmp_path_factory):
         swarm = harness.create(workers={"head": 0, "body1": 1, "tail": 0})
         assert (swarm.config.model, swarm.config.boundary_width, swarm.config.server.max_batch_size) == (CONFIG.model, WIDTH, MAX_BATCH)
         swarm.start(trainer=False)
-        assert swarm.wait_for_output(WORKER, "[SERVER] Training started", 120)
+        assert swarm.wait_for(WORKER, ev.ServerStarted, timeout=120)
         dht = DHT(initial_peers=swarm.seed_maddrs, client_mode=True, start=True)
         cleanup.callback(dht.shutdown)
         live = LiveWorker(swarm, loop)
@@ -491,11 +475,13 @@ def test_worker_survives_with_unchanged_weights_and_no_traceback(worker):
     worker.assert_still_serving()
     backward = worker.call(Rpc.BACKWARD, worker.request)
     assert torch.allclose(backward, worker.backward, atol=1e-5), "remote backward differs from the same stage run locally"
-    lines = worker.swarm.lines.get(WORKER, [])
-    assert not [line for line in lines if "Traceback" in line], "\n".join(lines[-40:])
+    # a traceback is text, never an event: neither the console nor the log may carry one
+    texts = worker.swarm.texts_of(WORKER)
+    assert not [line for line in texts if "Traceback" in line], "\n".join(texts[-40:])
     log = (worker.swarm.log_dir / "server_body1_0.log").read_text()
     assert "Traceback" not in log, log[-4000:]
-    # events are logged before the answer leaves, so every refusal received is already there, and
-    # a lost answer was lost in transit if the worker logged a refusal for it
-    assert worker.refused <= log.count("agora.events: RequestRefused ") <= worker.refused + worker.lost
-    assert "agora.events: ComputeFailed " not in log
+    # events are sent before the answer leaves, so every refusal received is on its way (the wait
+    # covers the pipe), and a lost answer was lost in transit if the worker sent a refusal for it
+    assert worker.refused and worker.swarm.wait_for(WORKER, ev.RequestRefused, count=worker.refused, timeout=30)
+    assert len(worker.swarm.events_of(WORKER, ev.RequestRefused)) <= worker.refused + worker.lost
+    assert not worker.swarm.events_of(WORKER, ev.ComputeFailed)

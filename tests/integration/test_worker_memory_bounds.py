@@ -18,7 +18,7 @@ from agora_server.telemetry import events as ev
 from agora_server.tensor_stream import CHUNK_BYTES, serialize
 from agora_server.server.handler import MAX_STREAMS_PER_PEER
 from agora_server.wire import SERVICE_NAME, RequestMeta, Rpc, handler_name
-from tests.integration.test_worker_rpc import find_worker, packed, valid_inputs
+from tests.helpers.worker_rpc import find_worker, packed, valid_inputs
 
 MiB = 2**20
 GROWTH_LIMIT = 64 * MiB
@@ -28,7 +28,7 @@ GROWTH_LIMIT = 64 * MiB
 def lone_worker(swarm_harness):
     swarm = swarm_harness.create(workers={"head": 0, "body1": 1, "tail": 0})
     swarm.start(trainer=False)
-    assert swarm.wait_for_output("body1#0", "[SERVER] Training started", 120)
+    assert swarm.wait_for("body1#0", ev.ServerStarted, timeout=120)
     dht = DHT(initial_peers=swarm.seed_maddrs, client_mode=True, start=True)
     try:
         yield swarm, dht
@@ -62,7 +62,7 @@ async def stream_at(p2p, peer: str, run: str, meta: RequestMeta, first_parts, mo
 
 
 def refusal(swarm, name: str, since: int, says: str) -> ev.RequestRefused | None:
-    return swarm.wait_for_event(name, lambda e: isinstance(e, ev.RequestRefused) and says in e.reason, 60, since=since)
+    return swarm.wait_for(name, ev.RequestRefused, lambda e: says in e.reason, timeout=60, since=since)
 
 
 def test_a_stream_with_wrong_metadata_is_refused_before_its_tensors_are_read(lone_worker):
@@ -144,8 +144,11 @@ def test_one_peer_gets_only_so_many_open_requests(lone_worker):
     tokens, values = valid_inputs(swarm.config)
     opened, seen = MAX_STREAMS_PER_PEER + 8, swarm.events_sent("body1#0")
 
-    def over_the_limit():
-        return [e for e in swarm.events_of("body1#0", ev.RequestRefused)[seen:] if "open at once" in e.reason]
+    def over_the_limit(event: ev.RequestRefused) -> bool:
+        return "open at once" in event.reason
+
+    def refused_over_the_limit() -> int:
+        return len([e for e in swarm.events_of("body1#0", ev.RequestRefused, since=seen) if over_the_limit(e)])
 
     async def attack():
         peer = await find_worker(dht, swarm.config)
@@ -162,11 +165,11 @@ def test_one_peer_gets_only_so_many_open_requests(lone_worker):
         # the requests over the limit are refused at once, while the others are still open (one of
         # those may have been dropped meanwhile on a loaded machine, which frees its place)
         refused = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: swarm.wait_for_event("body1#0", lambda e: len(over_the_limit()) >= 6, 60, since=seen))
+            None, lambda: swarm.wait_for("body1#0", ev.RequestRefused, over_the_limit, timeout=60, since=seen, count=6))
         for writer in writers:
             writer.close()
         return refused
 
-    assert asyncio.run(attack()) is not None, f"refused over the limit: {len(over_the_limit())} of 8"
-    assert 6 <= len(over_the_limit()) <= 8
+    assert asyncio.run(attack()) is not None, f"refused over the limit: {refused_over_the_limit()} of 8"
+    assert 6 <= refused_over_the_limit() <= 8
     assert swarm.process("body1#0").popen.poll() is None

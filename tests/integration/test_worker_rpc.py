@@ -6,45 +6,26 @@ import asyncio
 import pytest
 import torch
 from hivemind import DHT
-from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from agora_server.models import PipelineStage, build_boundary_codec
-from agora_server.pipeline.directory import read_stage_records
 from agora_server.pipeline.remote import StageCaller, StageRefused
-from agora_server.tensor_stream import collect, serialize
-from agora_server.wire import RequestMeta, Rpc, handler_name, pack_boundary, unpack_boundary, unpack_response_error
+from agora_server.telemetry import events as ev
+from agora_server.tensor_stream import serialize
+from agora_server.wire import RequestMeta, Rpc, unpack_boundary
+from tests.helpers.worker_rpc import find_worker, packed, send_raw, valid_inputs
 
 
 @pytest.fixture
 def body_worker(swarm_harness):
     swarm = swarm_harness.create(workers={"head": 0, "body1": 1, "tail": 0})
     swarm.start(trainer=False)
-    assert swarm.wait_for_output("body1#0", "[SERVER] Training started", 120)
+    assert swarm.wait_for("body1#0", ev.ServerStarted, timeout=120)
     dht = DHT(initial_peers=swarm.seed_maddrs, client_mode=True, start=True)
     try:
         yield swarm.config, dht
     finally:
         dht.shutdown()
-
-
-async def find_worker(dht, config):
-    for _ in range(100):  # the record is stored before the worker reports ready; this is only DHT lookup lag
-        records = await read_stage_records(dht, config.run_name, "body1")
-        if records:
-            return next(iter(records))
-        await asyncio.sleep(0.3)
-    raise AssertionError("body1 worker never appeared in the DHT")
-
-
-def valid_inputs(config, batch=2, seq=16):
-    tokens = torch.randint(0, config.model.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(5))
-    values = torch.randn(batch, seq, config.model.hidden_size, generator=torch.Generator().manual_seed(6))
-    return tokens, values
-
-
-def packed(values, tokens):
-    return pack_boundary(values, tokens, torch.float32)
 
 
 def malformed_requests(config):
@@ -63,17 +44,6 @@ def malformed_requests(config):
         "token out of range": ([packed(values, tokens + config.model.vocab_size)], "outside"),
         "extra tensor": ([packed(values, tokens), tokens], "takes 1 tensors"),
     }
-
-
-async def send_raw(p2p, peer, run, meta: RequestMeta, parts):
-    async def requests():
-        yield runtime_pb2.ExpertRequest(uid=meta.stage, tensors=parts[:1], metadata=meta.pack())
-        for part in parts[1:]:
-            yield runtime_pb2.ExpertRequest(tensors=[part])
-
-    stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer), handler_name(run, meta.rpc), requests(), runtime_pb2.ExpertResponse)
-    metadata, _, _ = await collect(stream, 1 << 30)
-    return unpack_response_error(metadata)
 
 
 def test_worker_validates_requests_and_keeps_serving(body_worker):
@@ -109,9 +79,10 @@ def test_worker_validates_requests_and_keeps_serving(body_worker):
             await call([boundary], stage="tail")
 
         parts = serialize([tokens, torch.randn(600, 1024)])
-        truncated = await send_raw(p2p, peer, config.run_name, RequestMeta(config.run_name, "body1", Rpc.FORWARD), parts[:-1])
+        forward = RequestMeta(config.run_name, "body1", Rpc.FORWARD).pack()
+        truncated, _ = await send_raw(p2p, peer, config.run_name, "body1", Rpc.FORWARD, forward, parts[:-1])
         assert truncated is not None and "truncated" in truncated
-        garbage = await send_raw(p2p, peer, config.run_name, RequestMeta(config.run_name, "body1", Rpc.FORWARD), [runtime_pb2.Tensor(buffer=b"\x00" * 10, dtype="float32", size=[999, 999])])
+        garbage, _ = await send_raw(p2p, peer, config.run_name, "body1", Rpc.FORWARD, forward, [runtime_pb2.Tensor(buffer=b"\x00" * 10, dtype="float32", size=[999, 999])])
         assert garbage is not None and "could not be decoded" in garbage
 
         (final,) = await call([boundary])

@@ -1,13 +1,6 @@
 from agora_server.pipeline.balancer import StageBalancer
 from agora_server.wire import ServerPhase, StageServerInfo
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
+from tests.helpers.clock import ManualClock
 
 
 def info(throughput, phase=ServerPhase.ONLINE, started_at=0.0):
@@ -15,7 +8,7 @@ def info(throughput, phase=ServerPhase.ONLINE, started_at=0.0):
 
 
 def balancer(clock=None):
-    return StageBalancer("body1", default_throughput=100.0, ban_seconds=10.0, ban_max_seconds=35.0, clock=clock or Clock())
+    return StageBalancer("body1", default_throughput=100.0, ban_seconds=10.0, ban_max_seconds=35.0, clock=clock or ManualClock(100.0))
 
 
 def test_picks_the_earliest_expected_finish():
@@ -43,7 +36,7 @@ def test_measured_throughput_replaces_the_announced_one():
 
 
 def test_failed_worker_is_banned_with_growing_backoff():
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = balancer(clock)
     b.update_peers({"a": info(100.0), "b": info(10.0)})
     assert b.choose(10) == "a"
@@ -97,7 +90,7 @@ def test_a_worker_seen_at_start_but_not_yet_measured_is_not_starved():
 
 
 def test_a_restarted_worker_is_no_longer_banned_for_what_its_old_process_did():
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = balancer(clock)
     b.update_peers({"a": info(100.0)})
     b.choose(10)
@@ -123,7 +116,7 @@ def test_an_unmeasured_claim_is_believed_only_up_to_a_bound():
 
 
 def test_a_refusing_worker_is_banned_like_a_failing_one():
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = balancer(clock)
     b.update_peers({"refuser": info(1e12), "honest": info(100.0)})
     assert b.choose(10) == "refuser"

@@ -11,22 +11,15 @@ from agora.protocol import AccessAnswer, HeartbeatAnswer
 from agora_server.telemetry import events as ev
 from agora_server.telemetry.console import console_lines
 from agora_server.telemetry.health import ACCESS_EXPIRED_MESSAGE, HealthConfig, HealthMonitor
+from tests.helpers.clock import ManualClock
 
 START, LIFETIME, SECRET = 1_000_000.0, 40.0, "secret-access-token"
-
-
-class Clock:
-    def __init__(self):
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class SimulatedWake:
     """Stands in for the session's wake-up Event: a wait moves the clock on instead of sleeping."""
 
-    def __init__(self, clock: Clock, until: float, stop):
+    def __init__(self, clock: ManualClock, until: float, stop):
         self.clock, self.until, self.stop = clock, until, stop
 
     def wait(self, timeout: float) -> bool:
@@ -45,7 +38,7 @@ class SimulatedWake:
 class Coordinator:
     """Answers until ``down_at``; then every call fails as a dead host's would."""
 
-    def __init__(self, clock: Clock, down_at: float = float("inf")):
+    def __init__(self, clock: ManualClock, down_at: float = float("inf")):
         self.clock, self.down_at, self.calls = clock, down_at, []
         self.expires_at = clock.now + LIFETIME  # the node's access, as the coordinator records it
 
@@ -77,7 +70,7 @@ def access(expires_at: float) -> AccessAnswer:
                         expires_at=expires_at, checkpoint_url=None, coordinator_public_key="key")
 
 
-def run_session(coordinator: Coordinator, clock: Clock, until: float) -> list[ev.Event]:
+def run_session(coordinator: Coordinator, clock: ManualClock, until: float) -> list[ev.Event]:
     events = []
     session = CoordinatorSession(coordinator, Identity(), access(coordinator.expires_at), events.append, heartbeat_interval=5.0, clock=clock)
     session._wake = SimulatedWake(clock, until, session._stop)
@@ -90,7 +83,7 @@ def run_session(coordinator: Coordinator, clock: Clock, until: float) -> list[ev
 
 
 def test_a_short_lived_token_is_renewed_once_per_lifetime_not_at_every_wake_up():
-    clock = Clock()
+    clock = ManualClock(START)
     coordinator = Coordinator(clock)
     events = run_session(coordinator, clock, until=START + 10 * LIFETIME)
     refreshes = [at - START for at, path, _ in coordinator.calls if path == "/api/refresh_token"]
@@ -101,7 +94,7 @@ def test_a_short_lived_token_is_renewed_once_per_lifetime_not_at_every_wake_up()
 
 
 def test_an_unreachable_coordinator_is_retried_with_backoff_until_the_token_expires_then_the_worker_stops_at_once():
-    clock = Clock()
+    clock = ManualClock(START)
     expires_at = START + LIFETIME
     coordinator = Coordinator(clock, down_at=START + 4)
     events = run_session(coordinator, clock, until=START + 10 * LIFETIME)
@@ -133,7 +126,7 @@ def test_an_unreachable_coordinator_is_retried_with_backoff_until_the_token_expi
 
 @pytest.mark.parametrize("down_at", [0.5, 26.9, 27.5, 39.9])
 def test_the_stop_comes_at_the_expiry_whenever_the_outage_begins(down_at):
-    clock = Clock()
+    clock = ManualClock(START)
     coordinator = Coordinator(clock, down_at=START + down_at)
     events = run_session(coordinator, clock, until=START + 10 * LIFETIME)
     stops = [e for e in events if isinstance(e, ev.CoordinatorStop)]

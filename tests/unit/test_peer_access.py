@@ -15,16 +15,9 @@ from agora_server.access import TRAINER, WORKER, AccessClaims, AccessGuard, Acce
 from agora_server.dht_access import AccessRecordValidator
 from agora_server.optim.averaging import AveragingConfig, averaging_keys
 from agora_server.peer_keys import WorkerIdentity
+from tests.helpers.clock import ManualClock
 
 NOW = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self):
-        self.now = NOW
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def token_for(key, identity: WorkerIdentity, *, stage="body1", role=WORKER, expi
 
 def test_guard_accepts_only_the_peer_the_token_names_in_its_role_and_stage(coordinator_key, identities):
     alice, mallory = identities
-    clock = Clock()
+    clock = ManualClock(NOW)
     guard = AccessGuard(encode_public_key(coordinator_key.public_key()), clock=clock)
     token = token_for(coordinator_key, alice)
     assert guard.check(token, alice.peer_id, role=WORKER, stage="body1").peer_id == alice.peer_id
@@ -69,7 +62,7 @@ STAGE_KEY = "run.body1"
 
 def validator_for(key, identity=None, token=None, clock=None) -> AccessRecordValidator:
     return AccessRecordValidator.for_run("run", ["head", "body1"], AveragingConfig(fraction=0.25), encode_public_key(key.public_key()), identity=identity, token=token,
-                                         clock=clock or Clock())
+                                         clock=clock or ManualClock(NOW))
 
 
 def record(key: str, subkey: object, value: object, expiration: float = NOW + 60) -> DHTRecord:
@@ -94,7 +87,7 @@ def test_a_signed_record_passes_and_strips_back_to_its_value(coordinator_key, id
 
 def test_records_that_do_not_carry_their_writers_own_valid_access_are_refused(coordinator_key, identities):
     alice, mallory = identities
-    clock = Clock()
+    clock = ManualClock(NOW)
     reader = validator_for(coordinator_key, clock=clock)
     alice_token = token_for(coordinator_key, alice)
     rec = record("run.body1_progress", "x", 1)

@@ -20,6 +20,7 @@ from agora_server.telemetry.health import (
     HealthMonitor,
 )
 from agora_server.telemetry.metrics import MetricsCollector
+from tests.helpers.clock import ManualClock
 
 
 def stats(**changes) -> ev.WorkerStats:
@@ -47,17 +48,9 @@ def stats(**changes) -> ev.WorkerStats:
     return dataclasses.replace(base, **changes)
 
 
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 def monitor(**config):
     emitted, stopped = [], []
-    clock = Clock()
+    clock = ManualClock()
     health = HealthMonitor(HealthConfig(**config), emitted.append, stopped.append, clock=clock)
     return health, emitted, stopped, clock
 

@@ -3,10 +3,12 @@
 Every child runs in its own process group (its DHT process and p2pd daemons included), so
 stopping a child stops all of it, and nothing is left bound to a port afterwards. Children send
 their events as JSON lines (``agora_server.telemetry.eventstream``); the swarm keeps them per child
-(``events``, ``wait_for_event``), renders their console lines (``lines``) and shows them through a
-``SwarmConsole`` (everything, or the quiet view). Each run owns its log directory's state
-(``agora.local_state``): the previous run's coordinator database, checkpoints and logs are deleted
-at start, and processes a killed run left behind are stopped first.
+and is watched through them (``wait_for``, ``events_of``), never through console wording; it renders
+their console lines only to show them through a ``SwarmConsole`` (everything, or the quiet view), and
+keeps the lines that are no event (``texts_of``: a library's warning, a traceback) for error
+reports. Each run owns its log directory's state (``agora.local_state``): the previous run's
+coordinator database, checkpoints and logs are deleted at start, and processes a killed run left
+behind are stopped first.
 
 Two optional hooks, both keyed by the child's name ("seed", "head#0", "trainer"), let a caller
 place children elsewhere (bench/compression.py runs each one in its own network namespace):
@@ -28,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, TextIO, TypeVar
 
 import psutil
 import yaml
@@ -45,6 +47,8 @@ from agora_server.telemetry.eventstream import decode_event
 
 DEFAULT_HOST = "127.0.0.1"
 
+E = TypeVar("E", bound=ev.Event)
+
 
 class SwarmError(RuntimeError):
     pass
@@ -55,8 +59,6 @@ class SwarmProcess:
     name: str
     popen: subprocess.Popen
     pump: threading.Thread
-    first_line: int = 0
-    """Index of this run's first line among the lines printed under its name."""
     first_event: int = 0
     """Index of this run's first event among the events sent under its name."""
 
@@ -127,8 +129,8 @@ class LocalSwarm:
         self.seed_maddrs: list[str] = []
         self._seed_ready = threading.Event()
         self._seen = threading.Condition()
-        self.lines: dict[str, list[str]] = {}
-        self.events: dict[str, list[ev.Event]] = {}
+        self._texts: dict[str, list[str]] = {}
+        self._events: dict[str, list[ev.Event]] = {}
         self._claimed = False
         self._stopping = False
         self._preexec = None
@@ -154,7 +156,7 @@ class LocalSwarm:
         self.state.add(name, popen.pid)
         pump = threading.Thread(target=self._pump, args=(name, popen, on_line), daemon=True, name=f"pump-{name}")
         with self._seen:
-            process = SwarmProcess(name, popen, pump, len(self.lines.get(name, [])), len(self.events.get(name, [])))
+            process = SwarmProcess(name, popen, pump, len(self._events.get(name, [])))
         self.processes.append(process)
         pump.start()
         return process
@@ -164,59 +166,48 @@ class LocalSwarm:
             if on_line is not None and on_line(line):
                 continue
             event = decode_event(line)
-            rendered = console_lines(event) if event is not None else [line.rstrip()]
             with self._seen:
-                if event is not None:
-                    self.events.setdefault(name, []).append(event)
-                self.lines.setdefault(name, []).extend(rendered)
+                if event is None:
+                    self._texts.setdefault(name, []).append(line.rstrip())
+                else:
+                    self._events.setdefault(name, []).append(event)
                 self._seen.notify_all()
             if event is None:
                 self.console.child_text(name, line.rstrip())
             else:
-                self.console.child_event(name, event, rendered)
+                self.console.child_event(name, event, console_lines(event))
         code = popen.wait()
         if code != 0 and not (self._stopping and code == -signal.SIGTERM):
-            with self._seen:
-                texts = [line for line in self.lines.get(name, []) if not line.startswith("[")][-8:]
-            self.console.child_exited(name, code, texts)
+            self.console.child_exited(name, code, self.texts_of(name)[-8:])
 
-    def wait_for_output(self, name: str, text: str, timeout: float) -> bool:
-        """Wait until a child has printed a line containing ``text``."""
-        return self.wait_for_line(name, lambda line: text in line, timeout)
+    def wait_for(self, name: str, kind: type[E], where: Callable[[E], bool] | None = None, *,
+                 timeout: float, since: int = 0, count: int = 1) -> E | None:
+        """Wait until a child has sent ``count`` events of ``kind`` for which ``where`` is true (every one
+        of that kind without it); the last of them, or None on timeout. ``since``: ignore the events
+        before that index (an earlier run of a restarted child, or what came before an action)."""
 
-    def wait_for_line(self, name: str, matches: Callable[[str], bool], timeout: float, since: int = 0) -> bool:
-        """Wait until a child has printed a line for which ``matches`` is true; ``since``: ignore the
-        lines before that index (those of an earlier run of a restarted child)."""
-        with self._seen:
-            return self._seen.wait_for(lambda: any(matches(line) for line in self.lines.get(name, [])[since:]), timeout)
-
-    def wait_for_event(self, name: str, matches: Callable[[ev.Event], bool], timeout: float, since: int = 0) -> ev.Event | None:
-        """Wait until a child has sent an event for which ``matches`` is true; that event, or None on
-        timeout. ``since``: ignore the events before that index (an earlier run of a restarted child)."""
-        found: list[ev.Event] = []
-
-        def seen() -> bool:
-            found[:] = [e for e in self.events.get(name, [])[since:] if matches(e)][:1]
-            return bool(found)
+        def matching() -> list[E]:
+            return [e for e in self._events.get(name, [])[since:] if isinstance(e, kind) and (where is None or where(e))]
 
         with self._seen:
-            return found[0] if self._seen.wait_for(seen, timeout) else None
+            return matching()[count - 1] if self._seen.wait_for(lambda: len(matching()) >= count, timeout) else None
 
-    def events_of(self, name: str, kind: type[ev.Event], since: int = 0, until: int | None = None) -> list[ev.Event]:
+    def events_of(self, name: str, kind: type[E], since: int = 0, until: int | None = None) -> list[E]:
         """The child's events of ``kind``; ``since``/``until``: only those of the events at these
         indices (one run of a restarted child: its ``first_event`` to the next run's)."""
         with self._seen:
-            return [e for e in self.events.get(name, [])[since:until] if isinstance(e, kind)]
+            return [e for e in self._events.get(name, [])[since:until] if isinstance(e, kind)]
 
-    def lines_printed(self, name: str) -> int:
-        """How many lines a child (all its runs under that name) has printed so far."""
+    def texts_of(self, name: str) -> list[str]:
+        """The lines a child (all its runs under that name) printed that were no event: a library's
+        warning, a traceback, a coordinator's log."""
         with self._seen:
-            return len(self.lines.get(name, []))
+            return list(self._texts.get(name, []))
 
     def events_sent(self, name: str) -> int:
         """How many events a child (all its runs under that name) has sent so far."""
         with self._seen:
-            return len(self.events.get(name, []))
+            return len(self._events.get(name, []))
 
     def _on_seed_line(self, line: str) -> bool:
         if line.startswith("{") and "seed_maddrs" in line:
@@ -329,14 +320,14 @@ class LocalSwarm:
                     return
             except OSError:
                 if coordinator.popen.poll() is not None or time.monotonic() > deadline:
-                    said = " | ".join(self.lines.get("coordinator", [])[-5:]) or "nothing"
+                    said = " | ".join(self.texts_of("coordinator")[-5:]) or "nothing"
                     raise SwarmError(f"the coordinator did not start; its last lines: {said}") from None
                 time.sleep(0.2)
 
     def _wait_for_access(self, worker: SwarmProcess, stage: str, deadline: float) -> None:
         granted = None
         while granted is None:
-            granted = self.wait_for_event(worker.name, lambda e: isinstance(e, ev.AccessGranted), 0.5, since=worker.first_event)
+            granted = self.wait_for(worker.name, ev.AccessGranted, timeout=0.5, since=worker.first_event)
             if granted is None and (worker.popen.poll() is not None or time.monotonic() > deadline):
                 raise SwarmError(f"{worker.name} was not admitted by the coordinator; see {self.log_dir}")
         if granted.stage != stage:  # the label would lie about what the worker serves
