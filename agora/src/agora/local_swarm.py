@@ -340,7 +340,7 @@ class LocalSwarm:
         return self._spawn_peer(self.worker_name(stage, index), "agora.run_server", self.worker_options(stage, index))
 
     def worker_options(self, stage: str, index: int) -> WorkerOptions:
-        """The command line of a stage's index-th worker (with a coordinator, that assigns the stage)."""
+        """What a stage's index-th worker is started with (with a coordinator, that assigns the stage)."""
         tag = f"{stage}_{index}"
         if self.coordinator:
             placement = dict(auth_server=self.coordinator_url, token=self._token, heartbeat_interval=5.0)
