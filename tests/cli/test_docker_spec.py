@@ -12,7 +12,7 @@ from docker.types import ContainerConfig, DeviceRequest
 from agora.cli.docker_launch import MOUNT, RESTART_POLICY, container_spec
 from agora.cli.run_info import REPO, RunInfo
 from agora.cli.settings import Settings
-from agora.cli.worker_command import worker_plan
+from agora.cli.worker_command import worker_options
 
 API_VERSION = "1.45"
 TOKEN = "hf_dockertoken1234abcd"
@@ -21,8 +21,8 @@ TOKEN = "hf_dockertoken1234abcd"
 def spec_for(gpu_id: int) -> dict:
     run = RunInfo("agora/src/agora/configs/llama-8b.yaml", "https://auth.example", "gw.example:9091", ("/ip4/1.2.3.4/tcp/31337/p2p/QmSeed",), REPO / "run.json")
     s = Settings(gpu_id=gpu_id, token=TOKEN, email="me@example.org", use_docker=True)
-    plan = worker_plan(s, run, run.run_config, batch_size=1, config_max_batch=1, public_ip="203.0.113.7")
-    return container_spec(s, plan, "agora_worker:abc", "/srv/agora")
+    options = worker_options(s, run, run.run_config, batch_size=1, config_max_batch=1, public_ip="203.0.113.7")
+    return container_spec(s, options, "agora_worker:abc", "/srv/agora")
 
 
 @pytest.mark.parametrize("gpu_id", [0, 3])
@@ -57,12 +57,13 @@ def test_container_spec_is_valid_for_the_sdk_and_asks_for_the_right_gpu_network_
     assert "--batch_size_override" not in joined  # equal to the config's batch size: nothing to lower
 
 
-def test_worker_command_is_accepted_by_run_server():
+def test_worker_command_is_accepted_by_run_server(monkeypatch):
     from agora.run_server import parse_args
 
+    monkeypatch.delenv("AGORA_TOKEN", raising=False)
     spec = spec_for(1)
     args = parse_args(spec["command"][2:])
-    assert args.gpu_id == 1 and args.token is None and args.initial_peers == ["/ip4/1.2.3.4/tcp/31337/p2p/QmSeed"]
+    assert args.gpu_id == 1 and args.token is None and args.initial_peers == ("/ip4/1.2.3.4/tcp/31337/p2p/QmSeed",)
 
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()

@@ -7,6 +7,7 @@
 - ``processes.py``     logging set-up and signal handling shared by the entry points
 - ``run_server.py``    worker entry point (parse → build → run)
 - ``run_seed.py``      seed entry point: a long-lived DHT peer with a fixed identity
+- ``peer_options.py``  each peer flag defined once; WorkerOptions / SeedOptions / TrainerOptions, parsed and written back
 - ``trainer/``         trainer entry point: data → PipelineTrainer
 - ``local_swarm.py``   starts seed, workers and trainer on 127.0.0.1 and stops them all
 - ``cli/``             ``agora_cli.py`` after bootstrap: ``--local``, ``test``, ``memory-plan``, ``export``

@@ -38,6 +38,7 @@ import yaml
 from agora.config import RunConfig, deep_merge
 from agora.local_console import SwarmConsole
 from agora.local_state import RunState, SwarmBusy, group_members, signal_group
+from agora.peer_options import PeerOptions, SeedOptions, TrainerOptions, WorkerOptions
 from agora.ports import free_port
 from agora.processes import EVENT_STREAM_ENV
 from agora_server.telemetry import events as ev
@@ -220,10 +221,11 @@ class LocalSwarm:
         """The IPv4 address a child listens on: 127.0.0.1 unless ``host`` says otherwise."""
         return self.host(name) if self.host is not None else DEFAULT_HOST
 
-    def _host_args(self, name: str) -> list[str]:
-        """``--host_maddrs`` for children whose default is loopback: given only when ``host`` moves them."""
-        listen = self.listen_host(name)
-        return [] if listen == DEFAULT_HOST else ["--host_maddrs", f"/ip4/{listen}/tcp/0"]
+    def _listen_maddrs(self, name: str) -> tuple[str, ...]:
+        return (f"/ip4/{self.listen_host(name)}/tcp/0",)
+
+    def _spawn_peer(self, name: str, module: str, options: PeerOptions, on_line=None) -> SwarmProcess:
+        return self._spawn(name, ["-m", module, *options.to_argv()], on_line=on_line, env_extra=options.to_env())
 
     def start(self, timeout: float = 120.0, *, trainer: bool = True) -> None:
         try:
@@ -249,22 +251,17 @@ class LocalSwarm:
 
     def start_trainer(self) -> SwarmProcess:
         """The trainer; started again, it continues its data stream where the last one left it."""
-        return self._spawn("trainer", self._trainer_args(), env_extra=self._token_env())
+        return self._spawn_peer("trainer", "agora.trainer", self._trainer_options())
 
     def _start_seed(self, deadline: float) -> None:
-        # "=": a base64url key may start with "-", which argparse would take for an option
-        access = [f"--coordinator_public_key={self.coordinator_public_key}", "--config", self.config_ref] if self.coordinator else []
-        seed = self._spawn(
-            "seed",
-            [
-                "-m", "agora.run_seed",
-                "--identity_path", str(self.keys_dir / "seed.key"),
-                "--log_file", str(self.log_dir / "seed.log"),
-                *access,
-                *self._host_args("seed"),
-            ],
-            on_line=self._on_seed_line,
+        access = dict(coordinator_public_key=self.coordinator_public_key, config=self.config_ref) if self.coordinator else {}
+        options = SeedOptions(
+            identity_path=str(self.keys_dir / "seed.key"),
+            log_file=str(self.log_dir / "seed.log"),
+            host_maddrs=self._listen_maddrs("seed"),
+            **access,
         )
+        seed = self._spawn_peer("seed", "agora.run_seed", options, on_line=self._on_seed_line)
         while not self._seed_ready.wait(0.2):
             if seed.popen.poll() is not None or time.monotonic() > deadline:
                 raise SwarmError(f"the seed DHT did not start; see {self.log_dir / 'seed.log'}")
@@ -272,9 +269,6 @@ class LocalSwarm:
     @property
     def dashboard_url(self) -> str | None:
         return f"{self.coordinator_url}/" if self.coordinator_url else None
-
-    def _token_env(self) -> dict | None:
-        return {"AGORA_TOKEN": self._token} if self.coordinator else None
 
     def worker_name(self, stage: str, index: int) -> str:
         return f"{stage}#{index}"
@@ -334,44 +328,40 @@ class LocalSwarm:
             raise SwarmError(f"the coordinator gave {worker.name} stage {granted.stage} instead of {stage}; see {self.log_dir}")
 
     def start_worker(self, stage: str, index: int) -> SwarmProcess:
-        tag, name = f"{stage}_{index}", self.worker_name(stage, index)
+        return self._spawn_peer(self.worker_name(stage, index), "agora.run_server", self.worker_options(stage, index))
+
+    def worker_options(self, stage: str, index: int) -> WorkerOptions:
+        """What a stage's index-th worker is started with (with a coordinator, that assigns the stage)."""
+        tag = f"{stage}_{index}"
         if self.coordinator:
-            placement = ["--auth_server", self.coordinator_url, "--heartbeat_interval", "5"]
+            placement = dict(auth_server=self.coordinator_url, token=self._token, heartbeat_interval=5.0)
         else:
-            placement = ["--stage", stage]
-        return self._spawn(
-            name,
-            [
-                "-m", "agora.run_server",
-                "--config", self.config_ref,
-                *placement,
-                "--gpu_id", str(index),
-                "--host_maddrs", f"/ip4/{self.listen_host(name)}/tcp/0",
-                "--initial_peers", *self.seed_maddrs,
-                "--identity_path", str(self.keys_dir / f"private_{tag}.key"),
-                "--log_file", str(self.log_dir / f"server_{tag}.log"),
-                *self._metrics_args(),
-            ],
-            env_extra=self._token_env(),
+            placement = dict(stage=stage)
+        return WorkerOptions(
+            config=self.config_ref,
+            gpu_id=index,
+            host_maddrs=self._listen_maddrs(self.worker_name(stage, index)),
+            initial_peers=tuple(self.seed_maddrs),
+            identity_path=str(self.keys_dir / f"private_{tag}.key"),
+            log_file=str(self.log_dir / f"server_{tag}.log"),
+            prom_gateway=self.prom_gateway,
+            **placement,
         )
 
-    def _metrics_args(self) -> list[str]:
-        return ["--prom_gateway", self.prom_gateway] if self.prom_gateway else []
-
-    def _trainer_args(self) -> list[str]:
-        return [
-            "-m", "agora.trainer",
-            "--config", self.config_ref,
-            "--initial_peers", *self.seed_maddrs,
-            "--steps", str(self.steps),
-            "--summary_path", str(self.summary_path),
-            "--log_file", str(self.log_dir / "trainer.log"),
+    def _trainer_options(self) -> TrainerOptions:
+        access = dict(auth_server=self.coordinator_url, token=self._token, identity_path=str(self.keys_dir / "trainer.key")) if self.coordinator else {}
+        return TrainerOptions(
+            config=self.config_ref,
+            initial_peers=tuple(self.seed_maddrs),
+            steps=self.steps,
+            summary_path=str(self.summary_path),
+            log_file=str(self.log_dir / "trainer.log"),
             # with this swarm's keys: a new swarm starts its data afresh, a restarted trainer continues
-            "--data_position", str(self.keys_dir / "trainer.position.json"),
-            *self._metrics_args(),
-            *self._host_args("trainer"),
-            *(["--auth_server", self.coordinator_url, "--identity_path", str(self.keys_dir / "trainer.key")] if self.coordinator else []),
-        ]
+            data_position=str(self.keys_dir / "trainer.position.json"),
+            prom_gateway=self.prom_gateway,
+            host_maddrs=self._listen_maddrs("trainer"),
+            **access,
+        )
 
     def process(self, name: str) -> SwarmProcess:
         """The child of that name; for a restarted one, its latest run."""

@@ -1,8 +1,7 @@
-"""Builds a worker from the run_server arguments and runs it until a signal arrives."""
+"""Builds a worker from the run_server options and runs it until a signal arrives."""
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -10,12 +9,12 @@ import torch
 from agora.cli import troubleshooting as known
 from agora.config import ConfigError, RunConfig, load_run_config
 from agora.membership.checkpoint_upload import CheckpointUploader
-from agora.membership.identity import default_identity_path, ensure_identity
+from agora.membership.identity import ensure_identity
+from agora.peer_options import WorkerOptions
 from agora.ports import free_port
 from agora.processes import setup_process, start_metrics_push, stop_on_signals
 from agora_server.optim.state_download import StateDownloadTooSlow
 
-DEFAULT_PORT = 49200
 COORDINATOR_UNREACHABLE_MESSAGE = "Could not reach the coordinator at {url} ({error})."
 """Also in the CLI's table of known errors, with what to do (the address comes from run.json)."""
 
@@ -57,11 +56,11 @@ def build_worker(**kwargs):
         raise WorkerLaunchError(str(e)) from None
 
 
-def run_worker(args: argparse.Namespace) -> int:
+def run_worker(args: WorkerOptions) -> int:
     from agora.worker_status import WorkerStatusWriter, status_path_for
     from agora_server.telemetry.events import ProcessError, ServerStopping
 
-    log_file = args.log_file or f"logs/server_gpu{args.gpu_id}.log"
+    log_file = args.log_path
     events = setup_process(log_file)
     events.subscribe(WorkerStatusWriter(status_path_for(log_file)))
     try:
@@ -75,7 +74,7 @@ def run_worker(args: argparse.Namespace) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, events) -> int:
+def _run(args: WorkerOptions, events) -> int:
     from hivemind import DHT
 
     from agora_server.p2p_frames import install_frame_limit
@@ -89,8 +88,8 @@ def _run(args: argparse.Namespace, events) -> int:
         torch.set_num_threads(config.server.cpu_threads)
 
     stop = stop_on_signals()
-    identity = ensure_identity(args.identity_path or default_identity_path(args.gpu_id))
-    host_maddrs = args.host_maddrs or [f"/ip4/0.0.0.0/tcp/{DEFAULT_PORT + args.gpu_id}"]
+    identity = ensure_identity(args.key_path)
+    host_maddrs = args.listen_maddrs
     session = weights = peer_access = validator = None
     if args.auth_server:
         host_maddrs, membership = join_run(args, config, identity, host_maddrs, events, stop)
@@ -156,13 +155,13 @@ def _run(args: argparse.Namespace, events) -> int:
     return 1 if worker.halted else 0
 
 
-def join_run(args: argparse.Namespace, config: RunConfig, identity_path, host_maddrs: list[str], events, stop):
+def join_run(args: WorkerOptions, config: RunConfig, identity_path, host_maddrs: list[str], events, stop):
     """Get admitted by the coordinator before the p2p daemon starts; returns the maddrs to listen on
     (a free port chosen if none was given: the port test needs the real one) and the Membership."""
     from agora.membership.client import AdmissionError, CoordinatorUnavailable
     from agora.membership.join import WorkerRole, join
 
-    token = args.token or os.environ.get("AGORA_TOKEN")
+    token = args.token
     if not token:
         raise WorkerLaunchError("--auth_server needs your HuggingFace token: pass --token or set AGORA_TOKEN")
     host, port = tcp_listen_address(host_maddrs[0])

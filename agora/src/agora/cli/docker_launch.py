@@ -14,7 +14,8 @@ from agora.cli import instances
 from agora.cli import troubleshooting as known
 from agora.cli.run_info import REPO
 from agora.cli.settings import Settings
-from agora.cli.worker_command import SCRIPT, WorkerPlan
+from agora.cli.worker_command import SCRIPT
+from agora.peer_options import WorkerOptions
 
 IMAGE = "agora_worker"
 MOUNT = "/home/agora"
@@ -39,20 +40,20 @@ def image_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def container_spec(s: Settings, plan: WorkerPlan, image: str, repo_dir: str) -> dict:
+def container_spec(s: Settings, options: WorkerOptions, image: str, repo_dir: str) -> dict:
     """Keyword arguments for ``client.containers.run``."""
     from docker.types import DeviceRequest
 
     return dict(
         image=image,
-        command=["python3.11", SCRIPT, *plan.args],
+        command=["python3.11", SCRIPT, *options.to_argv()],
         name=container_name(s.gpu_id),
         detach=True,
         network_mode="host",  # the worker listens on its host port directly, like a native one
         ipc_mode="host",
         device_requests=[DeviceRequest(device_ids=[str(s.gpu_id)], capabilities=[["gpu"]])],
         # only this GPU is visible inside, so it is device 0 there
-        environment={**plan.env, "CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": f"{MOUNT}/agora/src:{MOUNT}/agora_server/src"},
+        environment={**options.to_env(), "CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": f"{MOUNT}/agora/src:{MOUNT}/agora_server/src"},
         volumes={repo_dir: {"bind": MOUNT, "mode": "rw"}},
         working_dir=MOUNT,
         restart_policy=dict(RESTART_POLICY),
@@ -87,7 +88,7 @@ def ensure_image(client, say: Callable[[str], None]) -> str:
     return tag
 
 
-def launch_in_docker(s: Settings, plan: WorkerPlan, say: Callable[[str], None]) -> int:
+def launch_in_docker(s: Settings, options: WorkerOptions, say: Callable[[str], None]) -> int:
     import docker.errors
 
     client = docker_client()
@@ -102,7 +103,7 @@ def launch_in_docker(s: Settings, plan: WorkerPlan, say: Callable[[str], None]) 
         existing.remove()
     try:
         image = ensure_image(client, say)
-        container = client.containers.run(**container_spec(s, plan, image, str(REPO)))
+        container = client.containers.run(**container_spec(s, options, image, str(REPO)))
     except docker.errors.DockerException as e:
         raise DockerLaunchError(f"Docker could not start {name}: {_short(e)}") from None
     instances.record(instances.Instance(s.gpu_id, instances.DOCKER, str(REPO / s.log_path), container=container.name))

@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agora.peer_options import DEFAULT_PORT, TOKEN_ENV, default_identity_path, default_log_file
+
 REPO = Path(__file__).resolve().parents[4]
 
 
@@ -29,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agora_cli.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     participant = parser.add_argument_group("joining a run (flags of the participant guide)")
     participant.add_argument("--gpu_id", type=int, default=None, help="GPU to use (default: 0)")
-    participant.add_argument("--token", default=None, help="HuggingFace token (saved with mode 0600, never printed); '-' reads it from stdin, and without the flag AGORA_TOKEN is used if set")
+    participant.add_argument("--token", default=None, help=f"HuggingFace token (saved with mode 0600, never printed); '-' reads it from stdin, and without the flag {TOKEN_ENV} is used if set")
     participant.add_argument("--email", default=None, help="email address (optional)")
-    participant.add_argument("--host_port", type=_port, default=None, help="listening port (default: 49200 + gpu_id)")
+    participant.add_argument("--host_port", type=_port, default=None, help=f"listening port (default: {DEFAULT_PORT} + gpu_id)")
     participant.add_argument("--announce_port", type=_port, default=None, help="external port, if different from host_port (e.g. on RunPod)")
     participant.add_argument("--use_docker", action="store_true", help="run inside Docker")
-    participant.add_argument("--log_file", default=None, help="log file path (default: logs/server_gpu<ID>.log)")
-    participant.add_argument("--identity_path", default=None, help="identity key path (default: private_gpu<ID>.key)")
+    participant.add_argument("--log_file", default=None, help=f"log file path (default: {default_log_file('<ID>')})")
+    participant.add_argument("--identity_path", default=None, help=f"identity key path (default: {default_identity_path('<ID>')})")
     participant.add_argument("--batch_size_override", type=_positive, default=None, help="lower the batch size (only if the GPU runs out of memory)")
     participant.add_argument("--skip_input", action="store_true", help="never prompt: values come from flags or saved settings")
     participant.add_argument("--reconfigure", action="store_true", help="ask every question again")

@@ -18,16 +18,17 @@ from typing import Callable
 
 from agora.cli import instances
 from agora.cli import troubleshooting as known
-from agora.cli.worker_command import SCRIPT, WorkerPlan
+from agora.cli.worker_command import SCRIPT
+from agora.peer_options import WorkerOptions
 
 GRACE_SECONDS = 30.0
 
 
 class NativeRun:
-    def __init__(self, plan: WorkerPlan, gpu_id: int, log_file: Path, workdir: Path, repo: Path,
+    def __init__(self, options: WorkerOptions, gpu_id: int, log_file: Path, workdir: Path, repo: Path,
                  grace: float = GRACE_SECONDS, say: Callable[[str], None] = print, run_file: Path | None = None):
         """``run_file``: the run.json the worker's addresses came from, named when one of them fails."""
-        self.plan, self.gpu_id, self.log_file, self.workdir, self.repo = plan, gpu_id, log_file, workdir, repo
+        self.options, self.gpu_id, self.log_file, self.workdir, self.repo = options, gpu_id, log_file, workdir, repo
         self.run_file = run_file
         self.grace, self.say = grace, say
         self.tail: collections.deque[str] = collections.deque(maxlen=200)
@@ -38,9 +39,9 @@ class NativeRun:
         self.killed_after_grace = False
 
     def run(self) -> int:
-        env = dict(os.environ, **self.plan.env, CUDA_VISIBLE_DEVICES=str(self.gpu_id), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, **self.options.to_env(), CUDA_VISIBLE_DEVICES=str(self.gpu_id), PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [sys.executable, str(self.repo / SCRIPT), *self.plan.args],
+            [sys.executable, str(self.repo / SCRIPT), *self.options.to_argv()],
             cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, text=True, errors="replace",
         )

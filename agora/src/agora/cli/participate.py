@@ -76,7 +76,7 @@ def participate(args: argparse.Namespace) -> int:
         say("[PREFLIGHT] All checks passed. --preflight_only: the worker was not started.")
         return 0
 
-    from agora.cli.worker_command import find_public_ip, worker_plan
+    from agora.cli.worker_command import find_public_ip, worker_options
 
     public_ip = find_public_ip()
     if public_ip is None:
@@ -84,18 +84,18 @@ def participate(args: argparse.Namespace) -> int:
     if settings.use_docker:
         from agora.cli.docker_launch import DockerLaunchError, launch_in_docker
 
-        plan = worker_plan(settings, run, run.run_config, report.batch_size, config.server.max_batch_size, public_ip)
+        options = worker_options(settings, run, run.run_config, report.batch_size, config.server.max_batch_size, public_ip)
         try:
-            return launch_in_docker(settings, plan, say)
+            return launch_in_docker(settings, options, say)
         except DockerLaunchError as e:
             error(f"[DOCKER] {e}")
             return 1
 
     from agora.cli.native import NativeRun
 
-    plan = worker_plan(settings, run, run.config_ref, report.batch_size, config.server.max_batch_size, public_ip)
+    options = worker_options(settings, run, run.config_ref, report.batch_size, config.server.max_batch_size, public_ip)
     log_file = (workdir / settings.log_path).resolve()
-    return NativeRun(plan, settings.gpu_id, log_file, workdir, REPO, say=say, run_file=run.path).run()
+    return NativeRun(options, settings.gpu_id, log_file, workdir, REPO, say=say, run_file=run.path).run()
 
 
 def _fix_for(e: Exception) -> str:

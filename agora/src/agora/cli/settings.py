@@ -9,14 +9,12 @@ import re
 from pathlib import Path
 
 from agora.cli import troubleshooting as known
+from agora.peer_options import WorkerFiles, default_port
 
-DEFAULT_PORT = 49200
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 SHARED_FIELDS = ("token", "email", "use_docker")
 """The participant's, not the GPU's: a new GPU id starts from another GPU's saved values for these."""
-TOKEN_ENV = "AGORA_TOKEN"
-"""Where the CLI (and the worker it starts) takes the token from when no ``--token`` is given."""
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{34}")
 
 
@@ -30,14 +28,14 @@ class SettingsError(RuntimeError):
 
 
 @dataclasses.dataclass
-class Settings:
+class Settings(WorkerFiles):
     gpu_id: int = 0
     token: str | None = None
     """HuggingFace token; only ever shown masked."""
     email: str | None = None
     use_docker: bool = False
     host_port: int | None = None
-    """Listening port; None means 49200 + gpu_id."""
+    """Listening port; None means the worker's default (``peer_options.default_port``)."""
     announce_port: int | None = None
     """Port other peers dial when it differs from host_port (port mapping, e.g. RunPod); None: host_port."""
     log_file: str | None = None
@@ -46,19 +44,11 @@ class Settings:
 
     @property
     def port(self) -> int:
-        return self.host_port if self.host_port is not None else DEFAULT_PORT + self.gpu_id
+        return self.host_port if self.host_port is not None else default_port(self.gpu_id)
 
     @property
     def public_port(self) -> int:
         return self.announce_port if self.announce_port is not None else self.port
-
-    @property
-    def log_path(self) -> str:
-        return self.log_file or f"logs/server_gpu{self.gpu_id}.log"
-
-    @property
-    def key_path(self) -> str:
-        return self.identity_path or f"private_gpu{self.gpu_id}.key"
 
     def summary(self) -> list[tuple[str, str]]:
         return [

@@ -21,6 +21,7 @@ from agora.cli import settings as store
 from agora.cli import troubleshooting as known
 from agora.ports import parse_port, port_is_free
 from agora.cli.settings import Settings, SettingsError
+from agora.peer_options import TOKEN_ENV, default_port
 
 # Settings fields a flag of the same name can set directly.
 FLAG_FIELDS = ("token", "email", "host_port", "announce_port", "log_file", "identity_path", "batch_size_override")
@@ -59,7 +60,7 @@ def given_token(args: argparse.Namespace) -> str | None:
         if sys.stdin.isatty():
             return getpass.getpass("HuggingFace token (input hidden): ").strip() or None
         return sys.stdin.readline().strip() or None
-    return args.token or os.environ.get(store.TOKEN_ENV) or None
+    return args.token or os.environ.get(TOKEN_ENV) or None
 
 
 def from_flags(base: Settings, args: argparse.Namespace) -> tuple[Settings, set[str]]:
@@ -125,7 +126,7 @@ def resolve(args: argparse.Namespace, say: Callable[[str], None] = print) -> Set
 def missing_values(s: Settings) -> list[str]:
     missing = []
     if not s.token:
-        missing.append(f"--token (your HuggingFace token; or set {store.TOKEN_ENV}, or pass --token - to read it from stdin)")
+        missing.append(f"--token (your HuggingFace token; or set {TOKEN_ENV}, or pass --token - to read it from stdin)")
     return missing
 
 
@@ -211,7 +212,7 @@ class Asker:
         s.gpu_id = int(self._ask(lambda d: questionary.text("GPU id:", default=d), str(s.gpu_id), _check_gpu))
 
     def host_port(self, s: Settings) -> None:
-        default = store.DEFAULT_PORT + s.gpu_id
+        default = default_port(s.gpu_id)
         port = parse_port(self._ask(lambda d: questionary.text(f"Host port (default {default}):", default=d), str(s.port), _check_port))
         s.host_port = None if port == default else port
 

@@ -20,7 +20,3 @@ def ensure_identity(path: str | Path) -> Path:
     if stat.S_IMODE(path.stat().st_mode) != KEY_MODE:
         os.chmod(path, KEY_MODE)
     return path
-
-
-def default_identity_path(gpu_id: int) -> str:
-    return f"private_gpu{gpu_id}.key"

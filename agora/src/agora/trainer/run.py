@@ -1,8 +1,7 @@
-"""Builds the trainer from its arguments and runs it."""
+"""Builds the trainer from its options and runs it."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -11,10 +10,11 @@ import sys
 from pathlib import Path
 
 from agora.config import ConfigError, load_run_config
+from agora.peer_options import TrainerOptions
 from agora.processes import setup_process, start_metrics_push
 
 
-def run_trainer(args: argparse.Namespace) -> int:
+def run_trainer(args: TrainerOptions) -> int:
     from hivemind import DHT
 
     from agora_server.data import PackedBatches, validation_batches
@@ -108,21 +108,14 @@ def run_trainer(args: argparse.Namespace) -> int:
     return 0
 
 
-def data_position_path(args: argparse.Namespace) -> Path:
-    if args.data_position:
-        return Path(args.data_position)
-    identity = Path(args.identity_path)
-    return identity.with_name(f"{identity.stem}.position.json")
-
-
-def _resumable_batches(args: argparse.Namespace, config, packed, events):
+def _resumable_batches(args: TrainerOptions, config, packed, events):
     """The rank's micro-batches from where its saved position left them, reopened after data errors,
     and what records a finished micro-batch in the position file."""
     from agora_server.data.position import PositionFile, stream_key
     from agora_server.data.retrying import RetryingStream
     from agora_server.telemetry.events import DataPositionDiscarded, DataPositionNotSaved, DataResumed, DataSourceFailed
 
-    position_file = PositionFile(data_position_path(args), stream_key(config.data, config.trainer.micro_batch_size, args.rank, args.world_size))
+    position_file = PositionFile(args.data_position_path, stream_key(config.data, config.trainer.micro_batch_size, args.rank, args.world_size))
     position, discarded = position_file.load()
     if discarded:
         events.emit(DataPositionDiscarded(reason=discarded))
@@ -151,12 +144,12 @@ def _resumable_batches(args: argparse.Namespace, config, packed, events):
     return iter(batches), keep_position
 
 
-def _admit_trainer(args: argparse.Namespace, config, events):
+def _admit_trainer(args: TrainerOptions, config, events):
     """Access from the coordinator for this trainer's identity, and the session that renews it."""
     from agora.membership.client import AdmissionError
     from agora.membership.join import TrainerRole, join
 
-    token = args.token or os.environ.get("AGORA_TOKEN")
+    token = args.token
     if not token:
         raise RuntimeError("--auth_server needs an operator's HuggingFace token: pass --token or set AGORA_TOKEN")
     try:
