@@ -10,7 +10,7 @@ from docker.models.containers import RUN_CREATE_KWARGS, RUN_HOST_CONFIG_KWARGS, 
 from docker.types import ContainerConfig, DeviceRequest
 
 from agora.cli.docker_launch import MOUNT, RESTART_POLICY, container_spec
-from agora.cli.run_info import REPO, RunInfo
+from agora.cli.run_file import REPO, RunFile
 from agora.cli.settings import Settings
 from agora.cli.worker_command import worker_options
 
@@ -19,7 +19,7 @@ TOKEN = "hf_dockertoken1234abcd"
 
 
 def spec_for(gpu_id: int) -> dict:
-    run = RunInfo("agora/src/agora/configs/llama-8b.yaml", "https://auth.example", "gw.example:9091", ("/ip4/1.2.3.4/tcp/31337/p2p/QmSeed",), REPO / "run.json")
+    run = RunFile("agora/src/agora/configs/llama-8b.yaml", "https://auth.example", "gw.example:9091", ("/ip4/1.2.3.4/tcp/31337/p2p/QmSeed",), REPO / "run.json")
     s = Settings(gpu_id=gpu_id, token=TOKEN, email="me@example.org", use_docker=True)
     options = worker_options(s, run, run.run_config, batch_size=1, config_max_batch=1, public_ip="203.0.113.7")
     return container_spec(s, options, "agora_worker:abc", "/srv/agora")

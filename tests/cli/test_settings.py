@@ -45,7 +45,7 @@ def test_corrupt_file_gives_a_clear_error_and_stays_untouched(home, content):
 
 
 def test_the_worker_status_file_follows_the_workers_events(tmp_path):
-    from agora.worker_status import WorkerStatusWriter, read_status, status_path_for
+    from agora.worker.status import WorkerStatusWriter, read_status, status_path_for
     from agora_server.telemetry import events as ev
 
     path = status_path_for(tmp_path / "logs" / "server_gpu0.log")

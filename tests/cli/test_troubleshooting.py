@@ -74,7 +74,7 @@ def test_worker_output_lines_are_recognised(line, key):
 
 
 def test_the_workers_own_messages_are_the_tables(tmp_path):
-    from agora.worker import COORDINATOR_UNREACHABLE_MESSAGE
+    from agora.worker.run import COORDINATOR_UNREACHABLE_MESSAGE
     from agora_server.server.checkpoint import CheckpointError, read_checkpoint
     from agora_server.telemetry.health import ACCESS_EXPIRED_MESSAGE
 

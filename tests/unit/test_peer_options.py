@@ -11,7 +11,7 @@ import io
 import pytest
 
 from agora import peer_options as po
-from agora.cli.run_info import REPO, RunInfo
+from agora.cli.run_file import REPO, RunFile
 from agora.cli.settings import Settings
 from agora.cli.worker_command import worker_options
 from agora.config import load_run_config
@@ -72,7 +72,7 @@ def parses_back(options: po.PeerOptions, module: str, monkeypatch) -> po.PeerOpt
 
 
 def test_the_participant_cli_worker_command_parses_back_to_its_options_without_the_token_in_it(monkeypatch):
-    run = RunInfo("agora/src/agora/configs/llama-8b.yaml", "https://auth.example", "gw.example:9091", (SEED,), REPO / "run.json")
+    run = RunFile("agora/src/agora/configs/llama-8b.yaml", "https://auth.example", "gw.example:9091", (SEED,), REPO / "run.json")
     s = Settings(gpu_id=2, token=TOKEN, email="me@example.org", host_port=40000, announce_port=41000)
     options = worker_options(s, run, run.run_config, batch_size=2, config_max_batch=4, public_ip="203.0.113.7")
     assert options.batch_size_override == 2 and options.announce_maddrs == ("/ip4/203.0.113.7/tcp/41000",)

@@ -5,7 +5,8 @@
 - ``protocol.py``      the coordinator's requests and answers, shared by the coordinator and the peers
 - ``membership/``      how a peer joins a run and stays in it: join, session, checkpoint transfers, identity
 - ``processes.py``     logging set-up and signal handling shared by the entry points
-- ``run_server.py``    worker entry point (parse → build → run)
+- ``run_server.py``    worker entry point at the guide's path (parse → ``worker.run``)
+- ``worker/``         the worker: options → membership, DHT, StageWorker; its status file
 - ``run_seed.py``      seed entry point: a long-lived DHT peer with a fixed identity
 - ``peer_options.py``  each peer flag defined once; WorkerOptions / SeedOptions / TrainerOptions, parsed and written back
 - ``trainer/``         trainer entry point: data → PipelineTrainer

@@ -128,7 +128,6 @@ class LocalSwarm:
         self.state = RunState(self.log_dir)
         self.processes: list[SwarmProcess] = []
         self.seed_maddrs: list[str] = []
-        self._seed_ready = threading.Event()
         self._seen = threading.Condition()
         self._texts: dict[str, list[str]] = {}
         self._events: dict[str, list[ev.Event]] = {}
@@ -140,7 +139,7 @@ class LocalSwarm:
 
     # --- children -----------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str], on_line=None, env_extra: dict | None = None) -> SwarmProcess:
+    def _spawn(self, name: str, args: list[str], env_extra: dict | None = None) -> SwarmProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{EVENT_STREAM_ENV: "1"}, **(env_extra or {}))
         prefix = self.wrap(name) if self.wrap is not None else []
         popen = subprocess.Popen(
@@ -155,17 +154,15 @@ class LocalSwarm:
             preexec_fn=self._preexec,
         )
         self.state.add(name, popen.pid)
-        pump = threading.Thread(target=self._pump, args=(name, popen, on_line), daemon=True, name=f"pump-{name}")
+        pump = threading.Thread(target=self._pump, args=(name, popen), daemon=True, name=f"pump-{name}")
         with self._seen:
             process = SwarmProcess(name, popen, pump, len(self._events.get(name, [])))
         self.processes.append(process)
         pump.start()
         return process
 
-    def _pump(self, name: str, popen: subprocess.Popen, on_line) -> None:
+    def _pump(self, name: str, popen: subprocess.Popen) -> None:
         for line in popen.stdout:
-            if on_line is not None and on_line(line):
-                continue
             event = decode_event(line)
             with self._seen:
                 if event is None:
@@ -210,13 +207,6 @@ class LocalSwarm:
         with self._seen:
             return len(self._events.get(name, []))
 
-    def _on_seed_line(self, line: str) -> bool:
-        if line.startswith("{") and "seed_maddrs" in line:
-            self.seed_maddrs = json.loads(line)["seed_maddrs"]
-            self._seed_ready.set()
-            return True
-        return False
-
     def listen_host(self, name: str) -> str:
         """The IPv4 address a child listens on: 127.0.0.1 unless ``host`` says otherwise."""
         return self.host(name) if self.host is not None else DEFAULT_HOST
@@ -224,8 +214,8 @@ class LocalSwarm:
     def _listen_maddrs(self, name: str) -> tuple[str, ...]:
         return (f"/ip4/{self.listen_host(name)}/tcp/0",)
 
-    def _spawn_peer(self, name: str, module: str, options: PeerOptions, on_line=None) -> SwarmProcess:
-        return self._spawn(name, ["-m", module, *options.to_argv()], on_line=on_line, env_extra=options.to_env())
+    def _spawn_peer(self, name: str, module: str, options: PeerOptions) -> SwarmProcess:
+        return self._spawn(name, ["-m", module, *options.to_argv()], env_extra=options.to_env())
 
     def start(self, timeout: float = 120.0, *, trainer: bool = True) -> None:
         try:
@@ -261,10 +251,11 @@ class LocalSwarm:
             host_maddrs=self._listen_maddrs("seed"),
             **access,
         )
-        seed = self._spawn_peer("seed", "agora.run_seed", options, on_line=self._on_seed_line)
-        while not self._seed_ready.wait(0.2):
+        seed = self._spawn_peer("seed", "agora.run_seed", options)
+        while (listening := self.wait_for("seed", ev.SeedListening, timeout=0.2, since=seed.first_event)) is None:
             if seed.popen.poll() is not None or time.monotonic() > deadline:
                 raise SwarmError(f"the seed DHT did not start; see {self.log_dir / 'seed.log'}")
+        self.seed_maddrs = list(listening.maddrs)
 
     @property
     def dashboard_url(self) -> str | None:

@@ -1,11 +1,10 @@
 """Agora seed: a long-lived DHT peer that others bootstrap from.
 
-Prints one JSON line with its multiaddrs once it is reachable, then serves until SIGINT/SIGTERM.
+Says the multiaddrs it is reachable at (a SeedListening event: [SEED] lines), then serves until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 from agora.peer_options import SeedOptions
@@ -25,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     from agora.membership.identity import ensure_identity
     from agora.processes import setup_process
     from agora_server.p2p_frames import install_frame_limit
+    from agora_server.telemetry.events import SeedListening
 
-    setup_process(options.log_file)
+    events = setup_process(options.log_file)
     validators = []
     if options.coordinator_public_key:
         from agora.membership.access import run_record_validator
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         start=True,
     )
     try:
-        maddrs = [str(m) for m in dht.get_visible_maddrs()]
-        print(json.dumps({"seed_maddrs": maddrs}), flush=True)
+        events.emit(SeedListening(maddrs=tuple(str(m) for m in dht.get_visible_maddrs())))
         stop.wait()
     finally:
         dht.shutdown()

@@ -21,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     stop_on_signals()  # before torch and numpy load: a Ctrl+C during their import must still stop cleanly
-    from agora.worker import run_worker
+    from agora.worker.run import run_worker
 
     return run_worker(options)
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from agora.cli import instances
 from agora.cli import troubleshooting as known
-from agora.cli.run_info import REPO
+from agora.cli.run_file import REPO
 from agora.cli.settings import Settings
 from agora.cli.worker_command import SCRIPT
 from agora.peer_options import WorkerOptions

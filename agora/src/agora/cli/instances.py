@@ -3,7 +3,7 @@
 The launcher writes it when it starts a worker and adds the exit code when the worker ends; ``stop``
 marks the stop as the participant's own request before it signals the worker, so the launcher can
 say so instead of reporting a failure. What the worker is doing comes from the worker itself
-(``agora.worker_status``: the status file beside its log).
+(``agora.worker.status``: the status file beside its log).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import signal
 import threading
 
 from agora.cli import instances
-from agora.worker_status import FAILED, STOPPING, WorkerStatus, read_status, status_path_for
+from agora.worker.status import FAILED, STOPPING, WorkerStatus, read_status, status_path_for
 
 STOP_GRACE_SECONDS = 30.0
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from agora.cli import preflight, settings as store
-from agora.cli.run_info import DEFAULT_RUN_FILE, REPO, RunInfoError, load_run_info
+from agora.cli.run_file import DEFAULT_RUN_FILE, REPO, RunFileError, load_run_file
 from agora.cli.settings import SettingsError
 from agora.cli.troubleshooting import KnownError
 from agora.cli.wizard import SetupCancelled, resolve
@@ -31,12 +31,12 @@ def show_check(result: preflight.CheckResult) -> None:
 
 def participate(args: argparse.Namespace) -> int:
     try:
-        run = load_run_info(args.run_json or DEFAULT_RUN_FILE)
+        run = load_run_file(args.run_json or DEFAULT_RUN_FILE)
         settings = resolve(args, say)
     except SetupCancelled as e:
         error(f"[SETUP] {e}")
         return e.exit_code
-    except (RunInfoError, SettingsError) as e:
+    except (RunFileError, SettingsError) as e:
         fix = _fix_for(e)
         error(f"[SETUP] {e}" + (f"\n[SETUP] {fix}" if fix else ""))
         return 2

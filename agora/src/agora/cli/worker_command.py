@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import urllib.request
 
-from agora.cli.run_info import RunInfo
+from agora.cli.run_file import RunFile
 from agora.cli.settings import Settings
 from agora.peer_options import WorkerOptions
 
 SCRIPT = "agora/src/agora/run_server.py"
 
 
-def worker_options(s: Settings, run: RunInfo, config_ref: str, batch_size: int | None, config_max_batch: int, public_ip: str | None) -> WorkerOptions:
+def worker_options(s: Settings, run: RunFile, config_ref: str, batch_size: int | None, config_max_batch: int, public_ip: str | None) -> WorkerOptions:
     """Launchers run ``SCRIPT`` with ``to_argv()`` and add ``to_env()`` to its environment."""
     return WorkerOptions(
         gpu_id=s.gpu_id,

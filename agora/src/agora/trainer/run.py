@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from agora.peer_options import TrainerOptions
 from agora.processes import setup_process, start_metrics_push
 
 
-def run_trainer(args: TrainerOptions) -> int:
+def run_trainer(options: TrainerOptions) -> int:
     from hivemind import DHT
 
     from agora_server.data import PackedBatches, validation_batches
@@ -23,21 +22,21 @@ def run_trainer(args: TrainerOptions) -> int:
     from agora_server.pipeline import PipelineTrainer, in_flight_limit
     from agora_server.telemetry.events import CoordinatorStop, ProcessError
 
-    events = setup_process(args.log_file)
+    events = setup_process(options.log_file)
 
     def fail(message: str) -> int:
         events.emit(ProcessError(tag="TRAINER", message=message))
         return 1
 
     try:
-        config = load_run_config(args.config)
+        config = load_run_config(options.config)
     except ConfigError as e:
         return fail(str(e))
-    packed = PackedBatches(config.data, config.trainer.micro_batch_size, rank=args.rank, world_size=args.world_size)
+    packed = PackedBatches(config.data, config.trainer.micro_batch_size, rank=options.rank, world_size=options.world_size)
     if packed.vocab_size > config.model.vocab_size:
         return fail(f"tokenizer {config.data.tokenizer!r} has {packed.vocab_size} tokens but model.vocab_size is"
                     f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}")
-    batches, keep_position = _resumable_batches(args, config, packed, events)
+    batches, keep_position = _resumable_batches(options, config, packed, events)
     held_out = None
     if config.trainer.validation_every and config.data.validation_fraction > 0:
         try:
@@ -46,17 +45,17 @@ def run_trainer(args: TrainerOptions) -> int:
         except ValueError as e:
             return fail(f"no validation: {e}")
     session = validator = None
-    if args.auth_server:
+    if options.auth_server:
         try:
-            session, validator = _admit_trainer(args, config, events)
+            session, validator = _admit_trainer(options, config, events)
         except RuntimeError as e:
             return fail(str(e))
     install_frame_limit()  # before the DHT forks its processes: they keep it
     dht = DHT(
-        initial_peers=args.initial_peers,
-        host_maddrs=args.host_maddrs,
+        initial_peers=options.initial_peers,
+        host_maddrs=options.host_maddrs,
         client_mode=True,
-        identity_path=args.identity_path if session else None,
+        identity_path=options.identity_path if session else None,
         record_validators=[validator] if validator else [],
         start=True,
     )
@@ -74,10 +73,10 @@ def run_trainer(args: TrainerOptions) -> int:
         events=events,
         access=session.peer_access if session else None,
         on_finished=keep_position,
-        in_flight=in_flight_limit(config.trainer, config.server.target_batch_size, args.world_size),
+        in_flight=in_flight_limit(config.trainer, config.server.target_batch_size, options.world_size),
     )
-    pusher = start_metrics_push(events, args.prom_gateway, config, "trainer", dht.peer_id.to_base58())
-    steps = args.steps or sys.maxsize
+    pusher = start_metrics_push(events, options.prom_gateway, config, "trainer", dht.peer_id.to_base58())
+    steps = options.steps or sys.maxsize
 
     async def _train():
         stop = asyncio.Event()
@@ -91,7 +90,7 @@ def run_trainer(args: TrainerOptions) -> int:
                 loop.call_soon_threadsafe(stop.set)
 
         events.subscribe(on_event)
-        return await trainer.train(batches, steps, stop, validation=held_out, total_steps=args.steps)
+        return await trainer.train(batches, steps, stop, validation=held_out, total_steps=options.steps)
 
     try:
         summary = asyncio.run(_train())
@@ -103,19 +102,19 @@ def run_trainer(args: TrainerOptions) -> int:
         if pusher is not None:
             pusher.stop()
         dht.shutdown()
-    if args.summary_path:
-        Path(args.summary_path).write_text(json.dumps(summary.to_json()))
+    if options.summary_path:
+        Path(options.summary_path).write_text(json.dumps(summary.to_json()))
     return 0
 
 
-def _resumable_batches(args: TrainerOptions, config, packed, events):
+def _resumable_batches(options: TrainerOptions, config, packed, events):
     """The rank's micro-batches from where its saved position left them, reopened after data errors,
     and what records a finished micro-batch in the position file."""
     from agora_server.data.position import PositionFile, stream_key
     from agora_server.data.retrying import RetryingStream
     from agora_server.telemetry.events import DataPositionDiscarded, DataPositionNotSaved, DataResumed, DataSourceFailed
 
-    position_file = PositionFile(args.data_position_path, stream_key(config.data, config.trainer.micro_batch_size, args.rank, args.world_size))
+    position_file = PositionFile(options.data_position_path, stream_key(config.data, config.trainer.micro_batch_size, options.rank, options.world_size))
     position, discarded = position_file.load()
     if discarded:
         events.emit(DataPositionDiscarded(reason=discarded))
@@ -144,16 +143,16 @@ def _resumable_batches(args: TrainerOptions, config, packed, events):
     return iter(batches), keep_position
 
 
-def _admit_trainer(args: TrainerOptions, config, events):
+def _admit_trainer(options: TrainerOptions, config, events):
     """Access from the coordinator for this trainer's identity, and the session that renews it."""
     from agora.membership.client import AdmissionError
     from agora.membership.join import TrainerRole, join
 
-    token = args.token
+    token = options.token
     if not token:
         raise RuntimeError("--auth_server needs an operator's HuggingFace token: pass --token or set AGORA_TOKEN")
     try:
-        membership = join(TrainerRole(), config, coordinator_url=args.auth_server, token=token, identity_path=args.identity_path,
+        membership = join(TrainerRole(), config, coordinator_url=options.auth_server, token=token, identity_path=options.identity_path,
                           emit=events.emit)
     except AdmissionError as e:
         raise RuntimeError(f"the coordinator refused this trainer: {e}") from None

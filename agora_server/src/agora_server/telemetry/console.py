@@ -22,6 +22,11 @@ def _(event: ev.ServerStarted) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.SeedListening) -> list[str]:
+    return [f"[SEED] Reachable at {maddr}" for maddr in event.maddrs]
+
+
+@console_lines.register
 def _(event: ev.MemoryPlanned) -> list[str]:
     gib = 2**30
     recompute = "checkpointed (recomputed in the backward)" if event.checkpointing else "kept for the backward"

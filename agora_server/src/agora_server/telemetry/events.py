@@ -309,6 +309,16 @@ class ServerStopping(Event):
     reason: str
 
 
+# --- seed -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SeedListening(Event):
+    """The seed's DHT is reachable: these multiaddrs are the other peers' --initial_peers."""
+
+    maddrs: tuple[str, ...]
+
+
 # --- trainer --------------------------------------------------------------------------
 
 

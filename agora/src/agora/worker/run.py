@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -56,15 +55,15 @@ def build_worker(**kwargs):
         raise WorkerLaunchError(str(e)) from None
 
 
-def run_worker(args: WorkerOptions) -> int:
-    from agora.worker_status import WorkerStatusWriter, status_path_for
+def run_worker(options: WorkerOptions) -> int:
+    from agora.worker.status import WorkerStatusWriter, status_path_for
     from agora_server.telemetry.events import ProcessError, ServerStopping
 
-    log_file = args.log_path
+    log_file = options.log_path
     events = setup_process(log_file)
     events.subscribe(WorkerStatusWriter(status_path_for(log_file)))
     try:
-        return _run(args, events)
+        return _run(options, events)
     except WorkerLaunchError as e:
         if stop_on_signals().is_set():  # stopped by its owner while starting: not a failure
             events.emit(ServerStopping(stage="", reason=f"signal received ({e})"))
@@ -74,13 +73,13 @@ def run_worker(args: WorkerOptions) -> int:
         return 1
 
 
-def _run(args: WorkerOptions, events) -> int:
+def _run(options: WorkerOptions, events) -> int:
     from hivemind import DHT
 
     from agora_server.p2p_frames import install_frame_limit
 
     try:
-        config = effective_server_config(load_run_config(args.config), args.batch_size_override)
+        config = effective_server_config(load_run_config(options.config), options.batch_size_override)
     except ConfigError as e:
         raise WorkerLaunchError(str(e)) from None
     device = pick_device(config)
@@ -88,23 +87,23 @@ def _run(args: WorkerOptions, events) -> int:
         torch.set_num_threads(config.server.cpu_threads)
 
     stop = stop_on_signals()
-    identity = ensure_identity(args.key_path)
-    host_maddrs = args.listen_maddrs
+    identity = ensure_identity(options.key_path)
+    host_maddrs = options.listen_maddrs
     session = weights = peer_access = validator = None
-    if args.auth_server:
-        host_maddrs, membership = join_run(args, config, identity, host_maddrs, events, stop)
+    if options.auth_server:
+        host_maddrs, membership = join_run(options, config, identity, host_maddrs, events, stop)
         session, weights, validator = membership.session, membership.weights, membership.validator
         stage, peer_access = session.access.stage, session.peer_access
-    elif args.stage is None:
+    elif options.stage is None:
         raise WorkerLaunchError("no stage to serve: pass --auth_server (the coordinator assigns one) or --stage <name> for a run without a coordinator")
     else:
-        stage = args.stage
+        stage = options.stage
     spec = config.stage(stage)
     install_frame_limit()  # before the DHT forks its processes: they keep it
     dht = DHT(
-        initial_peers=args.initial_peers,
+        initial_peers=options.initial_peers,
         host_maddrs=host_maddrs,
-        announce_maddrs=args.announce_maddrs,
+        announce_maddrs=options.announce_maddrs,
         identity_path=str(identity),
         record_validators=[validator] if validator else [],
         start=True,
@@ -130,7 +129,7 @@ def _run(args: WorkerOptions, events) -> int:
             on_checkpoint=uploader.submit if uploader is not None else None,
             access=peer_access,
         )
-        pusher = start_metrics_push(events, args.prom_gateway, config, worker.spec.name, worker.peer_id)
+        pusher = start_metrics_push(events, options.prom_gateway, config, worker.spec.name, worker.peer_id)
         if session is not None:
             events.subscribe(session)
             session.start(worker.stats())  # before any request can arrive
@@ -155,24 +154,24 @@ def _run(args: WorkerOptions, events) -> int:
     return 1 if worker.halted else 0
 
 
-def join_run(args: WorkerOptions, config: RunConfig, identity_path, host_maddrs: list[str], events, stop):
+def join_run(options: WorkerOptions, config: RunConfig, identity_path, host_maddrs: list[str], events, stop):
     """Get admitted by the coordinator before the p2p daemon starts; returns the maddrs to listen on
     (a free port chosen if none was given: the port test needs the real one) and the Membership."""
     from agora.membership.client import AdmissionError, CoordinatorUnavailable
     from agora.membership.join import WorkerRole, join
 
-    token = args.token
+    token = options.token
     if not token:
         raise WorkerLaunchError("--auth_server needs your HuggingFace token: pass --token or set AGORA_TOKEN")
     host, port = tcp_listen_address(host_maddrs[0])
     if port == 0:
         port = free_port(host)
         host_maddrs = [host_maddrs[0].replace("/tcp/0", f"/tcp/{port}", 1), *host_maddrs[1:]]
-    role = WorkerRole(host=host, port=port, wait_timeout=args.auth_timeout, email=args.email, heartbeat_interval=args.heartbeat_interval)
+    role = WorkerRole(host=host, port=port, wait_timeout=options.auth_timeout, email=options.email, heartbeat_interval=options.heartbeat_interval)
     try:
-        membership = join(role, config, coordinator_url=args.auth_server, token=token, identity_path=identity_path, emit=events.emit, stop=stop)
+        membership = join(role, config, coordinator_url=options.auth_server, token=token, identity_path=identity_path, emit=events.emit, stop=stop)
     except CoordinatorUnavailable as e:
-        raise WorkerLaunchError(COORDINATOR_UNREACHABLE_MESSAGE.format(url=args.auth_server, error=e.reason), tag="AUTH") from None
+        raise WorkerLaunchError(COORDINATOR_UNREACHABLE_MESSAGE.format(url=options.auth_server, error=e.reason), tag="AUTH") from None
     except AdmissionError as e:
         raise WorkerLaunchError(str(e), tag="AUTH") from None
     return host_maddrs, membership

@@ -10,12 +10,12 @@ REPO = Path(__file__).resolve().parents[4]
 DEFAULT_RUN_FILE = REPO / "run.json"
 
 
-class RunInfoError(RuntimeError):
+class RunFileError(RuntimeError):
     """run.json is missing or malformed; the message names the file and the field."""
 
 
 @dataclasses.dataclass(frozen=True)
-class RunInfo:
+class RunFile:
     run_config: str
     """Run config path (relative to the repository) or shipped name; run_server.py --config."""
     auth_server: str | None
@@ -29,17 +29,17 @@ class RunInfo:
         return str(candidate) if candidate.is_file() else self.run_config
 
 
-def load_run_info(path: str | Path = DEFAULT_RUN_FILE) -> RunInfo:
+def load_run_file(path: str | Path = DEFAULT_RUN_FILE) -> RunFile:
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise RunInfoError(f"cannot read {path}: {e.strerror}; run from a complete clone of the repository") from None
+        raise RunFileError(f"cannot read {path}: {e.strerror}; run from a complete clone of the repository") from None
     except ValueError as e:
-        raise RunInfoError(f"{path} is not valid JSON ({e}); restore it with `git checkout run.json`") from None
+        raise RunFileError(f"{path} is not valid JSON ({e}); restore it with `git checkout run.json`") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("run_config"), str):
-        raise RunInfoError(f"{path} needs a \"run_config\" string; restore it with `git checkout run.json`")
+        raise RunFileError(f"{path} needs a \"run_config\" string; restore it with `git checkout run.json`")
     seeds = raw.get("seeds", [])
     if not isinstance(seeds, list) or not all(isinstance(s, str) for s in seeds):
-        raise RunInfoError(f"{path}: \"seeds\" must be a list of multiaddr strings")
-    return RunInfo(raw["run_config"], raw.get("auth_server") or None, raw.get("prom_gateway") or None, tuple(seeds), path)
+        raise RunFileError(f"{path}: \"seeds\" must be a list of multiaddr strings")
+    return RunFile(raw["run_config"], raw.get("auth_server") or None, raw.get("prom_gateway") or None, tuple(seeds), path)
