@@ -4,7 +4,7 @@ Every record a peer stores carries the peer's access token and the peer's own si
 identity key, whose public half the token names) over key, subkey, value, expiry and token. Every
 peer and seed refuses to store a record that fails the check and drops one that fails when read,
 so an unadmitted peer can neither announce itself, nor report progress, nor declare itself for
-averaging. Copying a token out of someone else's record does not help: the signature must come
+averaging. A failing record is dropped alone: the other records under its key stay readable. Copying a token out of someone else's record does not help: the signature must come
 from the key the token names. A record may not outlive its token by more than ``grace`` seconds.
 
 A stage's own keys (its announcements, its progress, its averaging groups) are stricter: only a
@@ -23,9 +23,11 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import base58
 from hivemind import DHT
+from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils.serializer import MSGPackSerializer
@@ -57,6 +59,7 @@ class AccessRecordValidator(RecordValidatorBase):
         ``token``: what this peer signs its own records with; a seed, which stores nothing of its
         own, has neither."""
         self.guard = AccessGuard(coordinator_public_key, clock=clock)
+        keep_valid_subkeys_only()
         self._stage_of_key = {DHTID.generate(source=key).to_bytes(): stage for key, stage in stage_keys.items()}
         self.identity, self.token, self.grace = identity, token, grace
 
@@ -117,6 +120,29 @@ async def _renew(token: str, dht: DHT, _node) -> None:
     for validator in validators:
         if isinstance(validator, AccessRecordValidator):
             validator.token = token
+
+
+def keep_valid_subkeys_only() -> None:
+    """Make this process's DHT drop the failing records of a dictionary value (a stage's announcements,
+    its progress) instead of refusing the whole value. hivemind refuses it whole, so the record of one
+    worker whose access lapsed hid every live record under that key until it expired (33 s were seen).
+    Takes effect for the DHTs started after it (their processes are forked from this one)."""
+    if getattr(DHTProtocol._validate_dictionary, "keeps_valid_subkeys", False):
+        return
+
+    def validate_dictionary(protocol: DHTProtocol, key_bytes: bytes, dictionary: Any) -> bool:
+        validator = protocol.record_validator
+        if validator is None:
+            return True
+        with dictionary.freeze():
+            failing = [subkey for subkey, (value, expiration_time) in dictionary.items()
+                       if not validator.validate(DHTRecord(key_bytes, protocol.serializer.dumps(subkey), value, expiration_time))]
+        for subkey in failing:
+            del dictionary[subkey]
+        return not failing or len(dictionary) > 0  # nothing valid left: refused, as hivemind would
+
+    validate_dictionary.keeps_valid_subkeys = True
+    DHTProtocol._validate_dictionary = validate_dictionary
 
 
 def _own_subkey(subkey: bytes, peer_id: str, public_key_b64: str) -> bool:
