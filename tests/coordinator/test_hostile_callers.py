@@ -177,6 +177,32 @@ def test_refused_tokens_are_remembered_so_strangers_cannot_spend_the_whoami_limi
         whoami.close()
 
 
+def test_one_address_cannot_spend_the_whoami_limit_with_made_up_tokens(harness, listener):
+    whoami = FakeWhoami({"hf_good": "dave"})
+    try:
+        verifier = CachingVerifier(HuggingFaceVerifier(endpoint=whoami.url), ttl_s=300, clock=harness.clock, failure_ttl_s=60)
+        config = harness.config().model_copy(update={"new_tokens_per_minute": 5})
+        coord = RunningCoordinator(create_app(config, verifier=verifier, clock=harness.clock))
+        harness.running.append(coord)
+        node = Node("hf_good", new_identity())
+        assert coord.http.put("/api/join", json=node.join_body(listener.port), headers=node.auth).status_code == 200
+
+        def refresh(token: str):
+            return coord.http.put("/api/refresh_token", json={"peer_id": "x", "uid": "y"}, headers={"Authorization": f"Bearer {token}"})
+
+        answers = [refresh(f"hf_made_up_{i}").status_code for i in range(8)]
+        assert answers == [401] * 4 + [429] * 4, "the known token spent one of the 5; then 4 new tokens, then refused"
+        assert sum(calls for token, calls in whoami.calls.items() if token.startswith("hf_made_up")) == 4
+        assert "wait a minute" in refresh("hf_made_up_again").json()["detail"]
+        assert refresh("hf_made_up_0").status_code == 401, "a remembered refusal costs nothing and is answered as before"
+        assert coord.http.put("/api/join", json=node.join_body(listener.port), headers=node.auth).status_code in (200, 409), \
+            "a remembered participant is not held back by a stranger at the same address"
+        harness.clock.advance(61)
+        assert refresh("hf_made_up_new").status_code == 401, "a minute later the address may check new tokens again"
+    finally:
+        whoami.close()
+
+
 def _saved(state) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -56,7 +56,7 @@ from agora.protocol import (
 from agora.coordinator.service import Coordinator, PortProbe
 from agora.coordinator.signing import AccessSigner, load_or_create_key
 from agora.coordinator.stages import load_run, plan_stages
-from agora.coordinator.tokens import TokenVerifier, build_verifier
+from agora.coordinator.tokens import NewTokenBudget, TokenVerifier, build_verifier
 
 _bearer = HTTPBearer(auto_error=False, description="The participant's Hugging Face token (or a token from the run's token file).")
 _access_bearer = HTTPBearer(auto_error=False, scheme_name="AccessToken",
@@ -64,10 +64,6 @@ _access_bearer = HTTPBearer(auto_error=False, scheme_name="AccessToken",
 _REFUSALS = {status: {"model": ErrorAnswer} for status in (400, 401, 403, 404, 409, 410, 413, 429, 503)}
 _STAGE = Path(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
 _OCTETS = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-
-
-def _token(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str | None:
-    return credentials.credentials if credentials else None
 
 
 def _access_token(credentials: HTTPAuthorizationCredentials | None = Depends(_access_bearer)) -> str | None:
@@ -88,10 +84,16 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     run = load_run(config)
     stages = plan_stages(config, run)  # refused here, at start, if the config's stage list disagrees with the run's
     db = Database(config.database_url)
-    coordinator = Coordinator(
-        config, stages, db, verifier or build_verifier(config.token_source, config.token_cache_s, config.token_failure_cache_s),
-        AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock,
-    )
+    verifier = verifier or build_verifier(config.token_source, config.token_cache_s, config.token_failure_cache_s)
+    coordinator = Coordinator(config, stages, db, verifier, AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock)
+    new_tokens = NewTokenBudget(config.new_tokens_per_minute, clock)
+
+    def _token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str | None:
+        token = credentials.credentials if credentials else None
+        # before any route checks it: a token the verifier does not remember may cost a whoami call
+        if token and not verifier.remembers(token) and not new_tokens.spend(_source_ip(request)):
+            raise CoordinatorRefusal(Refusal.TOO_MANY_NEW_TOKENS)
+        return token
 
     async def sample_periodically() -> None:
         while True:

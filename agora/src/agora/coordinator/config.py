@@ -116,6 +116,9 @@ class CoordinatorConfig(BaseModel):
     token_failure_cache_s: float = Field(default=60.0, ge=0)
     """How long a refused token is refused again without asking Hugging Face, so that a stranger repeating
     it cannot spend the ``whoami`` rate limit; short, so a token fixed on the Hugging Face side works soon."""
+    new_tokens_per_minute: int = Field(default=20, ge=1)
+    """How many tokens it does not remember one address may have checked in a minute (each may cost a
+    ``whoami`` call): a stranger making up a token per request is refused (429) beyond it."""
     key_path: Path = Path("coordinator.key")
     """Ed25519 key that signs access tokens; created with mode 0600 if missing. Keep it across
     restarts, or every access token issued before becomes worthless."""

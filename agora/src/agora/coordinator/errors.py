@@ -13,6 +13,7 @@ from agora_server.caller_text import clip
 class Refusal(enum.Enum):
     INVALID_TOKEN = (401, "Invalid HuggingFace token")  # (guide)
     TOKEN_SERVICE_DOWN = (503, "The token could not be checked right now; try again in a minute.")
+    TOO_MANY_NEW_TOKENS = (429, "Too many unrecognised tokens from this address; wait a minute, then check that the token is your Hugging Face token.")
     PEER_ID_TAKEN = (403, "This peer_id is already used by another user")  # (guide)
     ALREADY_QUEUED = (409, "This node is already in the authorization queue. Please remove private key from the node and try again.")  # (guide)
     DOWNLOAD_TOO_SLOW = (410, "Download is too slow, please ensure sufficient bandwidth and try again.")  # (guide)

@@ -3,6 +3,7 @@
 - ``HuggingFaceVerifier``  production: Hugging Face ``whoami`` through huggingface_hub
 - ``TokenFileVerifier``    offline and local runs: a file of ``<sha256 of token> <username>`` lines
 - ``CachingVerifier``      remembers checks for a while, refusals too (``whoami`` is rate-limited)
+- ``NewTokenBudget``       how many tokens the verifier does not remember one address may have checked a minute
 
 Tokens are secrets: nothing here logs them or puts them in an exception message.
 """
@@ -35,6 +36,10 @@ class TokenVerifier(Protocol):
         """The account the token belongs to; InvalidToken or TokenServiceUnavailable otherwise."""
         ...
 
+    def remembers(self, token: str) -> bool:
+        """Whether checking the token costs no call to an outside service (it is remembered, or checked locally)."""
+        ...
+
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -63,6 +68,9 @@ class HuggingFaceVerifier:
             raise InvalidToken()
         return name
 
+    def remembers(self, token: str) -> bool:
+        return False
+
 
 class TokenFileVerifier:
     """Reads the file on every check, so tokens can be added while the coordinator runs."""
@@ -76,6 +84,9 @@ class TokenFileVerifier:
             if hmac.compare_digest(known, digest):
                 return name
         raise InvalidToken()
+
+    def remembers(self, token: str) -> bool:
+        return True
 
 
 def read_token_file(path: Path) -> dict[str, str]:
@@ -140,12 +151,44 @@ class CachingVerifier:
         self._remember(digest, name, now + self._ttl)
         return name
 
+    def remembers(self, token: str) -> bool:
+        with self._lock:
+            hit = self._cache.get(token_digest(token))
+        return (hit is not None and hit[1] > self._clock()) or self._inner.remembers(token)
+
     def _remember(self, digest: str, name: str | None, until: float) -> None:
         with self._lock:
             self._cache[digest] = (name, until)
             self._cache.move_to_end(digest)
             while len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
+
+
+class NewTokenBudget:
+    """Each address may have ``per_minute`` tokens the verifier does not remember checked in any minute.
+    Remembered refusals stop a stranger who repeats a token; this stops one who makes up a new token
+    for every request, each of which would cost a Hugging Face ``whoami`` call. At most ``max_addresses``
+    addresses are tracked (the least recently seen forgotten first), so many addresses cannot grow memory."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic, max_addresses: int = 100_000):
+        self._per_minute, self._clock, self._max_addresses = per_minute, clock, max_addresses
+        self._checks: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def spend(self, address: str) -> bool:
+        """Count one check for ``address``; False (nothing counted) when its minute's budget is spent."""
+        now = self._clock()
+        with self._lock:
+            checks = self._checks.setdefault(address, collections.deque())
+            self._checks.move_to_end(address)
+            while checks and checks[0] <= now - 60:
+                checks.popleft()
+            if len(checks) >= self._per_minute:
+                return False
+            checks.append(now)
+            while len(self._checks) > self._max_addresses:
+                self._checks.popitem(last=False)
+            return True
 
 
 def build_verifier(token_source: str | Path, cache_s: float, failure_cache_s: float = 60.0) -> TokenVerifier:
