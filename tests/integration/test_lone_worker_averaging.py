@@ -3,15 +3,17 @@ with are no failure of its own, so the failed-rounds health rule does not stop i
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
 
 from agora_server.telemetry import events as ev
 
-LONE_SECONDS = 120
-"""How long the last worker must keep running alone: several times what the failed-rounds rule
-needed to stop it before (about a minute, with rounds every epoch as here)."""
+LONE_SECONDS = float(os.environ.get("AGORA_LONE_WORKER_SECONDS", 120))
+"""How long the last worker must keep running alone: in CI, several times what the failed-rounds rule
+needed to stop it before (about a minute, with rounds every epoch as here); issue 16's ten minutes
+with AGORA_LONE_WORKER_SECONDS=600."""
 
 
 def test_the_last_worker_of_a_stage_keeps_running_after_its_partner_leaves(swarm_harness):

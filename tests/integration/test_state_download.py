@@ -137,3 +137,46 @@ def test_a_peer_at_another_epoch_sends_its_state_from_the_start(three_dhts, rpc_
     assert state is not None and state[0] == {"epoch": 13}
     assert all(torch.equal(t, w) for t, w in zip(state[1], moved_on)), "no parts of epoch 12 mixed in"
     assert partial.resumes == 0
+
+
+def test_downloads_open_at_the_same_time_share_one_copy_of_the_state(dhts, rpc_loop):
+    from agora_server.optim.averaging import _StageStateAverager, averager_prefix
+    from agora_server.optim.state_download import ResumePoint
+
+    weights = [torch.randn(1024, 1024), torch.randn(3000)]
+    copies = []
+
+    def provider():
+        copies.append(len(copies))
+        return {"epoch": 12}, [w.clone() for w in weights]
+
+    compute = ThreadPoolExecutor(max_workers=1)
+    serving = SpartaAverager(dhts[0], "test.body1", weights, CONFIG, seed=7, on_compute=compute.submit)
+    serving.share_state(provider)
+    p2p = asyncio.run_coroutine_threadsafe(dhts[1].replicate_p2p(), rpc_loop).result(30)
+    stub = _StageStateAverager.get_stub(p2p, serving.averager.peer_id, namespace=averager_prefix("test.body1"))
+
+    async def download():
+        return await stub.rpc_download_state_from(ResumePoint().to_message())
+
+    async def two_at_once():
+        first = (await download()).__aiter__()
+        opening = await first.__anext__()  # the first download is open, its copy of the state taken
+        second = [message async for message in await download()]
+        return [opening, *[message async for message in first]], second
+
+    async def one_more():
+        return [message async for message in await download()]
+
+    try:
+        first, second = asyncio.run_coroutine_threadsafe(two_at_once(), rpc_loop).result(60)
+        assert len(copies) == 1, "the second download, open while the first was, made a copy of its own"
+        later = asyncio.run_coroutine_threadsafe(one_more(), rpc_loop).result(60)
+    finally:
+        asyncio.run_coroutine_threadsafe(p2p.shutdown(), rpc_loop).result(30)
+        serving.shutdown()
+        compute.shutdown()
+
+    parts = lambda messages: [m.tensor_part.buffer for m in messages]  # noqa: E731
+    assert parts(first) == parts(second) and len(first) > 2, "both streamed the same state, whole"
+    assert len(copies) == 2 and parts(later) == parts(first), "once both ended, the next download took a fresh copy"

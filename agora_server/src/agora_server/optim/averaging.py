@@ -42,7 +42,7 @@ from agora_server.optim.state_download import DownloadProgress, PartialState, Re
 from agora_server.tensor_stream import bfloat16_message
 
 MAX_CONCURRENT_STATE_DOWNLOADS = 2
-"""Newcomers a worker sends the stage's weights to at once; each open download holds a copy of them.
+"""Newcomers a worker sends the stage's weights to at once (the open downloads share one copy of them).
 Others are turned away and try the next peer of the stage."""
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,9 @@ class _StageStateAverager(DecentralizedAverager):
     _running_round = None
     """The DHT key the stage's workers announce themselves under; downloads are for them only."""
     _downloads = threading.BoundedSemaphore(MAX_CONCURRENT_STATE_DOWNLOADS)
+    _snapshot: tuple | None = None
+    _snapshot_users = 0
+    _snapshot_lock: asyncio.Lock | None = None
 
     def _refusal(self, peer_id: str, gathered: object) -> str:
         if self.guard is None:
@@ -203,11 +206,31 @@ class _StageStateAverager(DecentralizedAverager):
         if not self._downloads.acquire(blocking=False):
             return
         try:
-            metadata, tensors, infos = await self._get_current_state_from_host_process()
-            for message in stream_state(metadata, tensors, infos, self.state_compression, ResumePoint.from_message(request)):
-                yield message
+            metadata, tensors, infos = await self._take_snapshot()
+            try:
+                for message in stream_state(metadata, tensors, infos, self.state_compression, ResumePoint.from_message(request)):
+                    yield message
+            finally:
+                self._release_snapshot()
         finally:
             self._downloads.release()
+
+    async def _take_snapshot(self) -> tuple:
+        """The state the open downloads stream: copied from the worker when the first of them starts and
+        shared by those that start while it is open, so open downloads hold one copy of the stage between
+        them, not one each (a downloading newcomer meanwhile gets the state of when the first began)."""
+        if self._snapshot_lock is None:
+            self._snapshot_lock = asyncio.Lock()  # made here: it belongs to the averager's own event loop
+        async with self._snapshot_lock:
+            if self._snapshot is None:
+                self._snapshot = await self._get_current_state_from_host_process()
+            self._snapshot_users += 1
+            return self._snapshot
+
+    def _release_snapshot(self) -> None:
+        self._snapshot_users -= 1
+        if self._snapshot_users == 0:
+            self._snapshot = None
 
     async def rpc_download_state(
         self, request: averaging_pb2.DownloadRequest, context: P2PContext
