@@ -16,6 +16,7 @@ needed to stop it before (about a minute, with rounds every epoch as here); issu
 with AGORA_LONE_WORKER_SECONDS=600."""
 
 
+@pytest.mark.timeout(LONE_SECONDS + 480)  # the swarm's start and the rounds before the partner leaves
 def test_the_last_worker_of_a_stage_keeps_running_after_its_partner_leaves(swarm_harness):
     averaging = {"average_every": 1, "fraction": 0.5, "matchmaking_time": 1.0, "request_timeout": 0.5, "averaging_timeout": 5.0}
     server = {"averaging": averaging, "health": {"max_failed_rounds": 3, "failed_rounds_window": 4}}
