@@ -54,3 +54,21 @@ def test_samples_beyond_the_target_count_towards_the_next_epoch(dhts):
     finally:
         for progress in (a, b):
             progress.shutdown()
+
+
+def test_an_epoch_settled_by_a_gradient_round_carries_its_exact_overshoot(dhts):
+    first, second = dhts
+    a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+    b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+    try:
+        a.report(8)
+        b.report(8)
+        assert wait_until(lambda: a.ready() and b.ready(), 10.0)
+        a.report(14)  # a served 6 more before the round began: b never saw them
+        # the round gathered 14 + 8: the 6 beyond the target open epoch 1, shared 4 + 2
+        assert a.advance(epoch_total=22) == 1 and b.advance(epoch_total=22) == 1
+        assert (a.counted, b.counted) == (4, 2)
+        assert wait_until(lambda: a.tracker.global_progress.samples_accumulated == 6 == b.tracker.global_progress.samples_accumulated, 10.0)
+    finally:
+        for progress in (a, b):
+            progress.shutdown()

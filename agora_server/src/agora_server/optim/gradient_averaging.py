@@ -10,6 +10,11 @@ step from the same weights. The round blocks the step: it costs one all-reduce o
 gradient per epoch (2× its size in traffic per worker), affordable early in a run and on fast links;
 SPARTA keeps the replicas together afterwards. A round that finds no partner, times out, or returns
 values that are not finite leaves the worker to step on its own gradient, as without averaging.
+
+A round also settles how many samples the epoch counted: each worker's DHT view of the others' counts
+is a refresh late, and with epochs shorter than that the workers' own estimates of the epoch's
+overshoot lost a twentieth of the stage's steps. The group exchanges the exact counts behind the
+gradients it averages, so every member carries its share of the true overshoot into the next epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class GradientRound:
     ok: bool
     group_size: int
     reason: str = ""
+    samples: int | None = None
+    """The samples the group's gradients came from (each member's count towards the epoch, carry included)."""
 
 
 class GradientAverager:
@@ -61,15 +68,16 @@ class GradientAverager:
         """Whether the step that ends ``epoch`` averages gradients."""
         return epoch < self.config.gradient_epochs
 
-    def average(self, epoch: int, gradients: Sequence[torch.Tensor], batches: int) -> GradientRound | None:
+    def average(self, epoch: int, gradients: Sequence[torch.Tensor], batches: int, samples: int) -> GradientRound | None:
         """Replace ``gradients`` (this worker's mean gradient of ``epoch``, float32, any device) in place
-        by the mean over the stage's workers; None when this worker has nobody to average with."""
+        by the mean over the stage's workers; None when this worker has nobody to average with.
+        ``samples``: what this worker counts towards the epoch (its progress record's count)."""
         if not self.has_partners():
             return None
         with self.averager.get_tensors() as buffers:
             for buffer, gradient in zip(buffers, gradients):
                 buffer.copy_(to_host(gradient))
-        gather = {"epoch": epoch, "access": self.access.token if self.access else ""}
+        gather = {"epoch": epoch, "samples": samples, "access": self.access.token if self.access else ""}
         try:
             # a worker that served no micro-batch this epoch still takes the stage's step, contributing nothing
             group = self.averager.round_with_group(self.config, max(float(batches), 1e-6), gather)
@@ -84,7 +92,14 @@ class GradientAverager:
                 return GradientRound(epoch, False, len(group), "the average is not finite: a peer sent NaN or Inf")
             for buffer, gradient in zip(buffers, gradients):
                 gradient.copy_(buffer)
-        return GradientRound(epoch, True, len(group))
+        return GradientRound(epoch, True, len(group), samples=sum(map(_sample_count, group.values())))
 
     def shutdown(self) -> None:
         self.averager.cancel_round_and_shutdown()
+
+
+def _sample_count(gathered: dict) -> int:
+    """A peer's claimed count; what is not a count adds nothing (a carry never exceeds this worker's own
+    count, whatever the others claim)."""
+    samples = gathered.get("samples")
+    return samples if isinstance(samples, int) and not isinstance(samples, bool) and samples > 0 else 0

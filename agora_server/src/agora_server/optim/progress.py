@@ -30,11 +30,16 @@ class StageProgress(Protocol):
     def report(self, samples_accumulated: int) -> None:
         """Samples this worker has accumulated towards the current epoch."""
 
+    @property
+    def counted(self) -> int:
+        """What this worker counts towards the current epoch: its samples, and the carry from the last."""
+
     def ready(self) -> bool:
         """Whether this worker should step now (the stage reached its target, or moved on)."""
 
-    def advance(self) -> int:
-        """Enter the next epoch (or the stage's, if it is further ahead); return it."""
+    def advance(self, epoch_total: int | None = None) -> int:
+        """Enter the next epoch (or the stage's, if it is further ahead); return it. ``epoch_total``:
+        the epoch's count when the workers settled it together (a gradient round), else estimated."""
 
     def shutdown(self) -> None: ...
 
@@ -46,10 +51,14 @@ class LocalProgress:
     def report(self, samples_accumulated: int) -> None:
         self._samples = samples_accumulated
 
+    @property
+    def counted(self) -> int:
+        return self._samples
+
     def ready(self) -> bool:
         return self._samples >= self.target_batch_size
 
-    def advance(self) -> int:
+    def advance(self, epoch_total: int | None = None) -> int:
         self.epoch, self._samples = self.epoch + 1, 0
         return self.epoch
 
@@ -114,6 +123,10 @@ class SwarmProgress:
         """The furthest epoch any worker of the stage has announced."""
         return self.tracker.global_epoch
 
+    @property
+    def counted(self) -> int:
+        return self._reported
+
     def report(self, samples_accumulated: int) -> None:
         self._reported = self._carry + samples_accumulated
         self.tracker.report_local_progress(self.epoch, self._reported)
@@ -131,10 +144,10 @@ class SwarmProgress:
         if tracker.global_epoch == self.epoch and tracker.global_progress.samples_accumulated >= self._seen_total:
             self._seen_total, self._seen_own = tracker.global_progress.samples_accumulated, self._reported
 
-    def advance(self) -> int:
+    def advance(self, epoch_total: int | None = None) -> int:
         self._observe()
-        # the epoch's count as this worker knows it: the others' part when last seen, its own part now
-        total = self._seen_total + self._reported - self._seen_own
+        # else the epoch's count as this worker knows it: the others' part when last seen, its own part now
+        total = epoch_total if epoch_total is not None else self._seen_total + self._reported - self._seen_own
         carry = overshoot_share(self._reported, total, self.tracker.target_batch_size)
         with self.tracker.pause_updates():
             self.epoch = self.tracker.update_epoch(max(self.epoch + 1, self.tracker.global_epoch))

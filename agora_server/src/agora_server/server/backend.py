@@ -68,6 +68,7 @@ class StageBackend:
         self.after_epoch = after_epoch
         self.counters = BackendCounters()
         self._accumulated_samples = 0
+        self._epoch_samples: int | None = None  # the epoch's count as its gradient round settled it
         self._lock = threading.Lock()  # guards counters read by reporter threads
         self._throughput_ema: float | None = None
 
@@ -165,9 +166,10 @@ class StageBackend:
             return False
         epoch = self.progress.epoch
         # while gradients are averaged, a worker that served nothing this epoch still takes the stage's step
+        self._epoch_samples = None
         if self.weights.batches or self._averages_gradients(epoch):
             self._apply_gradients(epoch)
-        self.after_epoch(self.progress.advance())
+        self.after_epoch(self.progress.advance(self._epoch_samples))
         return True
 
     def _apply_gradients(self, epoch: int) -> None:
@@ -191,7 +193,9 @@ class StageBackend:
         return self.gradients is not None and self.gradients.averages(epoch)
 
     def _average_gradients(self, epoch: int, means: list[torch.Tensor], batches: int) -> None:
-        result = self.gradients.average(epoch, means, batches)
+        result = self.gradients.average(epoch, means, batches, self.progress.counted)
+        if result is not None and result.ok:
+            self._epoch_samples = result.samples
         if result is not None:
             self.emit(GradientsAveraged(stage=self.stage.spec.name, epoch=epoch, ok=result.ok, group_size=result.group_size, reason=result.reason))
 
