@@ -1,7 +1,7 @@
 """What the coordinator remembers across restarts: accounts, identity bindings, the queue, active
-nodes, the trainers' data shards, contributions, which checkpoint each stage serves, and the dashboard's history (node states
-and their changes, workers per stage over time, the trainers' reports). SQLAlchemy 2.x models; times are unix seconds (floats) so any backend
-stores them the same way."""
+nodes, the trainers' data shards, contributions, which checkpoint each stage serves, and the
+dashboard's history (node states and their changes, workers per stage over time, the trainers'
+reports). SQLAlchemy 2.x models; times are unix seconds (floats) so any backend stores them the same way."""
 
 from __future__ import annotations
 
@@ -150,8 +150,6 @@ class TrainerShard(Base):
 
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     peer_id: Mapped[str] = mapped_column(String(128), unique=True)
-    username: Mapped[str] = mapped_column(String(255))
-    assigned_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
     """When the trainer's latest access runs out; past it, another trainer may take the shard."""
 

@@ -34,8 +34,8 @@ class TrainerShards:
                 held = None
             if held is None:
                 held = self._free_shard(s, now)
-                held.peer_id, held.assigned_at = access.peer_id, now
-            held.username, held.expires_at = access.username, access.expires_at
+                held.peer_id = access.peer_id
+            held.expires_at = access.expires_at
             return access.model_copy(update={"data_shard": held.rank, "data_shards": self.shards})
 
     def _free_shard(self, s: Session, now: float) -> TrainerShard:

@@ -48,13 +48,13 @@ def _run(options: TrainerOptions, config, events, session, validator) -> int:
     else:
         rank, shards = options.rank or 0, config.trainer.data_shards
         if rank >= shards:
-            return _fail(events, f"--rank {rank} is not a shard of this run: trainer.data_shards is {shards}, so use --rank 0 to {shards - 1}"
-                        " or raise trainer.data_shards in the run config")
+            return _fail(events, f"--rank {rank} is not a shard of this run: trainer.data_shards is {shards}, so use --rank 0 to"
+                                 f" {shards - 1} or raise trainer.data_shards in the run config")
     events.emit(DataShardChosen(rank=rank, shards=shards, by_coordinator=session is not None))
     packed = PackedBatches(config.data, config.trainer.micro_batch_size, rank=rank, world_size=shards)
     if packed.vocab_size > config.model.vocab_size:
         return _fail(events, f"tokenizer {config.data.tokenizer!r} has {packed.vocab_size} tokens but model.vocab_size is"
-                    f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}")
+                             f" {config.model.vocab_size}; set model.vocab_size to at least {packed.vocab_size}")
     batches, keep_position = _resumable_batches(options, config, packed, events)
     held_out = None
     if config.trainer.validation_every and config.data.validation_fraction > 0:

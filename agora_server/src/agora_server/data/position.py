@@ -155,8 +155,8 @@ class PositionFile:
         except (OSError, ValueError) as e:
             return DataPosition(), f"{self.path} could not be read ({type(e).__name__}); starting from the beginning"
         if not isinstance(raw, dict) or raw.get("stream") != self.key:
-            return DataPosition(), (f"{self.path} is the position of another data stream (the data settings, micro-batch size,"
-                                    " rank or world size changed); starting from the beginning")
+            return DataPosition(), (f"{self.path} is the position of another data stream (the data settings, micro-batch size"
+                                    " or data shard changed, or an earlier version saved it); starting from the beginning")
         try:
             point = StreamPoint.from_json(raw["point"]) if raw.get("point") is not None else None
             return DataPosition(int(raw["finished_below"]), {int(i) for i in raw["finished_above"]}, point), None
