@@ -34,7 +34,8 @@ def body1_inputs(config):
 
 
 def test_an_outsider_cannot_announce_itself_or_call_a_stage_until_admitted(swarm_harness, tmp_path):
-    swarm = swarm_harness.create(steps=12, coordinator=True)
+    # a second data shard: the outsider's key later asks for trainer access while the swarm's trainer holds the first
+    swarm = swarm_harness.create({"trainer": {"data_shards": 2}}, steps=12, coordinator=True)
     swarm.start()
     config, run = swarm.config, swarm.config.run_name
     assert run_trainer_to_end(swarm, 300) == 0, "the admitted trainer calls every stage"

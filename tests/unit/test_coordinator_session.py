@@ -134,3 +134,36 @@ def test_the_stop_comes_at_the_expiry_whenever_the_outage_begins(down_at):
     renewed = [at for at, path, _ in coordinator.calls if path == "/api/refresh_token" and at < START + down_at]
     expires_at = (renewed[-1] if renewed else START) + LIFETIME
     assert len(stops) == 1 and expires_at <= clock.now <= expires_at + 0.1
+
+
+class TrainerIdentity(Identity):
+    peer_id, public_key_protobuf = "QmTrainer", b"public key"
+
+
+class ShardingCoordinator(Coordinator):
+    """Renews a trainer's access, naming the data shard of each answer in turn."""
+
+    def __init__(self, clock: ManualClock, shards: list[tuple[int, int]]):
+        super().__init__(clock)
+        self.shards = shards
+
+    def trainer_access(self, request, *, timeout=None) -> AccessAnswer:
+        self._call("/api/trainer_access", timeout)
+        self.expires_at = self.clock.now + LIFETIME
+        shard, of = self.shards.pop(0)
+        return access(self.expires_at).model_copy(update={"data_shard": shard, "data_shards": of})
+
+
+def test_a_trainer_whose_renewal_names_another_data_shard_stops_and_says_why():
+    clock = ManualClock(START)
+    coordinator = ShardingCoordinator(clock, [(1, 2), (0, 1)])
+    events = []
+    first = access(coordinator.expires_at).model_copy(update={"data_shard": 1, "data_shards": 2})
+    session = CoordinatorSession(coordinator, TrainerIdentity(), first, events.append, heartbeat_interval=5.0, clock=clock, trainer=True)
+    session._wake = SimulatedWake(clock, START + 10 * LIFETIME, session._stop)
+    session._loop()
+    renewals = [path for _, path, _ in coordinator.calls if path == "/api/trainer_access"]
+    assert len(renewals) == 2, "the first renewal keeps the shard, the second moves it"
+    stops = [e for e in events if isinstance(e, ev.CoordinatorStop)]
+    assert [s.reason for s in stops] == ["The coordinator now gives this trainer data shard 0 of 1 instead of 1 of 2; "
+                                         "start it again to read that shard."]

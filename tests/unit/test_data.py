@@ -207,15 +207,22 @@ def test_sequences_are_shuffled_across_documents(config: DataConfig, tokenizer: 
     assert not torch.equal(mixed[0][0], other_rank)
 
 
-def test_the_sequence_shuffle_loses_and_repeats_nothing() -> None:
+def test_the_sequence_shuffle_loses_and_repeats_nothing_and_can_be_taken_up_at_any_block() -> None:
     import numpy as np
 
     windows = [np.array([i, i + 1]) for i in range(1000)]
-    out = list(stream_module._shuffled(iter(windows), 64, np.random.default_rng(1)))
-    assert sorted(int(w[0]) for w in out) == list(range(1000))
-    assert [int(w[0]) for w in out] != list(range(1000))
-    again = list(stream_module._shuffled(iter(windows), 64, np.random.default_rng(1)))
-    assert all(np.array_equal(a, b) for a, b in zip(out, again))
+    out = list(stream_module._blocks(iter(windows), 64, 0, (1, 0)))
+    assert [place for place, _ in out] == list(range(1000))
+    assert sorted(int(w[0]) for _, w in out) == list(range(1000))
+    assert [int(w[0]) for _, w in out] != list(range(1000))
+    assert all(place // 64 == int(w[0]) // 64 for place, w in out), "a window stays in its block"
+    again = list(stream_module._blocks(iter(windows), 64, 0, (1, 0)))
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(out, again))
+    # what a restarted trainer does: start at block 3 with none of the windows before it
+    taken_up = list(stream_module._blocks(iter(windows[3 * 64 :]), 64, 3, (1, 0)))
+    assert [(p, int(w[0])) for p, w in taken_up] == [(p, int(w[0])) for p, w in out[3 * 64 :]]
+    other_rank = [int(w[0]) for _, w in stream_module._blocks(iter(windows), 64, 0, (1, 1))]
+    assert other_rank != [int(w[0]) for _, w in out]
 
 
 def test_validation_windows_are_sampled_across_the_whole_split(config: DataConfig, tokenizer: Tokenizer) -> None:

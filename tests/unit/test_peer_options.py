@@ -105,8 +105,10 @@ def test_contradicting_options_are_refused_when_built_and_when_parsed(capsys):
 
     with pytest.raises(po.OptionsError, match="--stage is for runs without a coordinator"):
         po.WorkerOptions(config="local-tiny", auth_server="http://127.0.0.1:1", stage="head")
-    with pytest.raises(po.OptionsError, match="--rank must be in"):
-        po.TrainerOptions(config="local-tiny", initial_peers=(SEED,), rank=2, world_size=2)
+    with pytest.raises(po.OptionsError, match="--rank is for runs without a coordinator"):
+        po.TrainerOptions(config="local-tiny", initial_peers=(SEED,), auth_server="http://127.0.0.1:1", rank=1)
+    with pytest.raises(po.OptionsError, match="--rank must be 0 or more"):
+        po.TrainerOptions(config="local-tiny", initial_peers=(SEED,), rank=-1)
     with pytest.raises(SystemExit):
         parse_args(["--config", "local-tiny", "--batch_size_override", "0"])
     assert "--batch_size_override must be at least 1" in capsys.readouterr().err

@@ -236,8 +236,9 @@ class TrainerOptions(PeerOptions):
     config: str = CONFIG.option(required=True)
     initial_peers: tuple[str, ...] = INITIAL_PEERS.option(required=True)
     steps: int = Flag("steps", "stop after this many completed micro-batches (0: until Ctrl+C)", type=int, default=0).option()
-    rank: int = Flag("rank", "this trainer's data shard", type=int, default=0).option()
-    world_size: int = Flag("world_size", "number of trainers sharing the dataset", type=int, default=1).option()
+    rank: int | None = Flag(
+        "rank", "this trainer's shard of the data, 0 to the run config's trainer.data_shards - 1, in a run without a "
+        "coordinator (with --auth_server the coordinator assigns it)", type=int).option(shown_default="0")
     host_maddrs: tuple[str, ...] = HOST_MADDRS.option(default=LOOPBACK_MADDRS)
     summary_path: str | None = Flag("summary_path", "write the final ledger and loss curve here as JSON").option()
     log_file: str | None = LOG_FILE.option()
@@ -250,8 +251,10 @@ class TrainerOptions(PeerOptions):
     ).option(shown_default="beside the identity file, <identity name>.position.json")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world_size:
-            raise OptionsError("--rank must be in [0, world_size)")
+        if self.auth_server and self.rank is not None:
+            raise OptionsError("--rank is for runs without a coordinator; with --auth_server the coordinator assigns the data shard")
+        if self.rank is not None and self.rank < 0:
+            raise OptionsError("--rank must be 0 or more")
 
     @property
     def data_position_path(self) -> Path:

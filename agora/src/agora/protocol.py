@@ -141,6 +141,10 @@ class AccessAnswer(_Answer):
     coordinator_public_key: str
     dashboard_url: str | None = None
     """This node's view on the run's dashboard."""
+    data_shard: int | None = None
+    """A trainer's shard of the run's data (its rank), the same for its identity whenever it asks; None for a worker."""
+    data_shards: int | None = None
+    """Shards the run's data is split into (the trainers' world size); None for a worker."""
 
 
 class QueuedAnswer(_Answer):

@@ -3,8 +3,8 @@
 - ``config.py``      CoordinatorConfig (YAML → typed settings), load_coordinator_config
 - ``stages.py``      StagePlan: the run config's stages in pipeline order with the workers each needs; a
                      coordinator config whose stage list disagrees with the run config is refused at start
-- ``db.py``          SQLAlchemy models (User, IdentityBinding, QueueRequest, ActiveNode, Contribution, NodeState,
-                     NodeTransition, StageSample, TrainingPoint), Database
+- ``db.py``          SQLAlchemy models (User, IdentityBinding, QueueRequest, ActiveNode, TrainerShard, Contribution,
+                     NodeState, NodeTransition, StageSample, TrainingPoint), Database
 - ``tokens.py``      TokenVerifier protocol; HuggingFaceVerifier, TokenFileVerifier, CachingVerifier, add_token
 - ``signing.py``     the coordinator's Ed25519 key (0600) and AccessSigner
 - ``queue.py``       QueueStatus, DropReason; capacity, admissions, wait estimate (from observed departures), poll interval
@@ -17,6 +17,7 @@
 - ``callers.py``     Callers: a participant's token → username; operators
 - ``grants.py``      AccessGrants: signed worker and trainer access; check_public_key
 - ``roster.py``      Roster: places in the run and the queue (expiry, drops, admissions, stage choice, wait)
+- ``trainer_shards.py`` TrainerShards: each trainer identity's shard of the data, kept across restarts
 - ``admission.py``   Admission: join (rules, port test, queue place) and a queued node's polls
 - ``node_sessions.py`` NodeSessions: renewals, signed heartbeats, operator stops, moves to an emptied stage
 - ``checkpoint_access.py`` CheckpointAccess: who may upload or download a stage's checkpoint

@@ -85,7 +85,8 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     stages = plan_stages(config, run)  # refused here, at start, if the config's stage list disagrees with the run's
     db = Database(config.database_url)
     verifier = verifier or build_verifier(config.token_source, config.token_cache_s, config.token_failure_cache_s)
-    coordinator = Coordinator(config, stages, db, verifier, AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock)
+    coordinator = Coordinator(config, stages, db, verifier, AccessSigner(load_or_create_key(config.key_path)), probe or porttest.probe, clock,
+                              data_shards=run.trainer.data_shards)
     new_tokens = NewTokenBudget(config.new_tokens_per_minute, clock)
 
     def _token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str | None:
@@ -166,7 +167,8 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
 
     @app.put("/api/trainer_access", response_model=AccessAnswer, responses=_REFUSALS)
     def trainer_access(body: TrainerAccessRequest, token: str | None = Depends(_token)):
-        """Operators only: access for a trainer to call every stage; ask again before it expires to renew it."""
+        """Operators only: access for a trainer to call every stage, and its shard of the data (the same
+        for its key every time); ask again before it expires to renew it."""
         return coordinator.trainer_access(token, body)
 
     @app.put("/api/heartbeat", response_model=HeartbeatAnswer, responses=_REFUSALS)

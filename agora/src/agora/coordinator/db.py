@@ -1,7 +1,7 @@
 """What the coordinator remembers across restarts: accounts, identity bindings, the queue, active
-nodes, contributions, which checkpoint each stage serves, and the dashboard's history (node states
-and their changes, workers per stage over time, the trainers' reports). SQLAlchemy 2.x models; times are unix seconds (floats) so any backend
-stores them the same way."""
+nodes, the trainers' data shards, contributions, which checkpoint each stage serves, and the
+dashboard's history (node states and their changes, workers per stage over time, the trainers'
+reports). SQLAlchemy 2.x models; times are unix seconds (floats) so any backend stores them the same way."""
 
 from __future__ import annotations
 
@@ -140,6 +140,18 @@ class StageCheckpoint(Base):
     uploader_username: Mapped[str] = mapped_column(String(255))
     epoch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     uploaded_at: Mapped[float] = mapped_column(Float)
+
+
+class TrainerShard(Base):
+    """Which trainer identity reads which shard of the run's data. Kept while its access lasts and
+    after: the same trainer restarting gets its shard back, so its saved data position stays valid."""
+
+    __tablename__ = "trainer_shards"
+
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    peer_id: Mapped[str] = mapped_column(String(128), unique=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    """When the trainer's latest access runs out; past it, another trainer may take the shard."""
 
 
 class NodeState(Base):

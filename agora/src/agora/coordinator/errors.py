@@ -29,6 +29,7 @@ class Refusal(enum.Enum):
     ACCESS_EXPIRED = (410, "This node's access has expired or was withdrawn; join again.")
     NOT_YOUR_NODE = (403, "This peer_id is not registered to this account.")
     NODE_STOPPED = (410, "The run's operators stopped this node: {reason}")
+    NO_DATA_SHARD = (409, "All {shards} data shards of this run are held by other trainers (the next one frees up at {free_at}, when its trainer's access lapses). Start a trainer again with its own key to continue its shard, or raise trainer.data_shards in the run config of the coordinator and the trainers to add one.")
     NOT_OPERATOR = (403, "Only the run's operators may stop nodes or run trainers.")
     BAD_SIGNATURE = (401, "Heartbeat signature does not verify with this peer's public key.")
     CLOCK_SKEW = (400, "Heartbeat sent_at is {skew:.0f}s away from the coordinator's clock; check the node's clock.")

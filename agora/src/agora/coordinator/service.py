@@ -5,6 +5,7 @@ job, so that ``app.py`` has a single thing to call.
 - ``NodeSessions``     renewals, heartbeats, operator stops, moves to an emptied stage
 - ``CheckpointAccess`` who may upload or download a stage's checkpoint
 - ``AccessGrants``     trainer access (worker access is granted by the parts above)
+- ``TrainerShards``    the shard of the run's data each trainer reads
 - ``Reports``          run info, dashboard data, totals, contributions, trainers' reports
 
 They share one ``Ledger`` (the database under one lock) and one ``Roster`` (places in the run and the queue).
@@ -47,13 +48,15 @@ from agora.protocol import (
 from agora.coordinator.signing import AccessSigner
 from agora.coordinator.stages import StagePlan
 from agora.coordinator.tokens import TokenVerifier
+from agora.coordinator.trainer_shards import TrainerShards
 
 __all__ = ["Coordinator", "PortProbe", "RunTotals"]
 
 
 class Coordinator:
     def __init__(self, config: CoordinatorConfig, stages: StagePlan, db: Database, verifier: TokenVerifier,
-                 signer: AccessSigner, probe: PortProbe = porttest.probe, clock: Callable[[], float] = time.time):
+                 signer: AccessSigner, probe: PortProbe = porttest.probe, clock: Callable[[], float] = time.time,
+                 *, data_shards: int = 1):
         self.signer = signer
         ledger, roster = Ledger(db), Roster(config, stages)
         self._callers = callers = Callers(verifier, config.operators)
@@ -62,6 +65,7 @@ class Coordinator:
         self._reports = reports = Reports(config, stages, ledger, callers, roster, signer.public_key, clock)
         self._sessions = NodeSessions(config, stages, ledger, callers, grants, roster, reports, clock)
         self._checkpoints = CheckpointAccess(stages, ledger, callers, signer.public_key, clock)
+        self._trainer_shards = TrainerShards(data_shards, ledger, clock)
         with ledger.transaction() as s:
             roster.forgive_downtime(s, clock())
 
@@ -74,8 +78,9 @@ class Coordinator:
         return self._admission.authorization_status(token, body, base_url)
 
     def trainer_access(self, token: str | None, body: TrainerAccessRequest) -> AccessAnswer:
-        """Access to call every stage, for an operator's trainer; asked again to renew it."""
-        return self._grants.trainer(self._callers.operator(token), body)
+        """Access to call every stage and the trainer's shard of the data, for an operator's trainer;
+        asked again to renew it."""
+        return self._trainer_shards.assign(self._grants.trainer(self._callers.operator(token), body))
 
     def refresh(self, token: str | None, body: RefreshRequest, base_url: str | None = None) -> AccessAnswer:
         return self._sessions.refresh(token, body, base_url)

@@ -161,7 +161,12 @@ class CoordinatorSession:
     def _refresh(self) -> None:
         if self.trainer:
             request = build_request(TrainerAccessRequest, **peer_key(self.identity))
-            self._set_access(self.client.trainer_access(request, timeout=self._call_timeout()))
+            renewed = self.client.trainer_access(request, timeout=self._call_timeout())
+            if (renewed.data_shard, renewed.data_shards) != (self.access.data_shard, self.access.data_shards):
+                # the data it streams is another shard's now (the run's shards changed): its position is wrong
+                raise AdmissionError(f"The coordinator now gives this trainer data shard {renewed.data_shard} of {renewed.data_shards} "
+                                     f"instead of {self.access.data_shard} of {self.access.data_shards}; start it again to read that shard.")
+            self._set_access(renewed)
         else:
             request = build_request(RefreshRequest, peer_id=self.access.peer_id, uid=self.access.uid)
             self._set_access(self.client.refresh(request, timeout=self._call_timeout()))

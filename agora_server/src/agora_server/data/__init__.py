@@ -7,9 +7,11 @@
 - tokenizer.py - load_tokenizer resolves DataConfig.tokenizer (shipped name, local file or Hub id), eos_token_id
   finds the end-of-text token that separates packed documents
 - stream.py - open_text_dataset streams the documents of a split; PackedBatches packs them into
-  (tokens, labels) batches, sharded by trainer rank, also numbered (``numbered``); validation_batches gives the fixed evaluation set
+  (tokens, labels) batches, sharded by trainer rank, also numbered from any micro-batch (``numbered``);
+  validation_batches gives the fixed evaluation set
 - position.py - StreamBatch (a micro-batch and its place in the rank's stream), DataPosition (which ones are
-  finished), PositionFile (saved after every finished micro-batch, so a restarted trainer continues)
+  finished), StreamPoint (where the stream can be taken up without tokenizing what came before),
+  PositionFile (saved after every finished micro-batch, so a restarted trainer continues)
 - retrying.py - RetryingStream reopens a failing data source with backoff and goes past what it handed out
 - assets/agora-bpe-8k.json - the shipped byte-level BPE tokenizer (8192 tokens, "<|endoftext|>" is id 0),
   trained on the corpus by scripts/build_tokenizer.py

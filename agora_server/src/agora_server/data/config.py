@@ -57,11 +57,13 @@ class DataConfig(BaseModel):
     uses more memory and delays the first batch; 0 disables shuffling."""
 
     sequence_shuffle_buffer: int = Field(2048, ge=0)
-    """Packed sequences held in a second shuffle buffer, after the documents' (train split only). A
-    document longer than a micro-batch fills many consecutive ones, so shuffling documents alone
-    still trains on one file for dozens of micro-batches; mixing the packed sequences gives every
-    micro-batch sequences of many documents. Costs this many sequences of memory (8 bytes per token)
-    and delays the first batch until the buffer is full; 0 disables it."""
+    """Packed sequences shuffled together, after the documents' shuffle (train split only): the
+    stream of sequences is cut into blocks of this many, each permuted on its own. A document longer
+    than a micro-batch fills many consecutive ones, so shuffling documents alone still trains on one
+    file for dozens of micro-batches; mixing the packed sequences gives every micro-batch sequences of
+    many documents. Costs this many sequences of memory (8 bytes per token) and delays the first
+    batch until a block is full; a restarted trainer tokenizes at most one block before its saved
+    position. 0 disables it."""
 
     seed: int = 0
     """Seed of the shuffle (epoch ``e`` uses ``seed + e``). Change it to see the data in another

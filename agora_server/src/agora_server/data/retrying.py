@@ -1,9 +1,9 @@
 """A stream of micro-batches that outlives failures of its data source.
 
 Streaming from the Hugging Face Hub meets network errors mid-run. When the stream raises, it is
-reported, and after a wait that doubles with every failure in a row it is opened again and goes
-past every micro-batch already handed out (the stream is a pure function of its settings, so the
-numbering is the same), so nothing is lost or handed out twice. A source that fails without
+reported, and after a wait that doubles with every failure in a row it is opened again at the first
+micro-batch not handed out yet (the stream is a pure function of its settings, so the numbering is
+the same), so nothing is lost or handed out twice. A source that fails without
 yielding anything for ``give_up_after`` seconds is given up on: ``DataSourceGaveUp`` is raised.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 
 from .position import StreamBatch
 
-OpenStream = Callable[[Callable[[int], bool]], Iterator[StreamBatch]]
-"""Opens the stream from its beginning; the argument names the indices to pass over."""
+OpenStream = Callable[[int, Callable[[int], bool]], Iterator[StreamBatch]]
+"""Opens the stream at a micro-batch (``PackedBatches.numbered``); the second argument names the indices to pass over."""
 
 
 class DataSourceGaveUp(RuntimeError):
@@ -47,22 +47,23 @@ class RetryingStream:
         skip: Callable[[int], bool],
         on_failure: Callable[[SourceFailure], None],
         *,
+        start: int = 0,
         first_wait: float,
         max_wait: float,
         give_up_after: float,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """``skip``: indices never to hand out (those a saved position says are finished)."""
-        self.open_stream, self.skip, self.on_failure = open_stream, skip, on_failure
+        """``start``: the first micro-batch to hand out; ``skip``: later ones never to hand out (those a
+        saved position says are finished)."""
+        self.open_stream, self.skip, self.on_failure, self.start = open_stream, skip, on_failure, start
         self.first_wait, self.max_wait, self.give_up_after = first_wait, max_wait, give_up_after
         self.sleep, self.clock = sleep, clock
 
     def __iter__(self) -> Iterator[StreamBatch]:
-        next_index, failures, failing_since = 0, 0, None
+        next_index, failures, failing_since = self.start, 0, None
         while True:
-            handed_out_below = next_index  # bound now: the lambda must not see later updates
-            stream = self.open_stream(lambda index: index < handed_out_below or self.skip(index))
+            stream = self.open_stream(next_index, self.skip)
             try:
                 for batch in stream:
                     failures, failing_since = 0, None

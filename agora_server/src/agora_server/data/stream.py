@@ -9,6 +9,7 @@ to predict the end-of-text token, and no tokens are wasted on padding.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Literal
@@ -21,7 +22,7 @@ from tokenizers import Tokenizer
 
 from .config import DataConfig
 from .corpus import ensure_local_corpus, is_validation_key, resolve_cache_dir
-from .position import StreamBatch
+from .position import StreamBatch, StreamPoint, StreamPoints
 from .tokenizer import eos_token_id, load_tokenizer
 
 Split = Literal["train", "validation"]
@@ -107,11 +108,15 @@ class PackedBatches:
 
     Each trainer rank reads a disjoint shard of the stream (``split_dataset_by_node``). The train
     split is shuffled with a buffer of ``config.shuffle_buffer`` documents and seed
-    ``config.seed + epoch``, then its packed sequences with a buffer of ``config.sequence_shuffle_buffer``
-    (seeded by seed and rank); the validation split is never shuffled. The output is a pure function of
-    its arguments. With ``repeat=True`` the stream restarts at its end (the
-    next epoch), so iteration never stops; with ``repeat=False`` it stops at the end of the data and
-    the last, incomplete batch is dropped.
+    ``config.seed + epoch``, then its packed sequences in blocks of ``config.sequence_shuffle_buffer``
+    (each block permuted with a seed of its own, from seed, rank and block number); the validation
+    split is never shuffled. The output is a pure function of its arguments. With ``repeat=True`` the
+    stream restarts at its end (the next epoch), so iteration never stops; with ``repeat=False`` it
+    stops at the end of the data and the last, incomplete batch is dropped.
+
+    While it packs, it notes the start of every block as a ``StreamPoint`` (``points``): the stream
+    can be taken up there again with nothing before it tokenized, which is how a restarted trainer
+    finds its place cheaply (``numbered(start)``, ``point_for``).
     """
 
     def __init__(
@@ -138,63 +143,96 @@ class PackedBatches:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
         self.eos_id = eos_token_id(self.tokenizer)
         self.vocab_size = self.tokenizer.get_vocab_size()
+        self.points = StreamPoints()
+        self._shuffle = split == "train" and config.sequence_shuffle_buffer > 1
+        self._block = config.sequence_shuffle_buffer if self._shuffle else _UNSHUFFLED_BLOCK
         # Opened now so that a wrong dataset name or text column fails at start-up, not mid-training.
         self._documents = open_text_dataset(config, split)
 
     def __iter__(self) -> Iterator[Batch]:
-        for rows in self._row_groups():
-            yield _pack(rows)
+        for batch in self.numbered():
+            yield batch.tokens, batch.labels
 
-    def numbered(self, skip: Callable[[int], bool] = lambda index: False) -> Iterator[StreamBatch]:
-        """The same batches with their place in the stream; those ``skip`` names are passed over
-        without being packed (a restarted trainer goes past what it already trained this way)."""
-        for index, rows in enumerate(self._row_groups()):
-            if not skip(index):
-                yield StreamBatch(index, *_pack(rows))
-
-    def _row_groups(self) -> Iterator[list[np.ndarray]]:
-        windows = self.windows()
-        if self.split == "train" and self.config.sequence_shuffle_buffer > 1:
-            windows = _shuffled(windows, self.config.sequence_shuffle_buffer, np.random.default_rng([self.config.seed, self.rank]))
-        while True:
-            rows = list(itertools.islice(windows, self.batch_size))
-            if len(rows) < self.batch_size:
+    def numbered(self, start: int = 0, skip: Callable[[int], bool] = lambda index: False) -> Iterator[StreamBatch]:
+        """The batches from micro-batch ``start`` on, with their place in the stream; those ``skip``
+        names are passed over without being packed. Taken up at the latest of ``points`` at or before
+        ``start`` (the beginning if none): at most one block is tokenized before ``start``."""
+        first_window = start * self.batch_size
+        point = self.points.before(first_window)
+        if point is None or point.window % self._block:  # none yet, or one from a damaged position file
+            point = _BEGINNING
+        rows = (window for place, window in self._shuffled_windows(point) if place >= first_window)
+        for index in itertools.count(start):
+            group = list(itertools.islice(rows, self.batch_size))
+            if len(group) < self.batch_size:
                 return
-            yield rows
+            if not skip(index):
+                yield StreamBatch(index, *_pack(group))
+
+    def point_for(self, index: int) -> StreamPoint | None:
+        """Where to take the stream up to reach micro-batch ``index`` (None: its beginning); the points
+        before it are let go, as a trainer's position never goes back."""
+        return self.points.before(index * self.batch_size, forget_older=True)
 
     def windows(self) -> Iterator[np.ndarray]:
         """Windows of ``seq_len + 1`` tokens in stream order, each starting at the previous window's
         last token (views: copy one to keep it)."""
+        return self._windows_from(_BEGINNING)
+
+    def _shuffled_windows(self, point: StreamPoint) -> Iterator[tuple[int, np.ndarray]]:
+        """The windows from ``point`` (a block's start) on, each block in its shuffled order, with the
+        place each takes in the packed stream."""
+        seed = (self.config.seed, self.rank) if self._shuffle else None
+        return _blocks(self._windows_from(point), self._block, point.window // self._block, seed)
+
+    def _windows_from(self, point: StreamPoint) -> Iterator[np.ndarray]:
         seq_len = self.config.seq_len
-        pending = np.empty(0, dtype=np.int64)
-        epochs = itertools.count() if self.repeat else range(1)
+        pending, index, cut = point.carry, point.window, point.windows_into_group
+        epochs = itertools.count(point.epoch) if self.repeat else range(point.epoch, 1)
+        skip_documents = point.documents
         for epoch in epochs:
             produced = False
-            for chunk in self._token_chunks(epoch):
+            for documents, chunk in self._token_chunks(epoch, skip_documents):
                 produced = True
                 stream = np.concatenate([pending, chunk])
                 n_windows = (len(stream) - 1) // seq_len
-                for i in range(n_windows):
+                for i in range(cut, n_windows):
+                    if index % self._block == 0:
+                        self.points.add(StreamPoint(window=index, epoch=epoch, documents=documents, carry=pending.copy(), windows_into_group=i))
                     yield stream[i * seq_len : (i + 1) * seq_len + 1]
+                    index += 1
                 # The leftover starts with the last window's final token, which becomes the next window's first.
-                pending = stream[n_windows * seq_len :]
-            if not produced and self.repeat:
+                pending, cut = stream[n_windows * seq_len :], 0
+            if not produced and skip_documents == 0 and self.repeat:
                 raise ValueError(
                     f"rank {self.rank} of {self.world_size} got no documents from the {self.split} split; "
                     "use fewer trainers or a larger dataset"
                 )
+            skip_documents = 0
 
-    def _token_chunks(self, epoch: int) -> Iterator[np.ndarray]:
-        """Token ids of consecutive groups of documents, each document followed by the EOS id."""
-        texts = (example[self.config.text_column] for example in self._epoch_dataset(epoch))
-        # Hub datasets occasionally hold null or empty texts; they carry no tokens worth an EOS.
-        texts = (text for text in texts if text)
-        while group := list(itertools.islice(texts, _ENCODE_BATCH)):
+    def _token_chunks(self, epoch: int, skip_documents: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Token ids of consecutive groups of documents, each document followed by the EOS id, with the
+        number of the epoch's documents read before the group. The first ``skip_documents`` are read
+        past without being tokenized."""
+        examples = iter(self._epoch_dataset(epoch))
+        collections.deque(itertools.islice(examples, skip_documents), maxlen=0)
+        read = skip_documents
+        column = self.config.text_column
+        while True:
+            before, texts = read, []
+            for example in examples:
+                read += 1
+                if example[column]:  # Hub datasets occasionally hold null or empty texts; they carry no tokens worth an EOS
+                    texts.append(example[column])
+                    if len(texts) == _ENCODE_BATCH:
+                        break
+            if not texts:
+                return
             flat: list[int] = []
-            for ids in self._encode(group):
+            for ids in self._encode(texts):
                 flat.extend(ids)
                 flat.append(self.eos_id)
-            yield np.asarray(flat, dtype=np.int64)
+            yield before, np.asarray(flat, dtype=np.int64)
 
     def _epoch_dataset(self, epoch: int) -> datasets.IterableDataset:
         dataset = self._documents.select_columns([self.config.text_column])
@@ -211,25 +249,29 @@ class PackedBatches:
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
 
+_UNSHUFFLED_BLOCK = 1024
+"""Windows between two points of a stream that is not shuffled (validation, or the sequence shuffle off)."""
+_BEGINNING = StreamPoint(window=0, epoch=0, documents=0, carry=np.empty(0, dtype=np.int64), windows_into_group=0)
+
+
+def _blocks(windows: Iterator[np.ndarray], size: int, first: int, seed: tuple[int, int] | None) -> Iterator[tuple[int, np.ndarray]]:
+    """``windows`` (from the start of block ``first`` on) in blocks of ``size``, each permuted by a
+    generator of its own when ``seed`` is given, with the place each window takes in the output. A
+    block depends on nothing before it, so the output can be taken up at any block's start."""
+    for block in itertools.count(first):
+        group = list(itertools.islice(windows, size))
+        if seed is not None:
+            group = [window.copy() for window in group]  # a view would keep its whole token chunk alive
+            np.random.default_rng([*seed, block]).shuffle(group)
+        yield from enumerate(group, start=block * size)
+        if len(group) < size:
+            return
+
+
 def _pack(rows: list[np.ndarray]) -> Batch:
     packed = torch.from_numpy(np.stack(rows))
     # Contiguous copies: callers serialize these tensors, and views would drag the whole window along.
     return packed[:, :-1].contiguous(), packed[:, 1:].contiguous()
-
-
-def _shuffled(windows: Iterator[np.ndarray], size: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """The windows in a random order: each one out is drawn from a buffer of the next ``size``."""
-    buffer: list[np.ndarray] = []
-    for window in windows:
-        window = window.copy()  # a view would keep its whole token chunk alive in the buffer
-        if len(buffer) < size:
-            buffer.append(window)
-            continue
-        slot = int(rng.integers(size))
-        yield buffer[slot]
-        buffer[slot] = window
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 VALIDATION_POOL_TOKENS = 2**22

@@ -10,6 +10,10 @@ class TrainerConfig(BaseModel):
 
     micro_batch_size: int = Field(4, gt=0)
     """Sequences per micro-batch. Must not exceed the workers' max_batch_size."""
+    data_shards: int = Field(1, gt=0)
+    """Trainers the run's data is split among: each reads its own shard. The coordinator gives every
+    trainer identity a shard of its own and refuses one trainer more than this. Changing it splits the
+    data anew, so every trainer's saved position starts over; coordinator and trainers must agree."""
     max_in_flight: int = Field(6, gt=0)
     """Micro-batches in the pipeline at once. About 2× the number of stages keeps every stage busy."""
     max_delay_epochs: float | None = Field(0.5, gt=0)

@@ -241,6 +241,12 @@ def _(event: ev.TrainingStarted) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.DataShardChosen) -> list[str]:
+    source = "assigned by the coordinator to this trainer's key" if event.by_coordinator else "--rank"
+    return [f"[TRAINER] Reading data shard {event.rank} of {event.shards} ({source})"]
+
+
+@console_lines.register
 def _(event: ev.DataResumed) -> list[str]:
     return [f"[TRAINER] Continuing the data stream from micro-batch {event.next_index} ({event.finished} already trained, saved in {event.path})"]
 

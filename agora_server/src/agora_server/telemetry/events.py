@@ -383,6 +383,16 @@ class MicroBatchCompleted(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DataShardChosen(Event):
+    """Which shard of the run's data this trainer reads, and who chose it."""
+
+    rank: int
+    shards: int
+    by_coordinator: bool
+    """Assigned by the coordinator (kept for this trainer's key), or given by --rank in a run without one."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataResumed(Event):
     """A trainer took up its data stream where a saved position left it."""
 
