@@ -35,7 +35,7 @@ def access_token(signing_key, identity: WorkerIdentity, *, role: str, stage: str
 @contextlib.contextmanager
 def body1_averagers(tmp_path: Path, admitted_to: list[str], config: AveragingConfig) -> Iterator[tuple[list, list, list]]:
     """One peer per entry of ``admitted_to`` (the stage its worker token names), each averaging body1's
-    weights (40 values, all equal to its index) on a DHT that checks records against the run's tokens.
+    weights (40 values, all equal to its index + 1) on a DHT that checks records against the run's tokens.
     Yields (dhts, averagers, params); everything is shut down afterwards."""
     signing = Ed25519PrivateKey.generate()
     public = encode_public_key(signing.public_key())
@@ -49,7 +49,7 @@ def body1_averagers(tmp_path: Path, admitted_to: list[str], config: AveragingCon
             initial = [str(m) for m in dhts[0].get_visible_maddrs()] if dhts else []
             dhts.append(DHT(start=True, host_maddrs=HOST, identity_path=str(path), record_validators=[validator], initial_peers=initial))
             computes.append(ThreadPoolExecutor(max_workers=1))
-            params.append([torch.full((40,), float(index))])
+            params.append([torch.full((40,), float(index + 1))])
             averagers.append(SpartaAverager(dhts[-1], stage_key(RUN, "body1"), params[-1], config, seed=7, on_compute=computes[-1].submit,
                                             access=PeerAccess(token, public), stage="body1"))
         yield dhts, averagers, params

@@ -115,5 +115,5 @@ def test_a_stage_averages_only_with_workers_admitted_to_it(tmp_path):
     assert not results[2].ok, "a worker of another stage joined body1's round"
     averaged = averagers[0].partition.indices(0, results[0].slice_index)
     for peer in (0, 1):
-        assert torch.allclose(params[peer][0][averaged], torch.full((len(averaged),), 0.5)), "(0 + 1) / 2, without the outsider's 2"
-    assert torch.equal(params[2][0], torch.full((40,), 2.0))
+        assert torch.allclose(params[peer][0][averaged], torch.full((len(averaged),), 1.5)), "(1 + 2) / 2, without the outsider's 3"
+    assert torch.equal(params[2][0], torch.full((40,), 3.0))

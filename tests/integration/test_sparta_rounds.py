@@ -8,6 +8,7 @@ import torch
 from hivemind import DHT
 
 from agora_server.optim.averaging import AveragingConfig, RoundResult, SpartaAverager
+from agora_server.optim.sparta import slice_for_epoch
 from tests.helpers.standin_device import StandInDeviceTensor, on_standin_device
 
 CONFIG = AveragingConfig(fraction=0.5, average_every=4, matchmaking_time=2.0, averaging_timeout=20.0, request_timeout=1.0)
@@ -22,12 +23,13 @@ class FaultyAverager(SpartaAverager):
 
 
 class Peer:
-    def __init__(self, dht: DHT, params: list[torch.Tensor], config: AveragingConfig, epoch: int = 0, faulty: bool = False, alone: bool = False):
+    def __init__(self, dht: DHT, params: list[torch.Tensor], config: AveragingConfig, epoch: int = 0, faulty: bool = False, alone: bool = False,
+                 max_weight: float = math.inf):
         self.params, self.results, self.updates = params, [], 0
         self.compute = ThreadPoolExecutor(max_workers=1)  # stands in for the worker's compute thread
         self.averager = (FaultyAverager if faulty else SpartaAverager)(
             dht, "test.body1", params, config, seed=7, epoch=epoch, on_compute=self.compute.submit, on_result=self.results.append,
-            has_partners=lambda: not alone, on_update=self._updated,
+            has_partners=lambda: not alone, on_update=self._updated, max_weight=max_weight,
         )
 
     def _updated(self):
@@ -42,8 +44,8 @@ class Peer:
 def make_peer():
     peers = []
 
-    def make(dht, params, config=CONFIG, epoch=0, faulty=False, alone=False):
-        peers.append(Peer(dht, params, config, epoch, faulty, alone))
+    def make(dht, params, config=CONFIG, epoch=0, faulty=False, alone=False, max_weight=math.inf):
+        peers.append(Peer(dht, params, config, epoch, faulty, alone, max_weight))
         return peers[-1]
 
     yield make
@@ -58,7 +60,7 @@ def run_round(peers, epochs, weights) -> list[RoundResult]:
 
 
 def test_a_round_averages_its_slice_weighted_by_samples_and_leaves_the_rest(dhts, make_peer):
-    a = make_peer(dhts[0], [torch.zeros(40), torch.zeros(3, 4)])
+    a = make_peer(dhts[0], [torch.full((40,), 0.4), torch.full((3, 4), 0.4)])
     b = make_peer(dhts[1], [torch.full((40,), 0.8), torch.full((3, 4), 0.8)])
     # a entered the window at its first epoch; b jumped over it (it followed the stage to epoch 5):
     # both run window 1's round, on the same slice
@@ -68,34 +70,36 @@ def test_a_round_averages_its_slice_weighted_by_samples_and_leaves_the_rest(dhts
     for peer in (a, b):
         for param, index in zip(peer.params, indices):
             flat = param.reshape(-1)
-            assert torch.allclose(flat[index], torch.full((len(index),), 0.2)), "(3·0 + 1·0.8) / 4 on the slice"
+            assert torch.allclose(flat[index], torch.full((len(index),), 0.5)), "(3·0.4 + 1·0.8) / 4 on the slice"
             untouched = torch.ones(flat.numel(), dtype=torch.bool)
             untouched[index] = False
-            assert torch.equal(flat[untouched], torch.full((int(untouched.sum()),), 0.0 if peer is a else 0.8))
+            assert torch.equal(flat[untouched], torch.full((int(untouched.sum()),), 0.4 if peer is a else 0.8))
 
 
 def test_weights_on_another_device_average_through_cpu_buffers(dhts, make_peer):
     """As on a GPU: the weights live on a device the averager's float32 CPU buffers are not on, one of
     them in bfloat16. Every crossing goes through the partition's seam, or the stand-in device refuses."""
-    a = make_peer(dhts[0], [on_standin_device(torch.zeros(40)), on_standin_device(torch.zeros(3, 4, dtype=torch.bfloat16))])
+    a = make_peer(dhts[0], [on_standin_device(torch.full((40,), 0.5)), on_standin_device(torch.full((3, 4), 0.5, dtype=torch.bfloat16))])
     b = make_peer(dhts[1], [on_standin_device(torch.ones(40)), on_standin_device(torch.ones(3, 4, dtype=torch.bfloat16))])
     results = run_round([a, b], epochs=[4, 4], weights=[3, 1])
     assert [(r.ok, r.group_size) for r in results] == [(True, 2)] * 2, results
-    for peer, before in ((a, 0.0), (b, 1.0)):
+    for peer, before in ((a, 0.5), (b, 1.0)):
         assert peer.updates == 1, "the worker is told its weights changed (to refresh their compute copy)"
         for i, param in enumerate(peer.params):
             assert isinstance(param, StandInDeviceTensor), "the weights stay where they live"
             flat = param.reshape(-1).cpu()
             index = a.averager.partition.indices(i, 1).long()
             assert torch.isfinite(flat).all()
-            assert torch.equal(flat[index], torch.full((len(index),), 0.25, dtype=flat.dtype)), "(3·0 + 1·1) / 4 on the slice"
+            assert torch.equal(flat[index], torch.full((len(index),), 0.625, dtype=flat.dtype)), "(3·0.5 + 1·1) / 4 on the slice"
             untouched = torch.ones(flat.numel(), dtype=torch.bool)
             untouched[index] = False
             assert torch.equal(flat[untouched], torch.full((int(untouched.sum()),), before, dtype=flat.dtype))
 
 
 @pytest.mark.parametrize(
-    "sent, refusal", [(math.nan, "not finite"), (math.inf, "not finite"), (1e6, "moves a weight by more than")]
+    "sent, refusal",
+    # 0.5 moves the good peer's zeros by 0.25: over their scale (the floor, 0.1), under the former absolute 1.0
+    [(math.nan, "not finite"), (math.inf, "not finite"), (1e6, "moves a weight by more than"), (0.5, "moves a weight by more than")],
 )
 def test_a_bad_contribution_is_refused_and_changes_nothing(dhts, make_peer, sent, refusal):
     good = make_peer(dhts[0], [torch.zeros(16)])
@@ -104,6 +108,18 @@ def test_a_bad_contribution_is_refused_and_changes_nothing(dhts, make_peer, sent
     assert not results[0].ok and refusal in results[0].reason, results[0]
     assert torch.equal(good.params[0], torch.zeros(16)), "a refused round changes nothing"
     assert (good.averager.rounds_ok, good.averager.rounds_failed) == (0, 1)
+
+
+def test_a_part_carrying_a_weight_over_the_bound_is_left_out(dhts, make_peer):
+    """The honest peer bounds weights at 10; the other sends its parts with a weight of 10^6 (its own
+    bound is unset) and declares no bandwidth, so the honest peer reduces the whole slice: it averages
+    without the inflated parts. A weight of 10^6 against 1 would take the slice to the other's 1.5."""
+    honest = make_peer(dhts[0], [torch.ones(40)], max_weight=10)
+    inflated = make_peer(dhts[1], [torch.full((40,), 1.5)])
+    inflated.averager.averager.bandwidth = 0.0  # gathered from this process at each round: reduce nothing
+    run_round([honest, inflated], epochs=[4, 4], weights=[1, 10**6])
+    index = honest.averager.partition.indices(0, slice_for_epoch(4, CONFIG.average_every, honest.averager.partition.slices))
+    assert torch.equal(honest.params[0][index], torch.ones(len(index))), honest.params[0][index]
 
 
 def test_a_peer_with_non_finite_weights_does_not_contribute(dhts, make_peer):

@@ -4,6 +4,7 @@
 - ``local.py``     build_optimizer (AdamW or Nesterov), learning_rate (by epoch), clip_and_check, clip_gradients
 - ``master.py``    MasterWeights: compute-dtype weights on the device, float32 masters (CPU or device), gradient sums
 - ``progress.py``  StageProgress: SwarmProgress (hivemind ProgressTracker), LocalProgress
+- ``progress_bounds.py``  how much of the other workers' progress records a worker believes (EpochCredit)
 - ``nesterov.py``  NesterovAdamW (NAdam, decoupled weight decay), linear_momentum_warmup
 - ``sparta.py``    SpartaPartition (seeded slices), slice_count, slice_for_epoch, the delta rule
 - ``averaging.py`` AveragingConfig, SpartaAverager (background rounds, state sharing), BFloat16State

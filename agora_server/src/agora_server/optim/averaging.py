@@ -5,8 +5,10 @@ Every ``average_every`` epochs a worker averages one slice (a fraction p of ever
 background thread while it keeps training. The averager's buffers are sized for the largest
 slice; a round copies its slice in, matches only with peers averaging the same slice (the slice
 index is the matchmaking group key), and lands the result with the delta rule. Weights are the
-samples each peer processed since its last round, so a newcomer (weight 0) only receives. A round
-whose result is not finite, or moves any weight by more than ``max_update``, is refused whole.
+samples each peer processed since its last round, so a newcomer (weight 0) only receives. A peer's
+weight is its own word, so it is bounded (``round_weight_bound``): a part that carries more is
+refused and its sender left out of the round. A round whose result is not finite, or moves a weight
+by more than ``max_update`` times its slice's scale, is refused whole.
 
 In a run with a coordinator each peer gathers its access token with its slice index: a leader
 turns away join requests from peers without worker access to this stage, and every member checks
@@ -69,7 +71,16 @@ class AveragingConfig(BaseModel):
     target_group_size: int | None = Field(None, ge=2)
     """Split large stages into groups of about this many peers per round; None averages with all."""
     max_update: float = Field(1.0, gt=0)
-    """A round that would move any weight by more than this is refused (a peer sent absurd values)."""
+    """A round that would move any weight by more than this many times its slice's scale is refused (a
+    peer sent absurd values). The scale is the largest magnitude among the slice's values before the
+    round, at least ``update_floor``: honest workers disagree by how far they drifted since they last
+    averaged that weight, which is small beside the weights themselves, while an absolute bound of 1.0
+    let one peer move an LLM's weights (magnitudes of about 0.02 to 0.2) by many times their size."""
+    update_floor: float = Field(0.1, gt=0)
+    """The smallest scale ``max_update`` is taken of, for slices near zero (biases early in a run). AdamW
+    moves a weight by at most about lr per step: 0.1 is 330 steps at llama-8b's lr (3e-4), and 50 at
+    local-tiny's (2e-3), where a weight is averaged every 16 epochs; workers on the same data mostly
+    move a weight the same way, so they drift apart by far less."""
     gradient_epochs: int = Field(0, ge=0)
     """For the stage's first this many epochs its workers all-reduce their gradients before each step,
     so they step as one optimizer on the stage's whole batch; SPARTA keeps them together afterwards.
@@ -112,6 +123,15 @@ class BFloat16State(NoCompression):
         return bfloat16_message(tensor.detach().to(torch.bfloat16))
 
 
+def round_weight_bound(config: AveragingConfig, target_batch_size: int) -> float:
+    """The largest weight a worker's part of a round may carry. The weight is the samples a worker
+    trained since its last round; a stage counts ``target_batch_size`` samples an epoch between all its
+    workers and rounds come every ``average_every`` epochs, so no worker brings much more than
+    ``average_every`` epochs' batches. Twice that covers a round the worker had to skip; a worker that
+    skipped more sends the bound."""
+    return 2.0 * config.average_every * target_batch_size
+
+
 def averager_prefix(prefix: str) -> str:
     return f"{prefix}_sparta".replace(".", "_")  # hivemind group keys use "." as a separator
 
@@ -150,6 +170,8 @@ class _StageStateAverager(DecentralizedAverager):
     round_running: threading.Event | None = None
     guard: AccessGuard | None = None
     stage: str = ""
+    max_weight = math.inf
+    """The largest weight a peer's part may carry (round_weight_bound); parts over it are refused."""
     members_key: str = ""
     _running_round = None
     """The DHT key the stage's workers announce themselves under; downloads are for them only."""
@@ -190,6 +212,24 @@ class _StageStateAverager(DecentralizedAverager):
             if problem:
                 raise MatchmakingException(f"not averaging with a group holding {peer_id}: {problem}")
         return await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:  # hivemind finds its handlers by these hints
+        async for message in super().rpc_aggregate_part(self._within_weight_bound(stream, context.remote_id), context):
+            yield message
+
+    async def _within_weight_bound(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender: PeerID
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """The parts a group member sends for averaging, each checked for the weight it carries: hivemind
+        adds a part times the weight its sender wrote in it. A part over the bound ends the stream, and
+        hivemind leaves the sender out of the round (the others' parts are averaged without it)."""
+        async for message in stream:
+            if not 0 <= message.weight <= self.max_weight:  # NaN fails too
+                logger.warning("refused %s's averaging contribution: weight %r over the bound %s", sender, message.weight, self.max_weight)
+                raise ValueError(f"a part's weight {message.weight!r} is over the bound {self.max_weight}")
+            yield message
 
     async def rpc_download_state_from(
         self, request: averaging_pb2.DownloadData, context: P2PContext
@@ -282,6 +322,20 @@ class _StageStateAverager(DecentralizedAverager):
         return metadata, tensors, [CompressionInfo.from_tensor(t) for t in tensors]
 
 
+def implausible_average(snapshot: Sequence[torch.Tensor], averaged: Sequence[torch.Tensor], config: AveragingConfig) -> str:
+    """Why a round's result for the slice ``snapshot`` held before it must not be landed ("" if it may)."""
+    for old, new in zip(snapshot, averaged):
+        if not bool(torch.isfinite(new).all()):
+            return "the average is not finite: a peer sent NaN or Inf"
+        if not len(new):
+            continue
+        old = old.float()
+        limit = config.max_update * max(float(old.abs().max()), config.update_floor)
+        if float((new - old).abs().max()) > limit:
+            return f"the average moves a weight by more than {limit:.4g} ({config.max_update} × its slice's scale): a peer sent absurd values"
+    return ""
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundResult:
     epoch: int
@@ -313,8 +367,11 @@ class SpartaAverager:
         access: PeerAccess | None = None,
         stage: str = "",
         on_update: Callable[[], None] = lambda: None,
+        max_weight: float = math.inf,
     ):
         """``params``: the weights to average, on any device (the stage's float32 masters).
+        ``max_weight``: the largest weight a peer's part may carry (round_weight_bound; the worker's
+        own is cut to it).
         ``on_update`` runs on the compute thread after a round changed them (to copy them into the
         weights the model computes with). ``access`` and ``stage``: in a run with a coordinator,
         average only with workers admitted to ``stage``, presenting this worker's own token."""
@@ -345,6 +402,7 @@ class SpartaAverager:
         # the averager serves joins in a process of its own, forked at start: what it checks with goes in first
         self.averager.guard, self.averager.stage = (access.guard if access else None), stage
         self.averager.members_key = prefix  # the stage key: where its workers announce themselves
+        self.averager.max_weight = self.max_weight = max_weight
         self.averager.run_in_background(await_ready=True)
         self._closed = False
         self._busy = threading.Lock()
@@ -464,7 +522,7 @@ class SpartaAverager:
             self.averager.set_group_bits(format(index, f"0{self._bits}b"))
         gather = {"slice": index, "access": self.access.token if self.access else ""}
         try:
-            group = self.averager.round_with_group(self.config, weight, gather)
+            group = self.averager.round_with_group(self.config, min(weight, self.max_weight), gather)
         except TimeoutError:
             return RoundResult(epoch, index, False, 0, "the round did not finish within its deadline")
         if not group:
@@ -473,7 +531,7 @@ class SpartaAverager:
             return RoundResult(epoch, index, False, len(group), "a peer averaged another slice")
         with self.averager.get_tensors() as buffers:
             averaged = [buffer[: len(values)].clone() for buffer, values in zip(buffers, snapshot)]
-        problem = self._implausible(snapshot, averaged)
+        problem = implausible_average(snapshot, averaged, self.config)
         if problem:
             return RoundResult(epoch, index, False, len(group), problem)
         def land() -> None:
@@ -486,14 +544,6 @@ class SpartaAverager:
     @staticmethod
     def _may_contribute(snapshot: Sequence[torch.Tensor]) -> bool:
         return all(bool(torch.isfinite(s).all()) for s in snapshot)
-
-    def _implausible(self, snapshot: Sequence[torch.Tensor], averaged: Sequence[torch.Tensor]) -> str:
-        for old, new in zip(snapshot, averaged):
-            if not bool(torch.isfinite(new).all()):
-                return "the average is not finite: a peer sent NaN or Inf"
-            if len(new) and float((new - old.float()).abs().max()) > self.config.max_update:
-                return f"the average moves a weight by more than {self.config.max_update}: a peer sent absurd values"
-        return ""
 
     def shutdown(self) -> None:
         self._closed = True

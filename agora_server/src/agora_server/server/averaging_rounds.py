@@ -11,7 +11,7 @@ from hivemind import DHT
 
 from agora_server.access import PeerAccess
 from agora_server.optim import SwarmProgress
-from agora_server.optim.averaging import STATE_DTYPES, AveragingConfig, RoundResult, SpartaAverager
+from agora_server.optim.averaging import STATE_DTYPES, AveragingConfig, RoundResult, SpartaAverager, round_weight_bound
 from agora_server.server.backend import StageBackend
 from agora_server.server.partners import StagePartners
 from agora_server.telemetry.events import AveragingRound, Event
@@ -51,6 +51,7 @@ class AveragingRounds:
             has_partners=partners.present,
             access=access,
             stage=stage,
+            max_weight=round_weight_bound(config, backend.config.target_batch_size),
         )
 
     def after_epoch(self, epoch: int, contributes: bool) -> None:
