@@ -6,6 +6,8 @@ Prints one JSON object on stdout:
   single_tokens_per_s  one process, the stages composed in-process, torch's default threads (all cores)
   swarm_tokens_per_s   seed DHT + one worker per stage + trainer as child processes on 127.0.0.1
   ratio                swarm_tokens_per_s / single_tokens_per_s (now: >= 0.6; goal: >= 0.9)
+  compute_efficiency   swarm_tokens_per_s / what the slowest stage allows with one forward and one
+                       backward per micro-batch (no recompute), from each stage's worker code timed alone
 
 Both train the same model (the run config's stages, built from the same seed), on the same
 micro-batches (the same PackedBatches stream the trainer reads), with the workers' optimizer
@@ -316,6 +318,9 @@ def profile_stages(config, batches: list, threads: int, repeats: int) -> dict:
                 "forward_s": round(f, 4),
                 "backward_s": round(b, 4),
                 "per_micro_batch_s": round(f + b, 4),
+                # a backward that recomputes is one forward with autograd and one backward: the work a
+                # micro-batch needs of the stage when nothing is recomputed (the tail's always is that)
+                "forward_backward_s": round(b, 4),
             }
             del backend
         del stages
@@ -438,6 +443,7 @@ def run(args: argparse.Namespace) -> dict:
         "swarm_tokens_per_s": None,
         "ratio": None,
         "ratio_end_to_end": None,
+        "compute_efficiency": None,
         "model": {
             **config.model.model_dump(mode="json"),
             "parameters": sum(stage_params.values()),
@@ -466,11 +472,14 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_stage_profile:
         profile = profile_stages(config, batches, config.server.cpu_threads, repeats=1 if args.quick else 2)
         slowest = max(p["per_micro_batch_s"] for p in profile.values())
+        slowest_compute = max(p["forward_backward_s"] for p in profile.values())
         output["stage_profile"] = {
             "threads": config.server.cpu_threads,
             "stages": profile,
             "slowest_stage_s": slowest,
             "pipeline_bound_tokens_per_s": round(tokens_per_mb / slowest, 1),
+            "slowest_forward_backward_s": slowest_compute,
+            "compute_bound_tokens_per_s": round(tokens_per_mb / slowest_compute, 1),
         }
 
     # rounds alternate the two sides, so a burst of other work on the machine hits one round, not one side;
@@ -522,6 +531,8 @@ def run(args: argparse.Namespace) -> dict:
             output["stage_profile"]["pipeline_bound_ratio"] = round(
                 output["stage_profile"]["pipeline_bound_tokens_per_s"] / output["single"]["tokens_per_s"], 3
             )
+    if swarms and "stage_profile" in output:
+        output["compute_efficiency"] = round(output["swarm"]["tokens_per_s"] / output["stage_profile"]["compute_bound_tokens_per_s"], 3)
 
     output["notes"] = [
         f"Same model (~{output['model']['parameters_millions']}M parameters, built from seed {config.seed}), same "
