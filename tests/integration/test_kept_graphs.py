@@ -49,14 +49,14 @@ def test_a_backward_runs_on_the_kept_graph_or_is_sent_again_with_its_inputs(work
                                   graph=graph, session=session, batch_shape=tokens.shape)
 
         inputs = [packed(values, tokens)]
-        await call(Rpc.FORWARD, inputs, 1, GraphUse.KEEP)
+        assert (await call(Rpc.FORWARD, inputs, 1, GraphUse.KEEP)).kept, "the answer says the graph waits there"
         kept = await call(Rpc.BACKWARD, [grad], 1, GraphUse.KEPT)
         assert kept.graph is BackwardGraph.KEPT
         assert torch.allclose(kept.outputs[0], boundary.grad, atol=1e-5), "the kept graph's input gradient is the local one"
 
         with pytest.raises(StageGraphGone):  # taken by the backward above
             await call(Rpc.BACKWARD, [grad], 1, GraphUse.KEPT)
-        await call(Rpc.FORWARD, inputs, 2, GraphUse.NONE)  # an evaluation forward keeps nothing
+        assert not (await call(Rpc.FORWARD, inputs, 2, GraphUse.NONE)).kept  # an evaluation forward keeps nothing
         with pytest.raises(StageGraphGone):
             await call(Rpc.BACKWARD, [grad], 2, GraphUse.KEPT)
         await call(Rpc.FORWARD, inputs, 3, GraphUse.KEEP)

@@ -80,8 +80,8 @@ def test_the_store_is_bounded_by_count_a_forward_beyond_it_keeps_none_and_its_ba
     body = backend(BODY, store(max_graphs=2))
     requests = [request(i, BODY) for i in range(3)]
     keys = [GraphKey("trainer", "s", i) for i in range(3)]
-    for (inputs, _), key in zip(requests, keys):
-        body.forward(inputs, keep=key)
+    kept = [body.forward_keeping(inputs, key)[1] for (inputs, _), key in zip(requests, keys)]
+    assert kept == [True, True, False], "the answer tells the trainer where a graph waits"
     snapshot = body.graphs.snapshot()
     assert (snapshot.held, snapshot.not_kept) == (2, 1), "the third forward found the store full"
 
@@ -127,16 +127,27 @@ def test_a_graph_waiting_past_the_timeout_is_freed_and_its_backward_recomputes()
     assert torch.equal(recomputed, expected)
 
 
-def test_a_step_between_forward_and_backward_frees_the_graph_and_the_backward_recomputes():
-    body = backend(BODY, store(), target_batch=BATCH)  # every backward completes an epoch and steps
-    first, second = request(0, BODY), request(1, BODY)
-    body.forward(first[0], keep=GraphKey("t", "s", 0))
-    body.forward(second[0], keep=GraphKey("t", "s", 1))
-    assert body.backward_graph({"grad": first[1]}, GraphKey("t", "s", 0))[1] is BackwardGraph.KEPT
-    assert body.counters.optimizer_steps == 1
-    # the step changed the weights the second graph was computed with: autograd could not run it
-    assert body.backward_graph({**second[0], "grad": second[1]}, GraphKey("t", "s", 1))[1] is BackwardGraph.RECOMPUTED
+def test_a_change_of_the_weights_between_forward_and_backward_frees_the_graph_and_the_backward_recomputes():
+    body = backend(BODY, store())
+    inputs, grad = request(0, BODY)
+    assert body.forward_keeping(inputs, GraphKey("t", "s", 0))[1]
+    body.weights.push()  # what an optimizer step or an averaging round ends with
+    # autograd could not run the graph on the weights it was computed with: it is freed, the forward recomputed
+    assert body.backward_graph({**inputs, "grad": grad}, GraphKey("t", "s", 0))[1] is BackwardGraph.RECOMPUTED
     assert body.graphs.snapshot().outdated == 1
+
+
+def test_a_forward_whose_backward_comes_after_the_next_step_keeps_nothing():
+    body = backend(BODY, store(), target_batch=2 * BATCH)  # an epoch is two micro-batches
+    requests = [request(i, BODY) for i in range(3)]
+    kept = [body.forward_keeping(inputs, GraphKey("t", "s", i))[1] for i, (inputs, _) in enumerate(requests)]
+    assert kept == [True, True, False], "the third backward comes after the step the first two complete"
+    for i, (inputs, grad) in enumerate(requests[:2]):
+        assert body.backward_graph({"grad": grad}, GraphKey("t", "s", i))[1] is BackwardGraph.KEPT
+    assert body.counters.optimizer_steps == 1
+    inputs, grad = requests[2]
+    assert body.backward_graph({**inputs, "grad": grad}, GraphKey("t", "s", 2))[1] is BackwardGraph.RECOMPUTED
+    assert body.forward_keeping(request(3, BODY)[0], GraphKey("t", "s", 3))[1], "a new epoch has room again"
 
 
 def test_graphs_are_kept_per_caller_and_session():

@@ -73,4 +73,5 @@ def test_graph_uses_are_checked_against_the_stage_and_rpc():
 def test_an_answer_says_how_a_backward_ran():
     assert unpack_response(pack_ok(BackwardGraph.KEPT)) == ResponseStatus(None, BackwardGraph.KEPT)
     assert unpack_response(pack_ok()) == ResponseStatus(None, None)
+    assert unpack_response(pack_ok(kept=True)) == ResponseStatus(None, None, kept=True)
     assert unpack_response(msgpack.packb({"ok": True, "graph": "stolen"})).error.startswith("failed: malformed")

@@ -170,9 +170,15 @@ def gradient_to_wire(tensors, wire_dtype: torch.dtype) -> list[torch.Tensor]:
     return [t.to(wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in tensors]
 
 
-def pack_ok(graph: BackwardGraph | None = None) -> bytes:
-    """``graph``: how a head or body worker ran a backward (None for a forward or the tail's backward)."""
-    return msgpack.packb({"ok": True} if graph is None else {"ok": True, "graph": graph.value})
+def pack_ok(graph: BackwardGraph | None = None, kept: bool = False) -> bytes:
+    """``graph``: how a head or body worker ran a backward (None for a forward or the tail's backward);
+    ``kept``: a training forward's graph was kept for its backward."""
+    answer: dict = {"ok": True}
+    if graph is not None:
+        answer["graph"] = graph.value
+    if kept:
+        answer["kept"] = True
+    return msgpack.packb(answer)
 
 
 def pack_error(message: str) -> bytes:
@@ -184,6 +190,8 @@ class ResponseStatus:
     error: str | None
     """None for a successful answer, else why it failed."""
     graph: BackwardGraph | None = None
+    kept: bool = False
+    """A training forward's graph waits on the worker: send the backward there with the gradient alone."""
 
 
 def unpack_response(raw: bytes) -> ResponseStatus:
@@ -200,7 +208,7 @@ def unpack_response(raw: bytes) -> ResponseStatus:
     if data.get("ok") is not True:
         return ResponseStatus(str(data.get("error", "failed: answer without a status")))
     try:
-        return ResponseStatus(None, BackwardGraph(data["graph"]) if "graph" in data else None)
+        return ResponseStatus(None, BackwardGraph(data["graph"]) if "graph" in data else None, data.get("kept") is True)
     except ValueError:
         return ResponseStatus("failed: malformed response metadata")
 

@@ -54,6 +54,8 @@ class StageAnswer:
     outputs: list[torch.Tensor]
     graph: BackwardGraph | None
     """How a head or body worker ran a backward (None for a forward or the tail's backward)."""
+    kept: bool = False
+    """The worker kept the graph of this training forward for its backward."""
 
 
 class StageCaller:
@@ -122,7 +124,7 @@ class StageCaller:
         for name, size in zip(response_fields(kind, rpc), payload_sizes(parts)):
             if name in ("boundary", "grad_boundary"):
                 self.boundary_bytes[rpc.value] += size
-        return StageAnswer(outputs, status.graph)
+        return StageAnswer(outputs, status.graph, status.kept)
 
     async def _exchange(self, peer: PeerID, rpc: Rpc, meta: RequestMeta, tensors: Sequence[torch.Tensor]):
         parts = serialize(tensors)

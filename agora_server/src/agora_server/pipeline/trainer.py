@@ -3,10 +3,11 @@
 Several micro-batches are in flight at once, so every stage has work (an asynchronous
 pipeline: workers step on their own, gradients may be slightly stale). Each stage call goes
 to the worker with the earliest expected finish; a worker that fails or times out is banned
-and the call is retried on another one. A head or body worker keeps the graph of the forwards it
-ran, so each backward goes first to the worker that ran its forward, with the gradient alone; when
-that worker is gone, or answers that it no longer holds the graph, the backward is sent with the
-stage's inputs (to that worker, or to any of the stage), and the worker runs the forward again.
+and the call is retried on another one. A head or body worker keeps the graph of a forward when
+its backward is expected before the stage's next step and says so in its answer; the backward
+then goes to that worker with the gradient alone. When no worker kept the graph, that worker is
+gone, or it answers that it no longer holds the graph, the backward is sent with the stage's
+inputs (to that worker, or to any of the stage), and the worker runs the forward again.
 The ledger counts both kinds. Every micro-batch ends in the ledger as completed or as
 dropped with a reason: nothing is lost silently (micro-batches abandoned because the trainer was
 told to stop count as ``cancelled``, not as failures). When a stage has no usable worker left, the
@@ -329,20 +330,20 @@ class PipelineTrainer:
         *front, tail = self.stages
         # the inputs stay here until the backward: a worker that lost the graph needs them again
         stage_inputs: list[list[torch.Tensor]] = []
-        forwarded_by: list[str] = []
+        kept_by: list[str | None] = []  # the worker that kept each stage's graph (None: none did)
         boundary: torch.Tensor | None = None
         for spec in front:
             inputs = [tokens] if spec.kind is StageKind.HEAD else [boundary]
             stage_inputs.append(inputs)
             answer, peer = await self._call_stage(spec, Rpc.FORWARD, inputs, microbatch, graph=GraphUse.KEEP)
             (boundary,) = answer.outputs
-            forwarded_by.append(peer)
+            kept_by.append(peer if answer.kept else None)
 
         valid = (labels != -100).float()
         loss_weights = valid / valid.sum().clamp(min=1.0)
         answer, _ = await self._call_stage(tail, Rpc.BACKWARD, [boundary, labels, loss_weights], microbatch)
         grad, per_token_loss = answer.outputs
-        for spec, inputs, peer in zip(reversed(front), reversed(stage_inputs), reversed(forwarded_by)):
+        for spec, inputs, peer in zip(reversed(front), reversed(stage_inputs), reversed(kept_by)):
             answer, _ = await self._call_stage(spec, Rpc.BACKWARD, [*inputs, grad], microbatch, kept_on=peer)
             grad = answer.outputs[0] if answer.outputs else None
         return float((per_token_loss.float() * loss_weights).sum())

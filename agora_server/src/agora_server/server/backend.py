@@ -126,12 +126,21 @@ class StageBackend:
         return moved
 
     def forward(self, inputs: dict[str, torch.Tensor], keep: GraphKey | None = None) -> list[torch.Tensor]:
-        """The stage's output; with ``keep`` (a training forward) its graph is kept under that key for the
-        backward, when the store has room."""
+        """The stage's output (see ``forward_keeping``)."""
+        return self.forward_keeping(inputs, keep)[0]
+
+    def forward_keeping(self, inputs: dict[str, torch.Tensor], keep: GraphKey | None) -> tuple[list[torch.Tensor], bool]:
+        """The stage's output, and whether its graph was kept. ``keep``: a training forward, whose graph is
+        kept under that key for the backward when the store has room and the backward is expected before
+        the stage's next step (this worker's samples towards the target, and those of the training forwards
+        ahead of it: with other workers on the stage the step may come sooner, and the graph is then freed)."""
         graphs = self.graphs if keep is not None else None
         if graphs is not None:
             self.free_unusable_graphs()
-            if not graphs.room_for(graphs.estimate(inputs["tokens"].numel())):
+            batch = inputs["tokens"].shape[0]
+            ahead = graphs.forwarded(keep, batch)
+            before_step = self._accumulated_samples + ahead + batch <= self.config.target_batch_size
+            if not (before_step and graphs.room_for(graphs.estimate(inputs["tokens"].numel()))):
                 graphs = None
         if graphs is None:
             out = self._guarded(self._forward, inputs)
@@ -142,7 +151,7 @@ class StageBackend:
             graphs.keep(keep, graph)
         with self._lock:
             self.counters.forward_batches += 1
-        return [out]
+        return [out], graphs is not None
 
     @torch.no_grad()
     def _forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -112,11 +112,11 @@ class StageServicer(ServicerBase):
 
         key = GraphKey(caller, meta.session, meta.microbatch)
         if rpc is Rpc.FORWARD:
-            compute = lambda: (self.backend.forward(inputs, key if meta.graph is GraphUse.KEEP else None), None)  # noqa: E731
+            compute = lambda: self.backend.forward_keeping(inputs, key if meta.graph is GraphUse.KEEP else None)  # noqa: E731
         else:
             compute = lambda: self.backend.backward_graph(inputs, key)  # noqa: E731
         try:
-            outputs, graph = await asyncio.get_running_loop().run_in_executor(self.executor, compute)
+            outputs, how = await asyncio.get_running_loop().run_in_executor(self.executor, compute)
         except GraphGone as e:  # not a failure: the caller sends the inputs with its next try
             yield runtime_pb2.ExpertResponse(metadata=pack_error(str(e)))
             return
@@ -136,7 +136,8 @@ class StageServicer(ServicerBase):
         parts = serialize(self._to_wire(rpc, outputs, inputs.get("tokens")))
         self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
         # the status travels first, so even the head's backward (no tensors) gets a definite answer
-        yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=pack_ok(graph))
+        status = pack_ok(kept=how) if rpc is Rpc.FORWARD else pack_ok(graph=how)
+        yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=status)
         for part in parts[1:]:
             yield runtime_pb2.ExpertResponse(tensors=[part])
 

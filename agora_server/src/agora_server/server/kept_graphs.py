@@ -7,7 +7,10 @@ the stage checkpoints its layers (the memory plan decides that), plus the forwar
 
 The store is bounded by a count and by bytes. A forward that finds it full is served without keeping
 its graph, rather than evicting one: in a pipeline the oldest graphs are the next to be taken, and
-evicting them would make every backward recompute once the store fills. Graphs are freed when their
+evicting them would make every backward recompute once the store fills. Nor is a graph kept whose
+backward is expected only after the stage's next step (``pending`` samples of training forwards
+ahead of it fill what is left of the epoch): the step would make it useless, and a forward without
+autograd is cheaper. Graphs are freed when their
 backward takes them, when they have waited ``timeout`` seconds (their trainer gave up or is gone), and
 when the weights change (an optimizer step, an averaging round): autograd can no longer run them on
 the weights they were computed with. Keys hold the caller's peer id, so no caller reaches another's.
@@ -23,6 +26,10 @@ from collections.abc import Callable
 import torch
 
 from agora_server.server.config import KeptGraphsConfig
+
+
+PENDING_PER_GRAPH = 4
+"""Training forwards awaiting their backward that the store remembers, per graph it may hold."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +75,7 @@ class KeptGraphs:
         self.max_graphs, self.max_bytes, self.timeout = config.max_graphs, max_bytes, config.timeout
         self.bytes_per_token, self.clock = bytes_per_token, clock
         self._graphs: dict[GraphKey, KeptGraph] = {}  # in the order they were kept
+        self._pending: dict[GraphKey, tuple[int, float]] = {}  # training forwards awaiting their backward: (samples, when)
         self._bytes = 0
         self._not_kept = self._expired = self._outdated = 0
         self._lock = threading.Lock()  # the compute thread writes; reporters read the snapshot
@@ -83,6 +91,18 @@ class KeptGraphs:
                 self._not_kept += 1
             return fits
 
+    def forwarded(self, key: GraphKey, samples: int) -> int:
+        """Note a training forward (kept or not) until its backward arrives; returns the samples of the
+        training forwards noted before it that still await theirs (as many as the store holds graphs, at
+        most ``PENDING_PER_GRAPH`` times that: a caller that never sends backwards is forgotten first)."""
+        with self._lock:
+            ahead = sum(n for n, _ in self._pending.values())
+            self._pending.pop(key, None)
+            self._pending[key] = (samples, self.clock())
+            while len(self._pending) > PENDING_PER_GRAPH * max(self.max_graphs, 1):
+                del self._pending[next(iter(self._pending))]
+            return ahead
+
     def keep(self, key: GraphKey, graph: KeptGraph) -> None:
         """Hold ``graph`` (call after ``room_for`` said yes, on the same thread); a graph already kept under
         ``key`` (a forward the trainer sent again) is replaced."""
@@ -95,8 +115,9 @@ class KeptGraphs:
             self._bytes += graph.nbytes
 
     def take(self, key: GraphKey) -> KeptGraph | None:
-        """The graph kept under ``key``, no longer held here (None: none is)."""
+        """The graph kept under ``key``, no longer held here (None: none is); its backward has arrived."""
         with self._lock:
+            self._pending.pop(key, None)
             graph = self._graphs.pop(key, None)
             if graph is not None:
                 self._bytes -= graph.nbytes
@@ -111,6 +132,8 @@ class KeptGraphs:
             outdated = {k for k, g in self._graphs.items() if g.weights_version != weights_version} - expired
             for key in (*expired, *outdated):
                 self._bytes -= self._graphs.pop(key).nbytes
+            for key in [k for k, (_, when) in self._pending.items() if now - when > self.timeout]:
+                del self._pending[key]
             self._expired += len(expired)
             self._outdated += len(outdated)
             return len(expired) + len(outdated)
