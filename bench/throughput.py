@@ -568,9 +568,10 @@ def run(args: argparse.Namespace) -> dict:
         "always does. The swarm is timed between the trainer's reports of completions, which excludes start-up and "
         "pipeline fill; ratio_end_to_end includes warm-up and fill (the trainer's summary seconds).",
         "Head and body workers keep the autograd graph of each training forward until its backward (server.kept_graphs), "
-        "so a micro-batch costs every stage 1 forward + 1 backward, as in the single process, unless the weights "
-        "stepped between its forward and its backward (the graph is then freed and the backward recomputes the "
-        "forward: swarm.recomputed_backwards). The tail runs forward+backward in one call. compute_efficiency divides "
+        "so a micro-batch costs every stage 1 forward + 1 backward, as in the single process, unless the stage steps "
+        "between its forward and its backward (the worker then keeps no graph, or frees it, and the backward "
+        "recomputes the forward: swarm.recomputed_backwards); with target_batch_size 8 and 4 micro-batches of 4 in "
+        "flight nearly every backward comes after a step. The tail runs forward+backward in one call. compute_efficiency divides "
         "the swarm's rate by tokens_per_micro_batch / stage_profile.slowest_forward_backward_s.",
         "The swarm pipeline is asynchronous (gradients may be slightly stale); the single process is synchronous. "
         "Activations and gradients travel trainer<->worker through p2pd at wire_dtype.",
