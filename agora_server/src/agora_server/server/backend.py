@@ -146,7 +146,7 @@ class StageBackend:
             out = self._guarded(self._forward, inputs)
         else:
             started = time.perf_counter()
-            out, graph = self._guarded(self._forward_keeping, inputs)
+            out, graph = self._guarded(self._forward_with_graph, inputs)
             graph.forward_seconds = time.perf_counter() - started
             graphs.keep(keep, graph)
         with self._lock:
@@ -158,7 +158,7 @@ class StageBackend:
         x = self._to_device(inputs)
         return self.stage(x["tokens"], x.get("boundary"), x.get("labels")).cpu()
 
-    def _forward_keeping(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, KeptGraph]:
+    def _forward_with_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, KeptGraph]:
         x = self._to_device(inputs)
         boundary = x.get("boundary")
         if boundary is not None:

@@ -92,12 +92,12 @@ class KeptGraphs:
             return fits
 
     def forwarded(self, key: GraphKey, samples: int) -> int:
-        """Note a training forward (kept or not) until its backward arrives; returns the samples of the
-        training forwards noted before it that still await theirs (as many as the store holds graphs, at
-        most ``PENDING_PER_GRAPH`` times that: a caller that never sends backwards is forgotten first)."""
+        """Note a training forward (kept or not) until its backward arrives or ``timeout`` passes; returns
+        the samples of the training forwards noted before it that still await theirs. At most
+        ``PENDING_PER_GRAPH`` × ``max_graphs`` are noted, the oldest forgotten first."""
         with self._lock:
+            self._pending.pop(key, None)  # sent again: it is no longer ahead of itself
             ahead = sum(n for n, _ in self._pending.values())
-            self._pending.pop(key, None)
             self._pending[key] = (samples, self.clock())
             while len(self._pending) > PENDING_PER_GRAPH * max(self.max_graphs, 1):
                 del self._pending[next(iter(self._pending))]
