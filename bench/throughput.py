@@ -6,6 +6,8 @@ Prints one JSON object on stdout:
   single_tokens_per_s  one process, the stages composed in-process, torch's default threads (all cores)
   swarm_tokens_per_s   seed DHT + one worker per stage + trainer as child processes on 127.0.0.1
   ratio                swarm_tokens_per_s / single_tokens_per_s (now: >= 0.6; goal: >= 0.9)
+  compute_efficiency   swarm_tokens_per_s / what the slowest stage allows with one forward and one
+                       backward per micro-batch (no recompute), from each stage's worker code timed alone
 
 Both train the same model (the run config's stages, built from the same seed), on the same
 micro-batches (the same PackedBatches stream the trainer reads), with the workers' optimizer
@@ -273,7 +275,8 @@ def run_single(config, batches: list, warmup: int, threads: int | None) -> dict:
 
 
 def profile_stages(config, batches: list, threads: int, repeats: int) -> dict:
-    """Time each stage's worker code (StageBackend.forward/backward, recompute included) without any messaging.
+    """Time each stage's worker code (StageBackend.forward/backward) without any messaging: the forward and a
+    backward that recomputes it, and (head and body) a forward that keeps its graph and the backward on it.
 
     One stage at a time on ``threads`` threads, the other cores idle: an optimistic bound on what the
     pipeline's slowest stage allows."""
@@ -281,6 +284,7 @@ def profile_stages(config, batches: list, threads: int, repeats: int) -> dict:
 
     from agora_server.models.config import StageKind
     from agora_server.server.backend import StageBackend
+    from agora_server.server.kept_graphs import GraphKey, KeptGraphs
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -289,8 +293,9 @@ def profile_stages(config, batches: list, threads: int, repeats: int) -> dict:
         stages = build_stages(config)
         width = config.model.hidden_size
         for stage in stages:
-            backend = StageBackend(stage, config.server, torch.device("cpu"))
-            fwd_times, bwd_times = [], []
+            graphs = KeptGraphs(config.server.kept_graphs, None, bytes_per_token=0.0)
+            backend = StageBackend(stage, config.server, torch.device("cpu"), graphs=graphs)
+            fwd_times, bwd_times, kept_times = [], [], []
             for i in range(repeats + 1):
                 tokens, labels = batches[i % len(batches)]
                 boundary = torch.randn(*tokens.shape, width) * 0.5
@@ -307,15 +312,30 @@ def profile_stages(config, batches: list, threads: int, repeats: int) -> dict:
                     t1 = time.perf_counter()
                     backend.backward({**inputs, "grad": grad})
                     fwd, bwd = t1 - t0, time.perf_counter() - t1
+                    key = GraphKey("profile", "", i)  # what a worker does now: the forward keeps its graph
+                    t0 = time.perf_counter()
+                    backend.forward(inputs, keep=key)
+                    t1 = time.perf_counter()
+                    backend.backward_graph({"grad": grad}, key)
+                    kept_times.append((t1 - t0, time.perf_counter() - t1))
                 if i:  # the first is a warm-up
                     fwd_times.append(fwd)
                     bwd_times.append(bwd)
             f, b = sum(fwd_times) / repeats, sum(bwd_times) / repeats
+            kept = {}
+            if kept_times:
+                kept_f, kept_b = (sum(t[k] for t in kept_times[1:]) / repeats for k in (0, 1))
+                kept = {"forward_keeping_s": round(kept_f, 4), "backward_on_kept_graph_s": round(kept_b, 4),
+                        "per_micro_batch_kept_graph_s": round(kept_f + kept_b, 4)}
             result[stage.spec.name] = {
                 "layers": stage.spec.num_layers,
                 "forward_s": round(f, 4),
                 "backward_s": round(b, 4),
                 "per_micro_batch_s": round(f + b, 4),
+                # a backward that recomputes is one forward with autograd and one backward: the work a
+                # micro-batch needs of the stage when nothing is recomputed (the tail's always is that)
+                "forward_backward_s": round(b, 4),
+                **kept,
             }
             del backend
         del stages
@@ -372,6 +392,9 @@ def run_swarm(config, total_steps: int, warmup: int, log_dir: Path, timeout: flo
         sent=summary["sent"],
         dropped=summary["dropped"],
         retried=summary["retried"],
+        kept_graph_backwards=summary["kept_graph_backwards"],
+        recomputed_backwards=summary["recomputed_backwards"],
+        graph_resends=summary["graph_resends"],
         bytes_sent=summary["bytes_sent"],
         bytes_received=summary["bytes_received"],
         summary_seconds=summary["seconds"],
@@ -417,6 +440,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from agora_server.data import PackedBatches
+    from agora_server.pipeline import in_flight_limit
 
     config = build_config(args)
     total = args.warmup + args.steps
@@ -438,6 +462,7 @@ def run(args: argparse.Namespace) -> dict:
         "swarm_tokens_per_s": None,
         "ratio": None,
         "ratio_end_to_end": None,
+        "compute_efficiency": None,
         "model": {
             **config.model.model_dump(mode="json"),
             "parameters": sum(stage_params.values()),
@@ -459,6 +484,8 @@ def run(args: argparse.Namespace) -> dict:
         "worker_threads": config.server.cpu_threads,
         "workers": len(config.stages),
         "max_in_flight": config.trainer.max_in_flight,
+        # what the trainer keeps in flight: max_in_flight, lowered to hold at most max_delay_epochs of an epoch
+        "in_flight": in_flight_limit(config.trainer, config.server.target_batch_size),
         "target_batch_size": config.server.target_batch_size,
         "wire_dtype": config.boundary.wire_dtype,
     }
@@ -466,11 +493,14 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_stage_profile:
         profile = profile_stages(config, batches, config.server.cpu_threads, repeats=1 if args.quick else 2)
         slowest = max(p["per_micro_batch_s"] for p in profile.values())
+        slowest_compute = max(p["forward_backward_s"] for p in profile.values())
         output["stage_profile"] = {
             "threads": config.server.cpu_threads,
             "stages": profile,
             "slowest_stage_s": slowest,
             "pipeline_bound_tokens_per_s": round(tokens_per_mb / slowest, 1),
+            "slowest_forward_backward_s": slowest_compute,
+            "compute_bound_tokens_per_s": round(tokens_per_mb / slowest_compute, 1),
         }
 
     # rounds alternate the two sides, so a burst of other work on the machine hits one round, not one side;
@@ -522,6 +552,8 @@ def run(args: argparse.Namespace) -> dict:
             output["stage_profile"]["pipeline_bound_ratio"] = round(
                 output["stage_profile"]["pipeline_bound_tokens_per_s"] / output["single"]["tokens_per_s"], 3
             )
+    if swarms and "stage_profile" in output:
+        output["compute_efficiency"] = round(output["swarm"]["tokens_per_s"] / output["stage_profile"]["compute_bound_tokens_per_s"], 3)
 
     output["notes"] = [
         f"Same model (~{output['model']['parameters_millions']}M parameters, built from seed {config.seed}), same "
@@ -535,10 +567,12 @@ def run(args: argparse.Namespace) -> dict:
         "process's batches are tokenised before timing; the swarm's trainer tokenises in its own process, as it "
         "always does. The swarm is timed between the trainer's reports of completions, which excludes start-up and "
         "pipeline fill; ratio_end_to_end includes warm-up and fill (the trainer's summary seconds).",
-        "The swarm does more arithmetic by design: non-tail workers re-run their forward in backward (no activation "
-        "stash), so the head costs ~2 forwards + 1 backward per micro-batch; the tail runs forward+backward in one "
-        "call. The single process does 1 forward + 1 backward. The stage split balances the per-worker costs "
-        "(the tail also carries the LM head and loss).",
+        "Head and body workers keep the autograd graph of each training forward until its backward (server.kept_graphs), "
+        "so a micro-batch costs every stage 1 forward + 1 backward, as in the single process, unless the stage steps "
+        "between its forward and its backward (the worker then keeps no graph, or frees it, and the backward "
+        "recomputes the forward: swarm.recomputed_backwards); with target_batch_size 8 and 4 micro-batches of 4 in "
+        "flight nearly every backward comes after a step. The tail runs forward+backward in one call. compute_efficiency divides "
+        "the swarm's rate by tokens_per_micro_batch / stage_profile.slowest_forward_backward_s.",
         "The swarm pipeline is asynchronous (gradients may be slightly stale); the single process is synchronous. "
         "Activations and gradients travel trainer<->worker through p2pd at wire_dtype.",
     ]

@@ -28,6 +28,11 @@ def test_swarm_trains_and_leaves_nothing_behind(swarm_harness):
     losses = [loss for _, loss in summary["losses"]]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert first - last > LOSS_DROP, f"loss went from {first:.3f} to {last:.3f}"
+    # head and body1 each run one backward per micro-batch: on the graph their forward kept, unless the
+    # stage stepped in between (then the worker answers "graph gone" and the inputs are sent again)
+    backwards = summary["kept_graph_backwards"] + summary["recomputed_backwards"]
+    assert backwards == 2 * STEPS and summary["kept_graph_backwards"] > 0, summary
+    assert summary["graph_resends"] <= summary["recomputed_backwards"]
 
     assert swarm.stop() == []
     assert ports_in_use(ports) == set(), "ports still bound after shutdown"

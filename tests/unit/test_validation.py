@@ -6,7 +6,7 @@ import torch
 from agora_server.models import StageKind
 from agora_server.server.validation import BadRequest, RequestLimits, StageSignature
 from agora_server.tensor_stream import PayloadError, deserialize, serialize
-from agora_server.wire import Rpc, id_slots, pack_boundary, unpack_boundary
+from agora_server.wire import GraphUse, Rpc, id_slots, pack_boundary, unpack_boundary
 
 VOCAB, WIDTH = 100, 16
 LIMITS = RequestLimits(max_batch_size=4, max_seq_len=32, max_request_bytes=16 * 1024)
@@ -150,3 +150,17 @@ def test_token_ids_cross_any_wire_dtype_bit_exactly():
         out_values, out_ids = unpack_boundary(received, 3)
         assert torch.equal(out_ids, ids), dtype
         assert torch.equal(out_values, values.to(dtype))
+
+
+@pytest.mark.parametrize("kind", [StageKind.HEAD, StageKind.BODY])
+def test_a_backward_on_a_kept_graph_carries_the_gradient_alone_and_is_checked_as_strictly(kind):
+    named = signature(kind).validate(Rpc.BACKWARD, [torch.randn(2, 8, WIDTH)], GraphUse.KEPT)
+    assert set(named) == {"grad"}
+    with pytest.raises(BadRequest, match="takes 1 tensors"):
+        signature(kind).validate(Rpc.BACKWARD, good(kind, Rpc.BACKWARD), GraphUse.KEPT)
+    with pytest.raises(BadRequest, match="NaN or Inf"):
+        signature(kind).validate(Rpc.BACKWARD, [torch.full((2, 8, WIDTH), float("nan"))], GraphUse.KEPT)
+    with pytest.raises(BadRequest, match="expected \\[2, 8, 16\\]"):
+        signature(kind).validate(Rpc.BACKWARD, [torch.randn(2, 8, WIDTH + 1)], GraphUse.KEPT)
+    with pytest.raises(BadRequest, match="batch size 5"):
+        signature(kind).validate(Rpc.BACKWARD, [torch.randn(5, 8, WIDTH)], GraphUse.KEPT)

@@ -20,6 +20,15 @@ cross exactly. ``grad`` and ``grad_boundary`` are [B, T, width]: gradients need 
 The tail's backward runs its forward too (there is no separate tail forward in training):
 ``loss_weights`` is ∂L/∂loss[b, t], set by the trainer, and the per-token loss comes back
 with the boundary gradient.
+
+A head or body worker keeps the autograd graph of a training forward (``GraphUse.KEEP``) under the
+caller, the trainer's session and the micro-batch, so that the backward need not run the forward
+again. A backward sent with ``GraphUse.KEPT`` carries the gradient alone:
+
+    backward head/body, kept graph: grad                → as above, or GRAPH_GONE (send the inputs)
+
+A backward sent with its inputs (``GraphUse.NONE``) uses the kept graph when the worker still has
+it and recomputes the forward otherwise; either way the answer says which (``ResponseStatus.graph``).
 """
 
 from __future__ import annotations
@@ -40,7 +49,48 @@ class Rpc(str, Enum):
     BACKWARD = "backward"
 
 
-def request_fields(kind: StageKind, rpc: Rpc) -> tuple[str, ...]:
+class GraphUse(str, Enum):
+    """What a request does with the autograd graph of its micro-batch's forward on the worker."""
+
+    NONE = "none"
+    """Forward: evaluation, nothing is kept. Backward: the stage's inputs come with the gradient; the
+    worker uses the graph it kept for the micro-batch if it has one, and recomputes the forward if not."""
+    KEEP = "keep"
+    """Forward of a training micro-batch (head or body): keep its graph for the backward."""
+    KEPT = "kept"
+    """Backward with the gradient alone (head or body): run it on the kept graph, or answer GRAPH_GONE."""
+
+
+GRAPH_GONE = "graph gone"
+"""How a worker's answer starts when a ``GraphUse.KEPT`` backward finds no graph (the worker restarted,
+the graph timed out, did not fit, or the weights stepped since): the caller sends the inputs again."""
+
+
+class BackwardGraph(str, Enum):
+    """How a head or body worker ran a backward: the answer's ``graph``."""
+
+    KEPT = "kept"
+    """On the graph its forward kept: one forward and one backward for the micro-batch."""
+    RECOMPUTED = "recomputed"
+    """It ran the forward again from the inputs sent with the backward."""
+
+
+def graph_use_error(kind: StageKind, rpc: Rpc, graph: GraphUse) -> str | None:
+    """Why a request may not use ``graph`` this way (None: it may). The tail keeps nothing: its
+    backward runs its forward in the same call."""
+    if graph is GraphUse.NONE:
+        return None
+    if kind is StageKind.TAIL:
+        return f"the tail keeps no graph (graph use {graph.value!r}): its backward takes its inputs"
+    expected = Rpc.FORWARD if graph is GraphUse.KEEP else Rpc.BACKWARD
+    if rpc is not expected:
+        return f"graph use {graph.value!r} is for a {expected.value}, not a {rpc.value}"
+    return None
+
+
+def request_fields(kind: StageKind, rpc: Rpc, graph: GraphUse = GraphUse.NONE) -> tuple[str, ...]:
+    if graph is GraphUse.KEPT:
+        return ("grad",)
     fields = ["tokens" if kind is StageKind.HEAD else "boundary"]
     if kind is StageKind.TAIL:
         fields.append("labels")
@@ -67,18 +117,31 @@ class RequestMeta:
     microbatch: int = -1
     access: str = ""
     """The caller's access token; a run with a coordinator refuses requests without a valid one."""
+    graph: GraphUse = GraphUse.NONE
+    session: str = ""
+    """Set by the trainer once per run of it, so that a restarted trainer's micro-batch numbers never
+    meet the graphs its previous run left on a worker."""
 
     def pack(self) -> bytes:
-        return msgpack.packb({"run": self.run, "stage": self.stage, "rpc": self.rpc.value, "mb": self.microbatch, "access": self.access})
+        return msgpack.packb({"run": self.run, "stage": self.stage, "rpc": self.rpc.value, "mb": self.microbatch, "access": self.access,
+                              "graph": self.graph.value, "session": self.session})
 
     @classmethod
     def unpack(cls, raw: bytes) -> "RequestMeta":
         try:
             data = msgpack.unpackb(raw)
-            return cls(run=str(data["run"]), stage=str(data["stage"]), rpc=Rpc(data["rpc"]), microbatch=int(data["mb"]),
-                       access=str(data.get("access", "")))
+            meta = cls(run=str(data["run"]), stage=str(data["stage"]), rpc=Rpc(data["rpc"]), microbatch=int(data["mb"]),
+                       access=str(data.get("access", "")), graph=GraphUse(data.get("graph", GraphUse.NONE.value)),
+                       session=str(data.get("session", "")))
         except Exception as e:
             raise ValueError(f"malformed request metadata ({type(e).__name__})") from None
+        if len(meta.session) > MAX_SESSION_CHARS:
+            raise ValueError(f"session of {len(meta.session)} characters exceeds {MAX_SESSION_CHARS}")
+        return meta
+
+
+MAX_SESSION_CHARS = 64
+"""A trainer's session id is 16 hex digits; a worker keeps it with each graph, so it is bounded."""
 
 
 _ID_BYTES = 4
@@ -107,28 +170,52 @@ def gradient_to_wire(tensors, wire_dtype: torch.dtype) -> list[torch.Tensor]:
     return [t.to(wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in tensors]
 
 
-def pack_ok() -> bytes:
-    return msgpack.packb({"ok": True})
+def pack_ok(graph: BackwardGraph | None = None, kept: bool = False) -> bytes:
+    """``graph``: how a head or body worker ran a backward (None for a forward or the tail's backward);
+    ``kept``: a training forward's graph was kept for its backward."""
+    answer: dict = {"ok": True}
+    if graph is not None:
+        answer["graph"] = graph.value
+    if kept:
+        answer["kept"] = True
+    return msgpack.packb(answer)
 
 
 def pack_error(message: str) -> bytes:
     return msgpack.packb({"error": message})
 
 
-def unpack_response_error(raw: bytes) -> str | None:
-    """None for a successful answer, else why it failed. Every answer starts with a status:
-    an empty one means the stream closed before the worker replied (e.g. it died)."""
+@dataclasses.dataclass(frozen=True)
+class ResponseStatus:
+    error: str | None
+    """None for a successful answer, else why it failed."""
+    graph: BackwardGraph | None = None
+    kept: bool = False
+    """A training forward's graph waits on the worker: send the backward there with the gradient alone."""
+
+
+def unpack_response(raw: bytes) -> ResponseStatus:
+    """Every answer starts with a status: an empty one means the stream closed before the worker
+    replied (e.g. it died)."""
     if not raw:
-        return "failed: the connection closed before the worker answered"
+        return ResponseStatus("failed: the connection closed before the worker answered")
     try:
         data = msgpack.unpackb(raw)
     except Exception:
-        return "failed: malformed response metadata"
+        return ResponseStatus("failed: malformed response metadata")
     if not isinstance(data, dict):
-        return "failed: malformed response metadata"
-    if data.get("ok") is True:
-        return None
-    return str(data.get("error", "failed: answer without a status"))
+        return ResponseStatus("failed: malformed response metadata")
+    if data.get("ok") is not True:
+        return ResponseStatus(str(data.get("error", "failed: answer without a status")))
+    try:
+        return ResponseStatus(None, BackwardGraph(data["graph"]) if "graph" in data else None, data.get("kept") is True)
+    except ValueError:
+        return ResponseStatus("failed: malformed response metadata")
+
+
+def unpack_response_error(raw: bytes) -> str | None:
+    """None for a successful answer, else why it failed."""
+    return unpack_response(raw).error
 
 
 class ServerPhase(str, Enum):

@@ -47,6 +47,10 @@ class ActivationMeter(TorchDispatchMode):
         serial, size = self._alive.pop(key)
         self._timeline.append((serial, -size))
 
+    def alive(self) -> int:
+        """Bytes of the storages created while active that are still alive now."""
+        return sum(size for _, size in self._alive.values())
+
     def peak(self, gradients: Iterable[torch.Tensor] = ()) -> int:
         """The most bytes alive at once, leaving out the storages of ``gradients`` (tensors that were
         created while the meter watched, e.g. the ``.grad`` of every parameter after a backward)."""

@@ -44,6 +44,9 @@ class MasterWeights:
         module.to(device)  # buffers, and the params when they are their own masters
         self.sums = [torch.zeros(p.shape, dtype=torch.float32, device=device) for p in self.params]
         self.batches = 0
+        self.version = 0
+        """Counts the changes of the weights the model computes with: every change (a step, an averaging
+        round, a load) ends with ``push``. A graph kept from a forward runs only on its own version."""
 
     @property
     def named_masters(self) -> list[tuple[str, torch.Tensor]]:
@@ -96,7 +99,8 @@ class MasterWeights:
 
     def push(self) -> None:
         """Copy the masters into the weights the model computes with (after a step, an averaging
-        round or a load); nothing to do where they are the same tensors."""
+        round or a load); nothing to copy where they are the same tensors."""
+        self.version += 1
         if self.masters is self.params:
             return
         with torch.no_grad():

@@ -3,7 +3,7 @@
 - ``config.py``     TrainerConfig, in_flight_limit
 - ``directory.py``  read_stage_records (DHT → StageServerInfo per peer)
 - ``balancer.py``   StageBalancer: earliest expected finish, bans with backoff
-- ``remote.py``     StageCaller, StageRefused, StageCallFailed
+- ``remote.py``     StageCaller, StageAnswer, StageRefused, StageCallFailed, StageGraphGone
 - ``trainer.py``    PipelineTrainer (micro-batches in flight, retries, Ledger), TrainerSummary
 """
 

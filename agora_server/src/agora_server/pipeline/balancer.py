@@ -81,6 +81,13 @@ class StageBalancer:
         self.peers[best].inflight_tokens += tokens
         return best
 
+    def claim(self, peer_id: str, tokens: int) -> bool:
+        """Give a task to this worker (the one that holds what the task needs) if it is usable now."""
+        if peer_id not in self.usable():
+            return False
+        self.peers[peer_id].inflight_tokens += tokens
+        return True
+
     def succeeded(self, peer_id: str, tokens: int, elapsed: float) -> None:
         state = self._release(peer_id, tokens)
         state.consecutive_failures = 0

@@ -3,13 +3,16 @@
 Two kinds of failure are kept apart: ``StageRefused`` (the worker judged the request bad) and
 ``StageCallFailed`` (timeout, lost connection, worker error or an implausible answer). The trainer
 bans the worker and retries elsewhere on both: only the reason it drops a micro-batch with differs,
-since a worker that refuses what its stage's other workers serve is the one at fault.
+since a worker that refuses what its stage's other workers serve is the one at fault. A third answer,
+``StageGraphGone``, is no failure: a backward sent without its inputs found no kept graph, and the
+trainer sends the inputs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 import torch
@@ -20,6 +23,9 @@ from agora_server.access import PeerAccess
 from agora_server.models.config import StageKind
 from agora_server.tensor_stream import PayloadError, collect, deserialize, payload_sizes, serialize
 from agora_server.wire import (
+    GRAPH_GONE,
+    BackwardGraph,
+    GraphUse,
     RequestMeta,
     Rpc,
     gradient_to_wire,
@@ -27,7 +33,7 @@ from agora_server.wire import (
     id_slots,
     response_fields,
     unpack_boundary,
-    unpack_response_error,
+    unpack_response,
 )
 
 
@@ -37,6 +43,19 @@ class StageRefused(Exception):
 
 class StageCallFailed(Exception):
     """The call did not produce a usable answer."""
+
+
+class StageGraphGone(Exception):
+    """A backward sent without its inputs (``GraphUse.KEPT``) found no graph on the worker."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageAnswer:
+    outputs: list[torch.Tensor]
+    graph: BackwardGraph | None
+    """How a head or body worker ran a backward (None for a forward or the tail's backward)."""
+    kept: bool = False
+    """The worker kept the graph of this training forward for its backward."""
 
 
 class StageCaller:
@@ -60,7 +79,13 @@ class StageCaller:
         """Bytes of the tensors that would cross a stage boundary in a stage-to-stage deployment:
         "forward" for boundaries (activations + ids), "backward" for their gradients."""
 
-    async def call(
+    async def call(self, peer_id: str, stage: str, kind: StageKind, rpc: Rpc, tensors: Sequence[torch.Tensor], *,
+                   timeout: float, microbatch: int = -1) -> list[torch.Tensor]:
+        """The answer's tensors (see ``request``)."""
+        answer = await self.request(peer_id, stage, kind, rpc, tensors, timeout=timeout, microbatch=microbatch)
+        return answer.outputs
+
+    async def request(
         self,
         peer_id: str,
         stage: str,
@@ -70,8 +95,14 @@ class StageCaller:
         *,
         timeout: float,
         microbatch: int = -1,
-    ) -> list[torch.Tensor]:
-        meta = RequestMeta(run=self.run, stage=stage, rpc=rpc, microbatch=microbatch, access=self.access.token if self.access else "")
+        graph: GraphUse = GraphUse.NONE,
+        session: str = "",
+        batch_shape: torch.Size | None = None,
+    ) -> StageAnswer:
+        """``batch_shape``: the micro-batch's [B, T] where ``tensors`` do not start with it (a backward
+        that carries only the gradient still does)."""
+        meta = RequestMeta(run=self.run, stage=stage, rpc=rpc, microbatch=microbatch, access=self.access.token if self.access else "",
+                           graph=graph, session=session)
         wire = gradient_to_wire(tensors, self.wire_dtype)
         try:
             metadata, parts = await asyncio.wait_for(self._exchange(PeerID.from_base58(peer_id), rpc, meta, wire), timeout)
@@ -80,18 +111,20 @@ class StageCaller:
         except Exception as e:  # unreachable peer, broken stream, oversized answer: p2pd has its own error types
             raise StageCallFailed(f"{type(e).__name__}: {e}") from None
 
-        error = unpack_response_error(metadata)
-        if error is not None:
-            raise (StageRefused if error.startswith("refused") else StageCallFailed)(error)
+        status = unpack_response(metadata)
+        if status.error is not None:
+            if status.error.startswith(GRAPH_GONE):
+                raise StageGraphGone(status.error)
+            raise (StageRefused if status.error.startswith("refused") else StageCallFailed)(status.error)
         try:
             outputs = deserialize(parts)
         except PayloadError as e:
             raise StageCallFailed(f"undecodable answer: {e}") from None
-        self._check_outputs(kind, rpc, tensors[0].shape, outputs)
+        self._check_outputs(kind, rpc, batch_shape or tensors[0].shape, outputs)
         for name, size in zip(response_fields(kind, rpc), payload_sizes(parts)):
             if name in ("boundary", "grad_boundary"):
                 self.boundary_bytes[rpc.value] += size
-        return outputs
+        return StageAnswer(outputs, status.graph, status.kept)
 
     async def _exchange(self, peer: PeerID, rpc: Rpc, meta: RequestMeta, tensors: Sequence[torch.Tensor]):
         parts = serialize(tensors)

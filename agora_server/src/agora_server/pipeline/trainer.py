@@ -3,8 +3,12 @@
 Several micro-batches are in flight at once, so every stage has work (an asynchronous
 pipeline: workers step on their own, gradients may be slightly stale). Each stage call goes
 to the worker with the earliest expected finish; a worker that fails or times out is banned
-and the call is retried on another one. Backward re-runs the forward on the worker, so any
-worker of a stage can take it. Every micro-batch ends in the ledger as completed or as
+and the call is retried on another one. A head or body worker keeps the graph of a forward when
+its backward is expected before the stage's next step and says so in its answer; the backward
+then goes to that worker with the gradient alone. When no worker kept the graph, that worker is
+gone, or it answers that it no longer holds the graph, the backward is sent with the stage's
+inputs (to that worker, or to any of the stage), and the worker runs the forward again.
+The ledger counts both kinds. Every micro-batch ends in the ledger as completed or as
 dropped with a reason: nothing is lost silently (micro-batches abandoned because the trainer was
 told to stop count as ``cancelled``, not as failures). When a stage has no usable worker left, the
 trainer pauses (sends nothing new) until one returns, rather than feeding micro-batches that
@@ -21,6 +25,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 
@@ -34,7 +39,7 @@ from agora_server.pipeline.balancer import StageBalancer
 from agora_server.pipeline.config import TrainerConfig
 from agora_server.pipeline.directory import read_stage_records
 from agora_server.caller_text import clip
-from agora_server.pipeline.remote import StageCaller, StageCallFailed, StageRefused
+from agora_server.pipeline.remote import StageAnswer, StageCaller, StageCallFailed, StageGraphGone, StageRefused
 from agora_server.telemetry.events import (
     EventBus,
     MicroBatchCompleted,
@@ -48,7 +53,7 @@ from agora_server.telemetry.events import (
     WaitingForStages,
     WorkerBanned,
 )
-from agora_server.wire import Rpc
+from agora_server.wire import BackwardGraph, GraphUse, Rpc
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,12 @@ class Ledger:
     completed: int = 0
     retried: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    kept_graph_backwards: int = 0
+    """Head and body backwards that ran on the graph their forward kept."""
+    recomputed_backwards: int = 0
+    """Head and body backwards whose worker ran the forward again."""
+    graph_resends: int = 0
+    """Backwards sent again with their inputs after the worker answered that the graph was gone."""
 
     @property
     def in_flight(self) -> int:
@@ -130,6 +141,9 @@ class TrainerSummary:
     boundary_bytes: dict[str, int]
     """Bytes of stage-boundary activations ("forward") and their gradients ("backward") received,
     over all stage boundaries; divide by tokens and by (stages − 1) for bytes per token per boundary."""
+    kept_graph_backwards: int = 0
+    recomputed_backwards: int = 0
+    graph_resends: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,6 +195,9 @@ class PipelineTrainer:
         self._last_completion = 0.0
         self._longest_stall = 0.0
         self._caller: StageCaller | None = None
+        # with the micro-batch number, what a worker keeps a graph under: a restarted trainer's numbers
+        # start again, its session does not
+        self.session = secrets.token_hex(8)
         self._directory_updated: asyncio.Event | None = None
         self._stopping = asyncio.Event()
 
@@ -238,13 +255,27 @@ class PipelineTrainer:
 
     # --- one stage call with retries --------------------------------------------------
 
-    async def _call_stage(self, spec: StageSpec, rpc: Rpc, tensors: list[torch.Tensor], microbatch: int) -> list[torch.Tensor]:
-        balancer, tokens = self.balancers[spec.name], tensors[0].numel()
+    async def _call_stage(self, spec: StageSpec, rpc: Rpc, tensors: list[torch.Tensor], microbatch: int, *,
+                          graph: GraphUse = GraphUse.NONE, kept_on: str | None = None) -> tuple[StageAnswer, str]:
+        """The answer of a worker of the stage, and which worker gave it. ``kept_on``: for a backward, the
+        worker that kept the micro-batch's graph, asked first with the gradient (``tensors[-1]``) alone."""
+        balancer, batch_shape = self.balancers[spec.name], tensors[0].shape[:2]
+        tokens = batch_shape.numel()
         tried: list[str] = []
-        waited_since: float | None = None
         refused = False
+        resend_to: str | None = None
+        if kept_on is not None and balancer.claim(kept_on, tokens):
+            try:
+                return await self._attempt(spec, kept_on, rpc, [tensors[-1]], microbatch, GraphUse.KEPT, batch_shape), kept_on
+            except StageGraphGone:  # alive and answering: the inputs go to it
+                self.ledger.graph_resends += 1
+                resend_to = kept_on if balancer.claim(kept_on, tokens) else None
+            except (StageRefused, StageCallFailed) as e:
+                refused = self._ban(spec, kept_on, tokens, e)
+                tried.append(kept_on)
+        waited_since: float | None = None
         for attempt in range(self.config.max_attempts):
-            peer = balancer.choose(tokens, exclude=tried)
+            peer, resend_to = resend_to or balancer.choose(tokens, exclude=tried), None
             while peer is None:  # nobody serves this stage right now: wait for one to (re)appear
                 waited_since = waited_since or time.monotonic()
                 # a stopping trainer drains what can finish; waiting for a stage to come back is not that
@@ -254,44 +285,67 @@ class PipelineTrainer:
                     raise MicroBatchDroppedError(f"no_worker:{spec.name}")
                 await self._wait_for_directory_update(self.config.refresh_period * 2)
                 peer = balancer.choose(tokens, exclude=tried)
-            if attempt:
+            if attempt or tried:
                 self.ledger.retried += 1
-            started = time.perf_counter()
             try:
-                outputs = await self._caller.call(
-                    peer, spec.name, spec.kind, rpc, tensors, timeout=self.config.request_timeout, microbatch=microbatch
-                )
+                return await self._attempt(spec, peer, rpc, tensors, microbatch, graph, batch_shape), peer
             except (StageRefused, StageCallFailed) as e:
                 # a refusal is judged like a failure: an honest worker refuses only a malformed request,
                 # which every worker of the stage then refuses too; one that refuses what others serve
                 # would otherwise draw every micro-batch and drop it
-                refused = isinstance(e, StageRefused)
-                seconds = balancer.failed(peer, tokens)
-                self.events.emit(WorkerBanned(stage=spec.name, peer_id=peer, seconds=seconds, reason=clip(str(e))))
+                refused = self._ban(spec, peer, tokens, e)
                 tried.append(peer)
-                continue
-            balancer.succeeded(peer, tokens, time.perf_counter() - started)
-            return outputs
         raise MicroBatchDroppedError(f"{'refused' if refused else 'failed'}:{spec.name}")
+
+    async def _attempt(self, spec: StageSpec, peer: str, rpc: Rpc, tensors: list[torch.Tensor], microbatch: int,
+                       graph: GraphUse, batch_shape: torch.Size) -> StageAnswer:
+        """One request to ``peer``, whose balancer already counts it; a failure is the caller's to judge."""
+        balancer, tokens = self.balancers[spec.name], batch_shape.numel()
+        started = time.perf_counter()
+        try:
+            answer = await self._caller.request(peer, spec.name, spec.kind, rpc, tensors, timeout=self.config.request_timeout,
+                                                microbatch=microbatch, graph=graph, session=self.session, batch_shape=batch_shape)
+        except StageGraphGone as e:
+            if graph is not GraphUse.KEPT:  # a request with its inputs needs no graph: that answer is a fault
+                raise StageCallFailed(str(e)) from None
+            balancer.released(peer, tokens)
+            raise
+        balancer.succeeded(peer, tokens, time.perf_counter() - started)
+        if answer.graph is BackwardGraph.KEPT:
+            self.ledger.kept_graph_backwards += 1
+        elif answer.graph is BackwardGraph.RECOMPUTED:
+            self.ledger.recomputed_backwards += 1
+        return answer
+
+    def _ban(self, spec: StageSpec, peer: str, tokens: int, error: Exception) -> bool:
+        """Ban a worker whose call failed; True if it refused the request."""
+        seconds = self.balancers[spec.name].failed(peer, tokens)
+        self.events.emit(WorkerBanned(stage=spec.name, peer_id=peer, seconds=seconds, reason=clip(str(error))))
+        return isinstance(error, StageRefused)
 
     # --- one micro-batch ----------------------------------------------------------------
 
     async def run_microbatch(self, microbatch: int, tokens: torch.Tensor, labels: torch.Tensor) -> float:
         """Forward and backward through every stage; returns the mean token loss."""
         *front, tail = self.stages
+        # the inputs stay here until the backward: a worker that lost the graph needs them again
         stage_inputs: list[list[torch.Tensor]] = []
+        kept_by: list[str | None] = []  # the worker that kept each stage's graph (None: none did)
         boundary: torch.Tensor | None = None
         for spec in front:
             inputs = [tokens] if spec.kind is StageKind.HEAD else [boundary]
             stage_inputs.append(inputs)
-            (boundary,) = await self._call_stage(spec, Rpc.FORWARD, inputs, microbatch)
+            answer, peer = await self._call_stage(spec, Rpc.FORWARD, inputs, microbatch, graph=GraphUse.KEEP)
+            (boundary,) = answer.outputs
+            kept_by.append(peer if answer.kept else None)
 
         valid = (labels != -100).float()
         loss_weights = valid / valid.sum().clamp(min=1.0)
-        grad, per_token_loss = await self._call_stage(tail, Rpc.BACKWARD, [boundary, labels, loss_weights], microbatch)
-        for spec, inputs in zip(reversed(front), reversed(stage_inputs)):
-            outputs = await self._call_stage(spec, Rpc.BACKWARD, [*inputs, grad], microbatch)
-            grad = outputs[0] if outputs else None
+        answer, _ = await self._call_stage(tail, Rpc.BACKWARD, [boundary, labels, loss_weights], microbatch)
+        grad, per_token_loss = answer.outputs
+        for spec, inputs, peer in zip(reversed(front), reversed(stage_inputs), reversed(kept_by)):
+            answer, _ = await self._call_stage(spec, Rpc.BACKWARD, [*inputs, grad], microbatch, kept_on=peer)
+            grad = answer.outputs[0] if answer.outputs else None
         return float((per_token_loss.float() * loss_weights).sum())
 
     async def _run_and_account(self, microbatch: int, batch: StreamBatch) -> None:
@@ -330,8 +384,8 @@ class PipelineTrainer:
         boundary: torch.Tensor | None = None
         for spec in front:
             inputs = [tokens] if spec.kind is StageKind.HEAD else [boundary]
-            (boundary,) = await self._call_stage(spec, Rpc.FORWARD, inputs, -1)
-        (per_token_loss,) = await self._call_stage(tail, Rpc.FORWARD, [boundary, labels], -1)
+            (boundary,) = (await self._call_stage(spec, Rpc.FORWARD, inputs, -1))[0].outputs
+        (per_token_loss,) = (await self._call_stage(tail, Rpc.FORWARD, [boundary, labels], -1))[0].outputs
         valid = labels != -100
         return float((per_token_loss.float() * valid).sum()), int(valid.sum())
 
@@ -436,6 +490,9 @@ class PipelineTrainer:
             bytes_sent=dict(self._caller.bytes_sent),
             bytes_received=dict(self._caller.bytes_received),
             boundary_bytes=dict(self._caller.boundary_bytes),
+            kept_graph_backwards=self.ledger.kept_graph_backwards,
+            recomputed_backwards=self.ledger.recomputed_backwards,
+            graph_resends=self.ledger.graph_resends,
         )
         first = [loss for _, loss in self.losses[: self.config.report_every]]
         self.events.emit(
@@ -452,6 +509,9 @@ class PipelineTrainer:
                 stopped=summary.stopped,
                 seconds=summary.seconds,
                 tokens=summary.tokens,
+                kept_graph_backwards=summary.kept_graph_backwards,
+                recomputed_backwards=summary.recomputed_backwards,
+                graph_resends=summary.graph_resends,
             )
         )
         return summary
@@ -495,6 +555,9 @@ class PipelineTrainer:
                 stages_total=len(self.stages),
                 workers=workers,
                 cancelled=self.ledger.cancelled,
+                kept_graph_backwards=self.ledger.kept_graph_backwards,
+                recomputed_backwards=self.ledger.recomputed_backwards,
+                graph_resends=self.ledger.graph_resends,
             )
         )
         return now, self.tokens_done, self.ledger.completed

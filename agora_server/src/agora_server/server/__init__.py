@@ -3,6 +3,7 @@
 - ``config.py``      ServerConfig
 - ``validation.py``  StageSignature.validate, BadRequest, RequestLimits
 - ``backend.py``     StageBackend: the module, its optimizer, forward/backward, counters
+- ``kept_graphs.py`` KeptGraphs: the graphs of training forwards kept for their backward (bounded, timed out)
 - ``checkpoint.py``  save_checkpoint / load_checkpoint (atomic, read back before it replaces, keeps the previous
                      good file; at most FILES_AT_ONCE checkpoint-sized files per identity)
 - ``handler.py``     StageServicer: rpc_forward, rpc_backward, rpc_info

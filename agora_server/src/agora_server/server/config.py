@@ -10,6 +10,23 @@ from agora_server.optim.config import OptimizerConfig
 from agora_server.telemetry.health import HealthConfig
 
 
+class KeptGraphsConfig(BaseModel):
+    """The autograd graphs a head or body worker keeps between a micro-batch's forward and its backward."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_graphs: int = Field(32, ge=0)
+    """Micro-batches whose graph a worker holds at once. A forward beyond it is served without keeping
+    one, and its backward runs the forward again. Keep it at least the trainers' micro-batches in flight
+    together; 0 keeps none (every backward recomputes, as before graphs were kept)."""
+    max_bytes: int | None = Field(None, gt=0)
+    """Bytes the kept graphs may hold together. None: on a GPU what the memory plan leaves beside one
+    micro-batch's peak; on a CPU no byte limit (``max_graphs`` still bounds them)."""
+    timeout: float = Field(120.0, gt=0)
+    """Seconds a graph waits for its backward before it is freed (its trainer gave up or is gone). Above
+    the trainer's ``request_timeout``, which bounds each call of the micro-batch's way there and back."""
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -26,6 +43,7 @@ class ServerConfig(BaseModel):
     """Compute dtype, where master weights and optimizer state live, activation checkpointing, the
     loss's chunking. ``agora_cli.py memory-plan`` shows what the choice costs on a GPU."""
     averaging: AveragingConfig = AveragingConfig()
+    kept_graphs: KeptGraphsConfig = KeptGraphsConfig()
     announce_period: float = Field(10.0, gt=0)
     """Seconds between DHT announcements; records expire after twice this."""
     progress_interval: float = Field(60.0, gt=0)

@@ -4,6 +4,8 @@ Both training RPCs stream in both directions, so activations of any size fit und
 message cap. A refused or failed request is answered with an error in the response metadata
 (never a dropped stream), and the handler goes on serving. In a run with a coordinator the
 training RPCs serve only trainers holding a valid access token issued to their own peer id.
+A training forward's graph is kept under the caller's peer id, its session and micro-batch
+(``wire.GraphUse``); a backward that asks for it and finds none is answered ``GRAPH_GONE``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from hivemind.proto import runtime_pb2
 
 from agora_server.access import TRAINER, AccessGuard, AccessTokenError
 from agora_server.caller_text import clip
-from agora_server.server.backend import MicroBatchOutOfMemory, StageBackend
+from agora_server.server.backend import GraphGone, MicroBatchOutOfMemory, StageBackend
+from agora_server.server.kept_graphs import GraphKey
 from agora_server.tensor_stream import PayloadError, collect, deserialize, discard, serialize
 from agora_server.server.validation import BadRequest, StageSignature
 from agora_server.telemetry.events import ComputeFailed, Event, RequestRefused
 from agora_server.models.config import StageKind
-from agora_server.wire import RequestMeta, Rpc, gradient_to_wire, pack_boundary, pack_error, pack_ok
+from agora_server.wire import GraphUse, RequestMeta, Rpc, gradient_to_wire, graph_use_error, pack_boundary, pack_error, pack_ok
 
 logger = logging.getLogger(__name__)
 
@@ -91,26 +94,35 @@ class StageServicer(ServicerBase):
                 del self._open_streams[caller]
 
     async def _serve_one(self, rpc: Rpc, requests, caller: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        checked: list[RequestMeta] = []
         try:
             # who calls, and for what, is checked on the first message: a stranger's stream is refused
             # before its tensors are read, and nobody's is read past the request limit
             metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes,
-                                                      check_metadata=lambda meta: self._check_meta(rpc, meta, caller))
+                                                      check_metadata=lambda meta: checked.append(self._check_meta(rpc, meta, caller)))
             self.bytes_received[rpc.value] += received
-            inputs = self.signature.validate(rpc, deserialize(parts))
+            (meta,) = checked
+            inputs = self.signature.validate(rpc, deserialize(parts), meta.graph)
         except (BadRequest, PayloadError) as e:
-            self.refused[rpc.value] += 1
-            reason = clip(str(e))  # it may quote what the caller sent
-            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=caller, reason=reason))
-            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {reason}"))
+            yield self._refusal(rpc, caller, e)
             # read what the caller still sends, holding none of it, so that the refusal reaches it rather
             # than a stream closed under its writes; no further than an accepted request could go
             await discard(requests, self.signature.limits.max_request_bytes)
             return
 
-        compute = self.backend.forward if rpc is Rpc.FORWARD else self.backend.backward
+        key = GraphKey(caller, meta.session, meta.microbatch)
+        if rpc is Rpc.FORWARD:
+            compute = lambda: self.backend.forward_keeping(inputs, key if meta.graph is GraphUse.KEEP else None)  # noqa: E731
+        else:
+            compute = lambda: self.backend.backward_graph(inputs, key)  # noqa: E731
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self.executor, compute, inputs)
+            outputs, how = await asyncio.get_running_loop().run_in_executor(self.executor, compute)
+        except GraphGone as e:  # not a failure: the caller sends the inputs with its next try
+            yield runtime_pb2.ExpertResponse(metadata=pack_error(str(e)))
+            return
+        except BadRequest as e:  # a gradient that does not fit the kept graph
+            yield self._refusal(rpc, caller, e)
+            return
         except MicroBatchOutOfMemory as e:
             self.emit(ComputeFailed(stage=self.stage, rpc=rpc.value, error=str(e), cuda=False, out_of_memory=True))
             yield runtime_pb2.ExpertResponse(metadata=pack_error(f"failed: {e}"))
@@ -121,19 +133,26 @@ class StageServicer(ServicerBase):
             yield runtime_pb2.ExpertResponse(metadata=pack_error(f"failed: {type(e).__name__}: {e}"))
             return
 
-        parts = serialize(self._to_wire(rpc, outputs, inputs["tokens"]))
+        parts = serialize(self._to_wire(rpc, outputs, inputs.get("tokens")))
         self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
         # the status travels first, so even the head's backward (no tensors) gets a definite answer
-        yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=pack_ok())
+        status = pack_ok(kept=how) if rpc is Rpc.FORWARD else pack_ok(graph=how)
+        yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=status)
         for part in parts[1:]:
             yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    def _refusal(self, rpc: Rpc, caller: str, error: Exception) -> runtime_pb2.ExpertResponse:
+        self.refused[rpc.value] += 1
+        reason = clip(str(error))  # it may quote what the caller sent
+        self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=caller, reason=reason))
+        return runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {reason}"))
 
     def _to_wire(self, rpc: Rpc, outputs: list, tokens) -> list:
         if rpc is Rpc.FORWARD and self.signature.kind is not StageKind.TAIL:
             return [pack_boundary(outputs[0], tokens, self.wire_dtype)]
         return gradient_to_wire(outputs, self.wire_dtype)
 
-    def _check_meta(self, rpc: Rpc, metadata: bytes, caller: str) -> None:
+    def _check_meta(self, rpc: Rpc, metadata: bytes, caller: str) -> RequestMeta:
         try:
             meta = RequestMeta.unpack(metadata)
         except ValueError as e:
@@ -149,6 +168,10 @@ class StageServicer(ServicerBase):
                 self.guard.check(meta.access, caller, role=TRAINER)
             except AccessTokenError as e:
                 raise BadRequest(f"no access: {e}") from None
+        misuse = graph_use_error(self.signature.kind, rpc, meta.graph)
+        if misuse is not None:
+            raise BadRequest(misuse)
+        return meta
 
 
 def is_cuda_failure(error: BaseException) -> bool:

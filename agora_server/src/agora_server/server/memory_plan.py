@@ -90,6 +90,9 @@ class StagePlan:
     host: HostBytes
     max_batch: int | None = None
     """The largest micro-batch whose peak fits the planned VRAM (None when no VRAM was given)."""
+    kept_graph: int = 0
+    """Bytes one micro-batch's graph holds from its forward to its backward when the worker keeps it
+    (0 for the tail, which keeps none). Beside ``device.peak``: the plan leaves the rest of the card to them."""
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +102,7 @@ class StagePlan:
             "host_gib": round(self.host.total / GIB, 2),
             "max_batch": self.max_batch,
             "activation_checkpointing": self.checkpointing,
+            "kept_graph_gib": round(self.kept_graph / GIB, 3),
             "gpu_breakdown_gib": {k: round(v / GIB, 3) for k, v in dataclasses.asdict(self.device).items()},
             "host_breakdown_gib": {k: round(v / GIB, 3) for k, v in dataclasses.asdict(self.host).items()},
         }
@@ -113,23 +117,52 @@ def meta_stage(model: ModelConfig, spec: StageSpec, boundary: BoundaryConfig, se
     return stage
 
 
+def _forward_with_autograd(stage: PipelineStage, batch: int, seq_len: int, boundary_width: int, dtype: torch.dtype) -> torch.Tensor:
+    device = next(stage.parameters()).device
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    boundary = None
+    if stage.kind is not StageKind.HEAD:
+        boundary = torch.zeros(batch, seq_len, boundary_width, dtype=dtype, device=device, requires_grad=True)
+    return stage(tokens, boundary, tokens if stage.kind is StageKind.TAIL else None)
+
+
 def measure_micro_batch(stage: PipelineStage, batch: int, seq_len: int, boundary_width: int, dtype: torch.dtype) -> int:
     """Peak bytes of one backward request on ``stage`` (its forward with autograd, then its backward),
     inputs included, gradients of the weights excluded. Runs wherever the stage's tensors are."""
-    device = next(stage.parameters()).device
     meter = ActivationMeter()
     with meter:
-        tokens = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
-        boundary = None
-        if stage.kind is not StageKind.HEAD:
-            boundary = torch.zeros(batch, seq_len, boundary_width, dtype=dtype, device=device, requires_grad=True)
-        out = stage(tokens, boundary, tokens if stage.kind is StageKind.TAIL else None)
+        out = _forward_with_autograd(stage, batch, seq_len, boundary_width, dtype)
         out.backward(torch.ones_like(out))
     trained = [p for p in stage.parameters() if p.requires_grad]
     peak = meter.peak(p.grad for p in trained if p.grad is not None)
     for p in trained:
         p.grad = None
     return peak
+
+
+def measure_kept_graph(stage: PipelineStage, batch: int, seq_len: int, boundary_width: int, dtype: torch.dtype) -> int:
+    """Bytes one micro-batch's graph holds between its forward and its backward on a head or body
+    worker that keeps it (``server.kept_graphs``): the input, what autograd saved, the output."""
+    meter = ActivationMeter()
+    with meter:
+        out = _forward_with_autograd(stage, batch, seq_len, boundary_width, dtype)
+        held = meter.alive()
+    del out
+    return held
+
+
+def kept_graph_bytes_per_token(model: ModelConfig, spec: StageSpec, boundary: BoundaryConfig, server: ServerConfig, seed: int) -> float:
+    """What a kept graph holds per token of its micro-batch (measured at one sequence of ``max_seq_len``
+    on the meta device; the activations grow linearly with the tokens)."""
+    stage = meta_stage(model, spec, boundary, server, seed)
+    width = boundary.width(model.hidden_size)
+    return measure_kept_graph(stage, 1, model.max_seq_len, width, server.precision.torch_dtype) / model.max_seq_len
+
+
+def kept_graphs_budget(plan: "StagePlan", vram_bytes: int) -> int:
+    """Device bytes the kept graphs may hold: what the card leaves beside the stage's planned peak (one
+    micro-batch's forward and backward at its largest batch, on top of weights and optimizer)."""
+    return max(0, vram_bytes - DEVICE_RESERVE_BYTES - plan.device.peak)
 
 
 def plan_stage(
@@ -184,7 +217,8 @@ def plan_stage(
     max_batch = None
     if vram_bytes is not None:
         max_batch = _largest_batch(device, vram_bytes - DEVICE_RESERVE_BYTES, activations)
-    return StagePlan(spec.name, spec.layer_indices, params, batch, seq_len, precision.activation_checkpointing, device, host, max_batch)
+    kept = 0 if spec.kind is StageKind.TAIL else measure_kept_graph(stage, batch, seq_len, width, precision.torch_dtype)
+    return StagePlan(spec.name, spec.layer_indices, params, batch, seq_len, precision.activation_checkpointing, device, host, max_batch, kept)
 
 
 def with_checkpointing(server: ServerConfig, checkpointing: bool) -> ServerConfig:

@@ -49,6 +49,7 @@ class WorkerReports:
         counters = self._backend.snapshot()
         resources = sample_resources(self._device)
         averager = self._rounds.averager if self._rounds else None
+        graphs = self._backend.graphs.snapshot() if self._backend.graphs is not None else None
         return WorkerStats(
             stage=self._stage,
             peer_id=self._peer_id,
@@ -65,6 +66,10 @@ class WorkerReports:
             last_group_size=averager.last_group_size if averager else 0,
             bytes_received=dict(self._servicer.bytes_received),
             bytes_sent=dict(self._servicer.bytes_sent),
+            kept_graph_backwards=counters.kept_graph_backwards,
+            recomputed_backwards=counters.recomputed_backwards,
+            graphs_held=graphs.held if graphs else 0,
+            graph_bytes=graphs.bytes if graphs else 0,
             ram_used_percent=resources.ram_used_percent,
             process_rss_bytes=resources.process_rss_bytes,
             vram_allocated_bytes=resources.vram_allocated_bytes,

@@ -14,7 +14,7 @@ import torch
 
 from agora_server.models.config import StageKind
 from agora_server.models.stages import IGNORE_INDEX
-from agora_server.wire import Rpc, id_slots, request_fields, unpack_boundary
+from agora_server.wire import GraphUse, Rpc, id_slots, request_fields, unpack_boundary
 
 FLOAT_WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -39,10 +39,11 @@ class StageSignature:
     boundary_width: int
     limits: RequestLimits
 
-    def validate(self, rpc: Rpc, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def validate(self, rpc: Rpc, tensors: Sequence[torch.Tensor], graph: GraphUse = GraphUse.NONE) -> dict[str, torch.Tensor]:
         """Check a request; return its tensors by name, with a packed boundary split into
-        ``boundary`` (float values) and ``tokens`` (int64 ids)."""
-        fields = request_fields(self.kind, rpc)
+        ``boundary`` (float values) and ``tokens`` (int64 ids). A backward on a kept graph carries
+        ``grad`` alone (its shape against the graph's is the backend's to check)."""
+        fields = request_fields(self.kind, rpc, graph)
         if len(tensors) != len(fields):
             raise BadRequest(
                 f"{self.kind.value} {rpc.value} takes {len(fields)} tensors ({', '.join(fields)}), got {len(tensors)}"
@@ -66,9 +67,10 @@ class StageSignature:
             _check_shape("boundary", packed, (batch, seq, self.boundary_width + id_slots(packed.dtype)))
             named["boundary"], named["tokens"] = unpack_boundary(packed, self.boundary_width)
             _check_finite("boundary", named["boundary"])
-        else:
+        elif "tokens" in named:
             _check_dtype("tokens", named["tokens"], (torch.int64,))
-        _check_token_range("token ids", named["tokens"], self.vocab_size, allow_ignore=False)
+        if "tokens" in named:
+            _check_token_range("token ids", named["tokens"], self.vocab_size, allow_ignore=False)
 
         for name in ("labels", "loss_weights", "grad"):
             if name not in named:

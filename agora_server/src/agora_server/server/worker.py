@@ -19,7 +19,7 @@ import torch
 from hivemind import DHT
 
 from agora_server.access import PeerAccess
-from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageSpec, build_boundary_codec
+from agora_server.models import BoundaryConfig, ModelConfig, PipelineStage, StageKind, StageSpec, build_boundary_codec
 from agora_server.optim import SwarmProgress
 from agora_server.optim.gradient_averaging import GradientAverager
 from agora_server.server.announcer import StageAnnouncer
@@ -29,7 +29,8 @@ from agora_server.server.checkpoint import checkpoint_path
 from agora_server.server.config import ServerConfig
 from agora_server.server.handler import StageServicer
 from agora_server.server.handler_loop import HandlerLoop
-from agora_server.server.memory_plan import plan_stage, with_checkpointing
+from agora_server.server.kept_graphs import KeptGraphs
+from agora_server.server.memory_plan import kept_graph_bytes_per_token, kept_graphs_budget, plan_stage, with_checkpointing
 from agora_server.server.partners import StagePartners
 from agora_server.server.reporting import WorkerReports
 from agora_server.server.resume import OwnCheckpoint
@@ -68,6 +69,9 @@ class StageWorker:
         events.subscribe(self.health)
         self.boundary = boundary
         self.server_config = server = self._plan_memory(model, spec, boundary, server, seed, device)
+        graphs = None
+        if spec.kind is not StageKind.TAIL and server.kept_graphs.max_graphs:
+            graphs = KeptGraphs(server.kept_graphs, self._kept_graphs_bytes, kept_graph_bytes_per_token(model, spec, boundary, server, seed))
         # weights are drawn on the CPU in float32 (they become the master weights, or move to the device);
         # the codec's constants are drawn straight onto the device
         codec = build_boundary_codec(boundary, model, seed, device)
@@ -96,7 +100,7 @@ class StageWorker:
                 raise
         self.backend = StageBackend(
             stage, server, device, emit=events.emit, progress=self.progress, after_epoch=self._after_epoch,
-            gradients=self.gradient_averager,
+            gradients=self.gradient_averager, graphs=graphs,
         )
         self._online_before = self.checkpoint.online_seconds_before
         self._started_at = time.monotonic()
@@ -142,14 +146,19 @@ class StageWorker:
 
     def _plan_memory(self, model: ModelConfig, spec: StageSpec, boundary: BoundaryConfig, server: ServerConfig, seed: int, device: torch.device) -> ServerConfig:
         """On a GPU, the memory plan of this stage for this GPU at the largest request it accepts; it
-        decides activation checkpointing where the run config leaves it to "auto" (a CPU never checkpoints)."""
+        decides activation checkpointing where the run config leaves it to "auto" (a CPU never checkpoints),
+        and the bytes the kept graphs may hold beside the planned peak (``_kept_graphs_bytes``)."""
+        self._kept_graphs_bytes = server.kept_graphs.max_bytes
         if device.type != "cuda":
             return with_checkpointing(server, False) if server.precision.activation_checkpointing == "auto" else server
         vram = torch.cuda.get_device_properties(device).total_memory
         plan = plan_stage(model, spec, boundary, server, seed, model.max_seq_len, server.max_batch_size, vram)
+        if self._kept_graphs_bytes is None:
+            self._kept_graphs_bytes = kept_graphs_budget(plan, vram)
         self.events.emit(MemoryPlanned(
             stage=spec.name, vram_bytes=vram, peak_bytes=plan.device.peak, host_bytes=plan.host.total,
             batch=plan.batch, seq_len=plan.seq_len, checkpointing=plan.checkpointing, max_batch=plan.max_batch,
+            kept_graph_bytes=plan.kept_graph, kept_graphs_bytes=self._kept_graphs_bytes,
         ))
         return with_checkpointing(server, plan.checkpointing)
 
@@ -205,6 +214,7 @@ class StageWorker:
         self.reports.begin()
         while not stop.wait(tick) and self.halted is None:
             self._executor.submit(self.backend.maybe_step)  # on the compute thread: never beside a backward
+            self._executor.submit(self.backend.free_unusable_graphs)
             self.warmup.finish_if_caught_up()
             self.reports.tick()
 

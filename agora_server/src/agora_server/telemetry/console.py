@@ -313,6 +313,9 @@ def _(event: ev.TrainerFinished) -> list[str]:
         line += f"; validation {_arrow(event.validation_first, event.validation_last)}"
     if event.cancelled:
         line += f"; cancelled by the stop: {event.cancelled}"
+    if event.kept_graph_backwards or event.recomputed_backwards:
+        line += (f"; backwards on kept graphs: {event.kept_graph_backwards}, recomputed: {event.recomputed_backwards}"
+                 f" ({event.graph_resends} sent again with their inputs)")
     return [line]
 
 

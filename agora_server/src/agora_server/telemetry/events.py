@@ -41,6 +41,10 @@ class MemoryPlanned(Event):
     checkpointing: bool
     max_batch: int
     """The largest micro-batch this GPU fits; below ``batch``, requests that large will run out of memory."""
+    kept_graph_bytes: int = 0
+    """What one micro-batch's graph holds from its forward to its backward (0: the tail keeps none)."""
+    kept_graphs_bytes: int | None = None
+    """What the kept graphs may hold together beside the peak (None: no byte limit)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,6 +178,13 @@ class WorkerStats(Event):
     bytes_received: dict[str, int]
     bytes_sent: dict[str, int]
     """Per RPC kind (forward, backward, info)."""
+    kept_graph_backwards: int = 0
+    """Backwards (head or body) that ran on the graph their forward kept."""
+    recomputed_backwards: int = 0
+    """Backwards (head or body) that ran their forward again (graph not kept here, freed, or outdated)."""
+    graphs_held: int = 0
+    graph_bytes: int = 0
+    """Estimated bytes the graphs held now keep on the device."""
     ram_used_percent: float
     """System RAM in use, percent (what the RAM health rule compares)."""
     process_rss_bytes: int
@@ -466,6 +477,12 @@ class TrainerReport(Event):
     """Usable workers over all stages."""
     cancelled: int = 0
     """Micro-batches abandoned because the trainer was told to stop (not failures)."""
+    kept_graph_backwards: int = 0
+    """Head and body backwards that ran on the graph their forward kept (sent with the gradient alone)."""
+    recomputed_backwards: int = 0
+    """Head and body backwards whose worker ran the forward again from the inputs sent with them."""
+    graph_resends: int = 0
+    """Backwards sent with the gradient alone, answered that the graph was gone, and sent again with the inputs."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -487,6 +504,10 @@ class TrainerFinished(Event):
     seconds: float = 0.0
     """Training time, from the moment every stage had a worker."""
     tokens: int = 0
+    kept_graph_backwards: int = 0
+    """As in ``TrainerReport``."""
+    recomputed_backwards: int = 0
+    graph_resends: int = 0
 
 
 Subscriber = Callable[[Event], None]

@@ -50,6 +50,9 @@ class MetricsCollector:
                     dropped=sum(event.dropped.values()),
                     retried=event.retried,
                     loss=last.loss if event.final_loss is None else event.final_loss,
+                    kept_graph_backwards=event.kept_graph_backwards,
+                    recomputed_backwards=event.recomputed_backwards,
+                    graph_resends=event.graph_resends,
                 )
 
     def collect(self) -> Iterator[Metric]:
@@ -93,6 +96,13 @@ def worker_metrics(s: ev.WorkerStats) -> Iterator[Metric]:
         for rpc, count in sorted(by_rpc.items()):
             family.add_metric([rpc], count)
         yield family
+    graphs = CounterMetricFamily("agora_backward_graphs", "Head/body backwards by how they ran: on the graph their forward kept, "
+                                 "or recomputing the forward", labels=["graph"])
+    graphs.add_metric(["kept"], s.kept_graph_backwards)
+    graphs.add_metric(["recomputed"], s.recomputed_backwards)
+    yield graphs
+    yield _gauge("agora_kept_graphs", "Micro-batch graphs held for their backward", s.graphs_held)
+    yield _gauge("agora_kept_graph_bytes", "Estimated device bytes the held graphs keep", s.graph_bytes)
     yield _gauge("agora_ram_used_percent", "System RAM in use, percent", s.ram_used_percent)
     yield _gauge("agora_process_rss_bytes", "Resident memory of the worker process", s.process_rss_bytes)
     if s.vram_allocated_bytes is not None:
@@ -107,6 +117,11 @@ def trainer_metrics(r: ev.TrainerReport) -> Iterator[Metric]:
     for outcome, count in (("sent", r.sent), ("completed", r.completed), ("dropped", r.dropped), ("retried", r.retried)):
         micro.add_metric([outcome], count)
     yield micro
+    backwards = CounterMetricFamily("agora_trainer_backwards", "Head/body backwards by how the worker ran them: on the graph "
+                                    "the forward kept, recomputed, or resent with the inputs after the graph was gone", labels=["graph"])
+    for graph, count in (("kept", r.kept_graph_backwards), ("recomputed", r.recomputed_backwards), ("resent", r.graph_resends)):
+        backwards.add_metric([graph], count)
+    yield backwards
 
 
 class MetricsPusher:
