@@ -180,15 +180,14 @@ def test_parts_of_two_different_states_are_caught_by_the_digest_and_the_download
     weights = [torch.randn(1024, 1024), torch.randn(2048, 1024), torch.randn(3000)]
     other = [w * 2 for w in weights]
 
-    class ClaimsAnotherState(averaging._StageStateAverager):
-        def get_current_state(self):
-            claimed = {"epoch": 12, DIGEST_KEY: state_digest(weights)}
-            return claimed, [t.clone() for t in other], [averaging.CompressionInfo.from_tensor(t) for t in other]
+    def claims_another_state(self):
+        claimed = {"epoch": 12, DIGEST_KEY: state_digest(weights)}
+        return claimed, [t.clone() for t in other], [averaging.CompressionInfo.from_tensor(t) for t in other]
 
     compute = ThreadPoolExecutor(max_workers=1)
     honest = _serving(first, weights, 12, compute)
-    with monkeypatch.context() as patched:
-        patched.setattr(averaging, "_StageStateAverager", ClaimsAnotherState)
+    with monkeypatch.context() as patched:  # an averager binds the state it serves when it is made
+        patched.setattr(averaging._StageStateAverager, "get_current_state", claims_another_state)
         liar = _serving(second, other, 12, compute)
     partial = PartialState()
     try:

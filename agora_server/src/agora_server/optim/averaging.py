@@ -281,6 +281,12 @@ class _StageStateAverager(DecentralizedAverager):
             control.cancel()
         self.shutdown()
 
+    def _as_received(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as a newcomer reads it back (no copy when the worker's snapshot is already in the wire dtype)."""
+        if isinstance(self.state_compression, BFloat16State) and tensor.is_floating_point():
+            return tensor.to(torch.bfloat16)
+        return tensor
+
     def get_current_state(self):
         if self.state_provider is None:
             raise RuntimeError("this worker does not share its state yet")
@@ -290,7 +296,7 @@ class _StageStateAverager(DecentralizedAverager):
         metadata, tensors = self.state_provider()
         # hashed here, in a thread of the worker's process beside the compute thread: the newcomer checks the
         # whole state it assembled from one or more streams against it
-        metadata = {**metadata, DIGEST_KEY: state_digest(tensors)}
+        metadata = {**metadata, DIGEST_KEY: state_digest([self._as_received(t) for t in tensors])}
         return metadata, tensors, [CompressionInfo.from_tensor(t) for t in tensors]
 
 
