@@ -42,7 +42,6 @@ Request = TypeVar("Request", bound=BaseModel)
 _JOIN_ANSWER = TypeAdapter(JoinAnswer)
 _ACCESS = TypeAdapter(AccessAnswer)
 _HEARTBEAT_ANSWER = TypeAdapter(HeartbeatAnswer)
-_CHECKPOINT_ANSWER = TypeAdapter(CheckpointAnswer)
 _UPLOAD_STATUS = TypeAdapter(UploadStatus)
 _UPLOAD_ANSWER = TypeAdapter(CheckpointAnswer | UploadStatus)
 
@@ -112,12 +111,6 @@ class CoordinatorClient:
 
     def training_report(self, report: TrainingReport, *, timeout: float | None = None) -> None:
         self._send("/api/training_report", json=report, timeout=timeout)
-
-    def upload_checkpoint(self, stage: str, chunks: Iterable[bytes], *, size: int, epoch: int, access_token: str) -> CheckpointAnswer:
-        """Stream a checkpoint of ``size`` bytes to the stage's slot, under the node's access token."""
-        headers = {"Authorization": f"Bearer {access_token}", CHECKPOINT_EPOCH_HEADER: str(epoch),
-                   "Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        return self._put(f"/api/checkpoints/{stage}", _CHECKPOINT_ANSWER, content=chunks, headers=headers)
 
     def upload_status(self, stage: str, upload_id: str, *, access_token: str) -> UploadStatus:
         """How much of the resumable upload ``upload_id`` the coordinator holds."""
