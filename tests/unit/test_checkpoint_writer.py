@@ -102,3 +102,16 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["peer.prev", "peer.pt"] and FILES_AT_ONCE == 3
     assert load_checkpoint(path)["epoch"] == 3
 
+
+
+def test_a_skipped_checkpoint_and_a_continued_upload_read_clearly():
+    from agora_server.telemetry import events as ev
+    from agora_server.telemetry.console import console_lines
+
+    (skipped,) = console_lines(ev.CheckpointSkipped(stage="tail", epoch=40, next_try=50))
+    assert skipped.startswith("[SERVER] Checkpoint at step 40 skipped: the previous one is still being written")
+    assert skipped.endswith("the next is tried at step 50")
+    # the rate counts only what this request sent, not the bytes the coordinator already held
+    (line,) = console_lines(ev.CheckpointUploadProgress(stage="tail", epoch=40, sent_bytes=12_000_000_000,
+                                                         total_bytes=24_000_000_000, seconds=100.0, resumed_at=10_000_000_000))
+    assert "50% of 24,000 MB, 20.0 MB/s, 600s left" in line
