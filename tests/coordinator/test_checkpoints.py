@@ -211,3 +211,66 @@ def test_a_refused_download_keeps_the_partial_file(tmp_path, coord):
     with pytest.raises(CheckpointDownloadError, match="answered 404: No checkpoint has been uploaded for stage head"):
         download_checkpoint(f"{coord.url}/api/checkpoints/head", dest)
     assert (tmp_path / "x.ckpt.part").read_bytes() == b"abc"
+
+
+def part(coord, token, content, upload_id, offset, total, stage="head", **headers):
+    return upload(coord, stage, token, content, **{"X-Upload-Id": upload_id, "X-Upload-Offset": str(offset),
+                                                   "X-Upload-Total": str(total), **headers})
+
+
+def held(coord, token, upload_id, stage="head"):
+    answer = coord.http.put(f"/api/checkpoint_uploads/{stage}", json={"upload_id": upload_id},
+                            headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["received"]
+
+
+def partial_files(tmp_path, stage="head"):
+    return [name for name in stored_files(tmp_path, stage) if name.startswith(".upload-")]
+
+
+def test_a_resumable_upload_arrives_in_parts_and_is_checked_once_whole(coord, harness, listener, tmp_path):
+    token = admitted(coord, harness, listener)["access_token"]
+    state, first = stage_state(30_000, epoch=4), "a" * 32
+    half = len(state) // 2
+    assert held(coord, token, first) == 0
+    begun = part(coord, token, state[:half], first, 0, len(state), **{"X-Checkpoint-Epoch": "4"})
+    assert begun.status_code == 202 and begun.json() == {"upload_id": first, "received": half, "total": len(state)}
+    assert held(coord, token, first) == half
+    assert coord.http.get("/api/checkpoints/head", headers=auth_of(harness)).status_code == 404, "nothing served before it is whole"
+
+    behind = part(coord, token, state[:10], first, 10, len(state))
+    assert behind.status_code == 409 and f"has {half} bytes" in behind.json()["detail"]
+    assert held(coord, token, first) == half, "a refused part changes nothing"
+    done = part(coord, token, state[half:], first, half, len(state), **{"X-Checkpoint-Epoch": "4"})
+    assert done.status_code == 200, done.text
+    assert (done.json()["sha256"], done.json()["epoch"]) == (hashlib.sha256(state).hexdigest(), 4)
+    assert coord.http.get("/api/checkpoints/head", headers=auth_of(harness)).content == state
+    assert partial_files(tmp_path) == [] and held(coord, token, first) == 0
+
+
+def test_a_resumable_upload_is_verified_whole_bounded_and_one_per_node(harness, listener, tmp_path):
+    coord = harness.start(checkpoints={"directory": str(tmp_path / "checkpoints"), "max_upload_bytes": LIMIT,
+                                       "partial_upload_expiry_s": 60}, access_token_lifetime_s=600, operators=["carol"])
+    token = admitted(coord, harness, listener)["access_token"]
+    original = stage_state(2000)
+    assert upload(coord, "head", token, original).status_code == 200
+
+    junk = os.urandom(3000)  # every part accepted, the whole refused: it is no stage state
+    assert part(coord, token, junk[:1000], "b" * 32, 0, len(junk)).status_code == 202
+    refused = part(coord, token, junk[1000:], "b" * 32, 1000, len(junk))
+    assert refused.status_code == 400 and "not a valid checkpoint of stage head" in refused.json()["detail"]
+
+    too_large = part(coord, token, b"x", "c" * 32, 0, LIMIT + 1)
+    assert too_large.status_code == 413 and partial_files(tmp_path) == []
+    past_end = part(coord, token, b"x" * 20, "c" * 32, 0, 10)
+    assert past_end.status_code == 400 and partial_files(tmp_path) == []
+    assert part(coord, token, b"x" * 10, "d" * 32, 10, 100).status_code == 409, "a part of an upload never begun"
+
+    assert part(coord, token, b"x" * 10, "e" * 32, 0, 100).status_code == 202
+    assert part(coord, token, b"y" * 10, "f" * 32, 0, 100).status_code == 202  # the node's newer upload replaces it
+    assert len(partial_files(tmp_path)) == 1 and held(coord, token, "e" * 32) == 0 and held(coord, token, "f" * 32) == 10
+
+    harness.clock.advance(61)  # received nothing for longer than partial_upload_expiry_s
+    assert held(coord, token, "f" * 32) == 0 and partial_files(tmp_path) == []
+    assert coord.http.get("/api/checkpoints/head", headers=auth_of(harness, "carol")).content == original

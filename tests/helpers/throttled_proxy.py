@@ -4,6 +4,7 @@ link's upload does, and notes when each HTTP request line passed through it.
 Each connection is shaped on its own, so small calls on one connection go through at once while a
 large body crawls on another: what a participant's uplink does to a checkpoint upload next to its
 heartbeats (the kernel's queues would make them share; this is the case the code must handle anyway).
+``cut`` drops a connection in the middle of a request, as a link that goes down does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class ThrottledProxy:
         self.upstream_port, self.rate = upstream_port, bytes_per_second
         self.requests: list[tuple[float, str, str]] = []
         """(time.monotonic(), method, path) of every request line seen going upstream."""
+        self.bytes_to: dict[str, int] = {}
+        """Bytes sent upstream per path: each read counts for the last request line seen on its connection."""
+        self._cut: tuple[str, int] | None = None
+        self.cuts = 0
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         # a small receive window, as a slow link's: the sender's kernel cannot take megabytes ahead of
@@ -51,12 +56,20 @@ class ThrottledProxy:
             self._start(self._pump, client, upstream, True)
             self._start(self._pump, upstream, client, False)
 
+    def cut(self, path: str, after_bytes: int) -> None:
+        """Drop, once, the connection of the next request to ``path`` after ``after_bytes`` of it went upstream."""
+        with self._lock:
+            self._cut = (path, after_bytes)
+
     def _pump(self, source: socket.socket, sink: socket.socket, shaped: bool) -> None:
         started, sent, carry = time.monotonic(), 0, b""
+        path, on_path = "", 0
         try:
             while data := source.recv(16384):
                 if shaped:
-                    carry = self._note_requests(carry + data)
+                    carry, path, on_path = self._note_requests(carry, data, path, on_path)
+                    if self._cutting(path, on_path):
+                        break
                     sent += len(data)
                     # the link's pace: this connection's bytes so far may not be ahead of the rate
                     ahead = sent / self.rate - (time.monotonic() - started)
@@ -72,13 +85,24 @@ class ThrottledProxy:
                 except OSError:
                     pass
 
-    def _note_requests(self, data: bytes) -> bytes:
-        now, end = time.monotonic(), 0
+    def _note_requests(self, carry: bytes, data: bytes, path: str, on_path: int) -> tuple[bytes, str, int]:
+        """(what to look at again with the next read, the connection's current path, its bytes so far):
+        a read counts whole for the path of the last request line in it (a few bytes' slack)."""
+        now, end, text = time.monotonic(), 0, carry + data
         with self._lock:
-            for match in _REQUEST_LINE.finditer(data):
+            for match in _REQUEST_LINE.finditer(text):
                 self.requests.append((now, match.group(1).decode(), match.group(2).decode()))
-                end = match.end()
-        return data[end:][-200:]  # a request line split over two reads is found in the next look
+                end, path, on_path = match.end(), match.group(2).decode(), 0
+            on_path += len(data)
+            self.bytes_to[path] = self.bytes_to.get(path, 0) + len(data)
+        return text[end:][-200:], path, on_path  # a request line split over two reads is found in the next look
+
+    def _cutting(self, path: str, on_path: int) -> bool:
+        with self._lock:
+            if self._cut is None or self._cut[0] != path or on_path < self._cut[1]:
+                return False
+            self._cut, self.cuts = None, self.cuts + 1
+            return True
 
     def times_of(self, path: str) -> list[float]:
         with self._lock:

@@ -10,6 +10,7 @@ import torch
 from hivemind import DHT
 
 from agora_server.optim.averaging import AveragingConfig, SpartaAverager
+from agora_server.optim.state_download import state_digest
 
 CONFIG = AveragingConfig(fraction=0.5, average_every=4, matchmaking_time=2.0, averaging_timeout=20.0, request_timeout=1.0)
 
@@ -36,8 +37,8 @@ def test_a_newcomer_downloads_the_stage_weights_with_progress(dhts, rpc_loop, st
 
     assert state is not None
     metadata, tensors = state
-    assert metadata == {"epoch": 12}
     wire = torch.float32 if state_dtype == "float32" else torch.bfloat16
+    assert metadata["epoch"] == 12 and metadata["digest"] == state_digest([w.to(wire) for w in weights])
     assert [t.dtype for t in tensors] == [wire, wire]
     assert all(torch.equal(t, w.to(wire)) for t, w in zip(tensors, weights))
     total = sum(w.numel() for w in weights) * wire.itemsize
@@ -101,21 +102,24 @@ def test_a_dropped_download_continues_from_the_parts_received_at_another_peer_of
 
     assert state is not None
     metadata, tensors = state
-    assert metadata == {"epoch": 12}
+    assert metadata["epoch"] == 12
     assert all(torch.equal(t, w) for t, w in zip(tensors, weights)), "the joined parts are the weights, bit for bit"
     assert partial.resumes == 1
     assert progress[0].resumed_at == kept and progress[0].peer_id == str(peers[1].averager.peer_id)
     assert all(p.resumed_at == kept for p in progress)
 
 
-def test_a_peer_at_another_epoch_sends_its_state_from_the_start(three_dhts, rpc_loop):
+@pytest.mark.parametrize("other_epoch", [13, 12], ids=["moved-on", "same-epoch-averaged-apart"])
+def test_a_peer_holding_another_state_sends_it_from_the_start(three_dhts, rpc_loop, other_epoch):
+    """At another epoch, or at the same one with other weights (SPARTA workers of one epoch never hold
+    the same weights): the state's metadata (its digest) differs, so nothing of the first is continued."""
     from agora_server.optim.state_download import PartialState
 
     first, second, newcomer_dht = three_dhts
     weights = [torch.randn(1024, 1024), torch.randn(2048, 1024)]
-    moved_on = [w + 1 for w in weights]
+    other = [w + 0.5 for w in weights]
     compute = ThreadPoolExecutor(max_workers=1)
-    peers = [_serving(first, weights, 12, compute), _serving(second, moved_on, 13, compute)]
+    peers = [_serving(first, weights, 12, compute), _serving(second, other, other_epoch, compute)]
     partial = PartialState()
     try:
         p2p = asyncio.run_coroutine_threadsafe(newcomer_dht.replicate_p2p(), rpc_loop).result(30)
@@ -134,9 +138,52 @@ def test_a_peer_at_another_epoch_sends_its_state_from_the_start(three_dhts, rpc_
             averager.shutdown()
         compute.shutdown()
 
-    assert state is not None and state[0] == {"epoch": 13}
-    assert all(torch.equal(t, w) for t, w in zip(state[1], moved_on)), "no parts of epoch 12 mixed in"
+    assert state is not None and state[0]["epoch"] == other_epoch
+    assert all(torch.equal(t, w) for t, w in zip(state[1], other)), "no parts of the first peer's state mixed in"
     assert partial.resumes == 0
+
+
+def test_parts_of_two_different_states_are_caught_by_the_digest_and_the_download_starts_again(three_dhts, rpc_loop, monkeypatch, caplog):
+    """A peer that answers a resume as if it held the newcomer's state (same metadata, digest included)
+    while it sends other weights: the whole state is checked after its last part."""
+    from agora_server.optim import averaging
+    from agora_server.optim.state_download import DIGEST_KEY, PartialState
+
+    first, second, newcomer_dht = three_dhts
+    weights = [torch.randn(1024, 1024), torch.randn(2048, 1024), torch.randn(3000)]
+    other = [w * 2 for w in weights]
+
+    def claims_another_state(self):
+        claimed = {"epoch": 12, DIGEST_KEY: state_digest(weights)}
+        return claimed, [t.clone() for t in other], [averaging.CompressionInfo.from_tensor(t) for t in other]
+
+    compute = ThreadPoolExecutor(max_workers=1)
+    honest = _serving(first, weights, 12, compute)
+    with monkeypatch.context() as patched:  # an averager binds the state it serves when it is made
+        patched.setattr(averaging._StageStateAverager, "get_current_state", claims_another_state)
+        liar = _serving(second, other, 12, compute)
+    partial = PartialState()
+    try:
+        p2p = asyncio.run_coroutine_threadsafe(newcomer_dht.replicate_p2p(), rpc_loop).result(30)
+        try:
+            def cut_after_five_mib(update):
+                if update.bytes_done >= 5 * 2**20:
+                    raise ConnectionResetError("the link dropped")
+
+            assert _fetch(p2p, rpc_loop, [honest.averager.peer_id], weights, partial, cut_after_five_mib) is None
+            with caplog.at_level("WARNING", logger="agora_server.optim.state_download"):
+                state = _fetch(p2p, rpc_loop, [liar.averager.peer_id, honest.averager.peer_id], weights, partial, lambda update: None)
+        finally:
+            asyncio.run_coroutine_threadsafe(p2p.shutdown(), rpc_loop).result(30)
+    finally:
+        liar.shutdown()
+        honest.shutdown()
+        compute.shutdown()
+
+    assert partial.resumes == 1, "the second peer continued the download (its metadata matched)"
+    assert any("do not match the checksum" in r.getMessage() and "again from the start" in r.getMessage() for r in caplog.records)
+    assert state is not None and state[0]["epoch"] == 12
+    assert all(torch.equal(t, w) for t, w in zip(state[1], weights)), "the download started again and took the honest state whole"
 
 
 def test_downloads_open_at_the_same_time_share_one_copy_of_the_state(dhts, rpc_loop):

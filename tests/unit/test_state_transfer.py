@@ -93,3 +93,17 @@ def test_a_peer_streams_from_the_resume_point_only_for_the_state_it_was_asked_ab
     moved_on = list(stream_state(b"epoch 13", tensors, infos, NoCompression(), asked))
     assert StreamStart.from_bytes(moved_on[0].metadata) == StreamStart(b"epoch 13", 0, 0) and len(moved_on) == 5
     assert ResumePoint.from_message(averaging_pb2.DownloadData(metadata=b"\xc1garbage")) == ResumePoint()
+
+
+def test_the_state_digest_covers_every_value_dtype_and_shape():
+    from agora_server.optim.state_download import state_digest
+
+    weights = [torch.randn(64, 8), torch.randn(10)]
+    same = state_digest([w.clone() for w in weights])
+    assert state_digest(weights) == same
+    nudged = [weights[0].clone(), weights[1].clone()]
+    nudged[1][7] = torch.nextafter(nudged[1][7], torch.tensor(1e9))  # one value, by its last bit
+    assert state_digest(nudged) != same
+    assert state_digest([weights[0].reshape(8, 64), weights[1]]) != same
+    assert state_digest([w.to(torch.bfloat16) for w in weights]) != same
+    assert state_digest([w.to(torch.bfloat16) for w in weights]) == state_digest([w.to(torch.bfloat16).clone() for w in weights])

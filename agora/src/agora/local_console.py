@@ -16,7 +16,7 @@ from agora_server.telemetry import events as ev
 # events worth a line in the quiet view; the rest stay in the file logs (and in --verbose)
 _QUIET = (
     ev.AccessGranted, ev.AuthQueued, ev.ServerStarted, ev.WarmupStarted, ev.WarmupComplete, ev.HealthStop,
-    ev.ProcessError, ev.CheckpointFailed, ev.TrainingStarted, ev.TrainerReport, ev.TrainerPaused,
+    ev.ProcessError, ev.CheckpointFailed, ev.CheckpointSkipped, ev.TrainingStarted, ev.TrainerReport, ev.TrainerPaused,
     ev.TrainerResumed, ev.WorkerBanned, ev.DataResumed, ev.DataPositionDiscarded, ev.DataPositionNotSaved, ev.DataSourceFailed,
 )
 

@@ -22,6 +22,14 @@ CHECKPOINT_EPOCH_HEADER = "X-Checkpoint-Epoch"
 """On a checkpoint upload and download: the stage epoch the state was saved at."""
 CHECKPOINT_SHA256_HEADER = "X-Checkpoint-SHA256"
 """On a checkpoint upload (optional) and download: sha256 of the body."""
+UPLOAD_ID_HEADER = "X-Upload-Id"
+"""On a resumable checkpoint upload: the id the uploader chose for this file (32 hex digits), the same
+for every request that sends a part of it. Without it an upload is sent whole in one request."""
+UPLOAD_OFFSET_HEADER = "X-Upload-Offset"
+"""On a resumable checkpoint upload: the byte of the file this request's body begins at."""
+UPLOAD_TOTAL_HEADER = "X-Upload-Total"
+"""On a resumable checkpoint upload: the size of the whole file."""
+UPLOAD_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 _COUNT = Field(ge=0, le=2**53)
 _MEASURE = Field(default=0.0, ge=0, le=1e9)
@@ -67,6 +75,12 @@ class DownloadProgress(_Request):
     bytes_done: int = Field(default=0, ge=0, le=2**53)
     bytes_total: int | None = Field(default=None, ge=0, le=2**53)
     complete: bool = False
+
+
+class UploadStatusRequest(_Request):
+    """How much of a resumable checkpoint upload the coordinator holds (asked with the node's access token)."""
+
+    upload_id: str = Field(pattern=UPLOAD_ID_PATTERN)
 
 
 class StatusRequest(_Request):
@@ -225,6 +239,15 @@ class CheckpointAnswer(_Answer):
     epoch: int | None
     uploader: str
     uploaded_at: float
+
+
+class UploadStatus(_Answer):
+    """A resumable checkpoint upload the coordinator holds part of: the next request continues at ``received``
+    (0 when it holds none of that upload, e.g. after it expired or the coordinator restarted)."""
+
+    upload_id: str
+    received: int
+    total: int
 
 
 class TimelineEntry(_Answer):

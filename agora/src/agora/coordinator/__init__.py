@@ -24,6 +24,7 @@
 - ``reports.py``     Reports, RunTotals: run info, dashboard data, totals, contributions, trainers' reports
 - ``contributions.py`` how much of a heartbeat's reported work is credited: bounded by elapsed time, saturating
 - ``checkpoints.py`` CheckpointStore: each stage's latest checkpoint on disk, atomic uploads named by sha256
+- ``partial_uploads.py`` PartialUploads: resumable uploads' parts on disk and their running sha256, one per node
 - ``checkpoint_check.py`` check_stage_state: an upload is a safe-loading, finite state with the stage's layout
 - ``body_limit.py``  BodyLimit: the request body limit, counted while the body streams in
 - ``history.py``     the dashboard's data: workers per stage sampled over time, trainers' reports, the node list

@@ -20,13 +20,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import ClientDisconnect
 
 from agora_server.caller_text import clip
 
 from agora.coordinator import porttest
 from agora.coordinator.body_limit import BodyLimit, BodyTooLarge
 from agora.coordinator.checkpoint_check import stage_layouts
-from agora.coordinator.checkpoints import CheckpointStore
+from agora.coordinator.checkpoints import CheckpointStore, UploadPart
 from agora.coordinator.config import CoordinatorConfig
 from agora.coordinator.db import Database
 from agora.coordinator.errors import CoordinatorRefusal, Refusal
@@ -35,6 +36,10 @@ from agora.protocol import (
     CHECKPOINT_EPOCH_HEADER,
     CHECKPOINT_SHA256_HEADER,
     SIGNATURE_HEADER,
+    UPLOAD_ID_HEADER,
+    UPLOAD_ID_PATTERN,
+    UPLOAD_OFFSET_HEADER,
+    UPLOAD_TOTAL_HEADER,
     AccessAnswer,
     CheckpointAnswer,
     ContributionInfo,
@@ -52,6 +57,8 @@ from agora.protocol import (
     StopNodeRequest,
     TrainerAccessRequest,
     TrainingReport,
+    UploadStatus,
+    UploadStatusRequest,
 )
 from agora.coordinator.service import Coordinator, PortProbe
 from agora.coordinator.signing import AccessSigner, load_or_create_key
@@ -118,7 +125,8 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
     app.state.coordinator = coordinator
     metrics = CoordinatorMetrics(coordinator)
     store = None if config.checkpoints.directory is None else CheckpointStore(
-        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock, layouts=stage_layouts(run))
+        config.checkpoints.directory, db, config.checkpoints.max_upload_bytes, clock, layouts=stage_layouts(run),
+        partial_expiry_s=config.checkpoints.partial_upload_expiry_s)
     dashboard = resources.files("agora.coordinator").joinpath("dashboard.html").read_text(encoding="utf-8")
 
     @app.exception_handler(CoordinatorRefusal)
@@ -197,25 +205,56 @@ def create_app(config: CoordinatorConfig, *, verifier: TokenVerifier | None = No
             raise CoordinatorRefusal(Refusal.CHECKPOINTS_NOT_SERVED)
         return store
 
-    @app.put("/api/checkpoints/{stage}", response_model=CheckpointAnswer, responses={**_REFUSALS, 413: {"model": ErrorAnswer}},
+    @app.put("/api/checkpoints/{stage}", response_model=CheckpointAnswer,
+             responses={**_REFUSALS, 413: {"model": ErrorAnswer}, 202: {"model": UploadStatus,
+                        "description": "A part of a resumable upload was stored; the rest is still to come"}},
              openapi_extra={"requestBody": {"required": True, "content": _OCTETS}})
     async def upload_checkpoint(
         request: Request, stage: str = _STAGE, access_token: str | None = Depends(_access_token),
         epoch: int | None = Header(None, alias=CHECKPOINT_EPOCH_HEADER, ge=0, le=2**53,
                                    description="The stage epoch this state was saved at."),
         sha256: str | None = Header(None, alias=CHECKPOINT_SHA256_HEADER, pattern=r"^[0-9a-fA-F]{64}$",
-                                    description="sha256 of the body; a mismatch refuses the upload."),
+                                    description="sha256 of the whole file; a mismatch refuses the upload."),
+        upload_id: str | None = Header(None, alias=UPLOAD_ID_HEADER, pattern=UPLOAD_ID_PATTERN,
+                                       description="Makes the upload resumable: the id of this file, the same in every request."),
+        offset: int = Header(0, alias=UPLOAD_OFFSET_HEADER, ge=0, le=2**53,
+                             description="Resumable: the byte of the file the body begins at (see /api/checkpoint_uploads)."),
+        total: int | None = Header(None, alias=UPLOAD_TOTAL_HEADER, ge=1, le=2**53,
+                                   description="Resumable: the size of the whole file."),
     ):
         """Replace the stage's checkpoint with the body's bytes. Only a node holding access to this stage may.
 
-        The current checkpoint keeps being served until the new one has arrived complete."""
+        With X-Upload-Id the file may come in several requests: what a request delivered stays even if its
+        connection drops, and the next one continues where the coordinator's part ends. The current
+        checkpoint keeps being served until the new one has arrived complete and passed its checks."""
         checkpoints = _store()
         uploader = await run_in_threadpool(coordinator.authorize_upload, access_token, stage)
-        info = await checkpoints.receive(stage, request.stream(), uploader, epoch=epoch,
-                                         expected_size=_content_length(request), expected_sha256=sha256)
+        if upload_id is not None and total is None:
+            raise CoordinatorRefusal(Refusal.UPLOAD_NEEDS_TOTAL)
+        try:
+            if upload_id is None:
+                info = await checkpoints.receive(stage, request.stream(), uploader, epoch=epoch,
+                                                 expected_size=_content_length(request), expected_sha256=sha256)
+            else:
+                info = await checkpoints.receive_part(stage, request.stream(), uploader, UploadPart(upload_id, offset, total),
+                                                      epoch=epoch, expected_sha256=sha256)
+        except ClientDisconnect:
+            # a link that dropped is no fault here: a resumable upload keeps what arrived, and nobody reads this answer
+            return Response(status_code=400)
+        if info is None:
+            received, _ = checkpoints.upload_status(stage, uploader, upload_id)
+            return JSONResponse(status_code=202, content=UploadStatus(upload_id=upload_id, received=received, total=total).model_dump())
         metrics.checkpoint_uploads.labels(stage).inc()
         return CheckpointAnswer(stage=stage, sha256=info.sha256, size=info.size, epoch=info.epoch,
                                 uploader=info.uploader_username, uploaded_at=info.uploaded_at)
+
+    @app.put("/api/checkpoint_uploads/{stage}", response_model=UploadStatus, responses=_REFUSALS)
+    async def checkpoint_upload_status(body: UploadStatusRequest, stage: str = _STAGE, access_token: str | None = Depends(_access_token)):
+        """How much of this node's resumable upload the coordinator holds: the byte its next request begins at."""
+        checkpoints = _store()
+        uploader = await run_in_threadpool(coordinator.authorize_upload, access_token, stage)
+        received, total = checkpoints.upload_status(stage, uploader, body.upload_id)
+        return UploadStatus(upload_id=body.upload_id, received=received, total=total)
 
     @app.get("/api/checkpoints/{stage}", response_class=FileResponse, responses={
         **_REFUSALS, 200: {"content": _OCTETS}, 206: {"description": "The requested byte range", "content": _OCTETS},

@@ -59,6 +59,9 @@ class CheckpointConfig(BaseModel):
     at ``/api/checkpoints/{stage}``. Unset: the coordinator accepts and serves no checkpoints."""
     max_upload_bytes: int = Field(default=64 * 2**30, ge=1)
     """Largest checkpoint upload accepted; larger ones get 413. Size it to one stage's state, with room to grow."""
+    partial_upload_expiry_s: float = Field(default=3600.0, gt=0)
+    """A resumable upload that received nothing for this long is dropped (its part on disk deleted); the node
+    then uploads that checkpoint from the start. Each node has at most one partial upload (its newest)."""
     public_url: str | None = Field(default=None, pattern=r"^https?://")
     """Base URL nodes reach the coordinator at (e.g. behind a reverse proxy), for the checkpoint URL in
     answers. Unset: the URL the node's own request came to."""

@@ -48,6 +48,10 @@ class Refusal(enum.Enum):
     INVALID_CHECKPOINT = (400, "The upload is not a valid checkpoint of stage {stage}: {reason}. The stage keeps its current one.")
     EMPTY_CHECKPOINT = (400, "The checkpoint upload is empty.")
     CHECKPOINT_INCOMPLETE = (400, "The upload ended after {received} of the {expected} bytes announced; upload again.")
+    UPLOAD_OFFSET_MISMATCH = (409, "This upload has {received} bytes stored here, not {offset}: ask for its status and continue from there.")
+    UPLOAD_NEEDS_TOTAL = (400, "A resumable upload (X-Upload-Id) must give the whole file's size in X-Upload-Total.")
+    UPLOAD_PAST_END = (400, "The upload sent more than the {total} bytes announced in X-Upload-Total; upload again from the start.")
+    UPLOAD_TAKEN_OVER = (409, "A newer request continues this upload; this one stops.")
     CHECKPOINT_MISMATCH = (400, "The uploaded bytes have sha256 {actual}, not the {expected} sent in X-Checkpoint-SHA256; upload again.")
 
     @property

@@ -17,6 +17,9 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from agora.protocol import (
     CHECKPOINT_EPOCH_HEADER,
     SIGNATURE_HEADER,
+    UPLOAD_ID_HEADER,
+    UPLOAD_OFFSET_HEADER,
+    UPLOAD_TOTAL_HEADER,
     AccessAnswer,
     CheckpointAnswer,
     HeartbeatAnswer,
@@ -28,6 +31,8 @@ from agora.protocol import (
     StatusRequest,
     TrainerAccessRequest,
     TrainingReport,
+    UploadStatus,
+    UploadStatusRequest,
 )
 from agora_server.peer_keys import WorkerIdentity
 
@@ -37,7 +42,8 @@ Request = TypeVar("Request", bound=BaseModel)
 _JOIN_ANSWER = TypeAdapter(JoinAnswer)
 _ACCESS = TypeAdapter(AccessAnswer)
 _HEARTBEAT_ANSWER = TypeAdapter(HeartbeatAnswer)
-_CHECKPOINT_ANSWER = TypeAdapter(CheckpointAnswer)
+_UPLOAD_STATUS = TypeAdapter(UploadStatus)
+_UPLOAD_ANSWER = TypeAdapter(CheckpointAnswer | UploadStatus)
 
 
 class AdmissionError(RuntimeError):
@@ -51,6 +57,11 @@ class CoordinatorUnavailable(AdmissionError):
         super().__init__(message)
         self.reason = reason or message
         """What went wrong, without the address (e.g. ``ConnectError: [Errno 111] Connection refused``)."""
+
+
+class UploadOutOfStep(AdmissionError):
+    """A part of a resumable upload did not begin where the coordinator's part of it ends (or a newer
+    request took the upload over): ask for its status and continue from there."""
 
 
 class MalformedAnswer(AdmissionError):
@@ -101,11 +112,20 @@ class CoordinatorClient:
     def training_report(self, report: TrainingReport, *, timeout: float | None = None) -> None:
         self._send("/api/training_report", json=report, timeout=timeout)
 
-    def upload_checkpoint(self, stage: str, chunks: Iterable[bytes], *, size: int, epoch: int, access_token: str) -> CheckpointAnswer:
-        """Stream a checkpoint of ``size`` bytes to the stage's slot, under the node's access token."""
+    def upload_status(self, stage: str, upload_id: str, *, access_token: str) -> UploadStatus:
+        """How much of the resumable upload ``upload_id`` the coordinator holds."""
+        return self._put(f"/api/checkpoint_uploads/{stage}", _UPLOAD_STATUS, json=UploadStatusRequest(upload_id=upload_id),
+                         headers={"Authorization": f"Bearer {access_token}"})
+
+    def upload_checkpoint_part(self, stage: str, chunks: Iterable[bytes], *, upload_id: str, offset: int, total: int,
+                               epoch: int, access_token: str) -> CheckpointAnswer | UploadStatus:
+        """Send bytes ``offset`` to ``total`` of a resumable upload: the stored checkpoint once the file is whole,
+        else how much of it the coordinator holds. UploadOutOfStep when ``offset`` is not where its part ends."""
         headers = {"Authorization": f"Bearer {access_token}", CHECKPOINT_EPOCH_HEADER: str(epoch),
-                   "Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        return self._put(f"/api/checkpoints/{stage}", _CHECKPOINT_ANSWER, content=chunks, headers=headers)
+                   "Content-Type": "application/octet-stream", "Content-Length": str(total - offset),
+                   UPLOAD_ID_HEADER: upload_id, UPLOAD_OFFSET_HEADER: str(offset), UPLOAD_TOTAL_HEADER: str(total)}
+        return self._put(f"/api/checkpoints/{stage}", _UPLOAD_ANSWER, content=chunks, headers=headers,
+                         refusals={"upload_offset_mismatch": UploadOutOfStep, "upload_taken_over": UploadOutOfStep})
 
     def separate(self) -> "CoordinatorClient":
         """A client of the same coordinator and account with connections of its own: a transfer that
@@ -133,7 +153,9 @@ class CoordinatorClient:
                                   f" ({_first_problem(e)})") from None
 
     def _send(self, path: str, *, json: BaseModel | None = None, content: bytes | Iterable[bytes] | None = None,
-              headers: dict | None = None, timeout: float | None = None) -> httpx.Response:
+              headers: dict | None = None, timeout: float | None = None,
+              refusals: dict[str, type[AdmissionError]] | None = None) -> httpx.Response:
+        """``refusals``: the error to raise for a refusal code the caller handles apart (else AdmissionError)."""
         wait = httpx.USE_CLIENT_DEFAULT if timeout is None else timeout
         body = json.model_dump(mode="json") if json is not None else None
         try:
@@ -145,16 +167,21 @@ class CoordinatorClient:
             reason = f"it answered {answer.status_code}: {_detail(answer)}"
             raise CoordinatorUnavailable(f"the coordinator {reason}", reason)
         if answer.status_code >= 400:
-            raise AdmissionError(_detail(answer))
+            raise (refusals or {}).get(_field(answer, "error"), AdmissionError)(_detail(answer))
         return answer
 
 
 def _detail(answer: httpx.Response) -> str:
-    try:
-        detail = answer.json().get("detail")
-    except ValueError:
-        detail = None
+    detail = _field(answer, "detail")
     return detail if isinstance(detail, str) else f"HTTP {answer.status_code}"
+
+
+def _field(answer: httpx.Response, name: str) -> object:
+    try:
+        body = answer.json()
+    except ValueError:
+        return None
+    return body.get(name) if isinstance(body, dict) else None
 
 
 def _first_problem(error: ValidationError) -> str:

@@ -40,7 +40,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agora_server.access import WORKER, AccessGuard, AccessTokenError, PeerAccess
 from agora_server.optim.sparta import SpartaPartition, slice_count, slice_for_epoch
-from agora_server.optim.state_download import DownloadProgress, PartialState, ResumePoint, download_deadline, fetch_state, stream_state
+from agora_server.optim.state_download import (
+    DIGEST_KEY,
+    DownloadProgress,
+    PartialState,
+    ResumePoint,
+    download_deadline,
+    fetch_state,
+    state_digest,
+    stream_state,
+)
 from agora_server.tensor_stream import bfloat16_message
 
 MAX_CONCURRENT_STATE_DOWNLOADS = 2
@@ -312,6 +321,12 @@ class _StageStateAverager(DecentralizedAverager):
             control.cancel()
         self.shutdown()
 
+    def _as_received(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as a newcomer reads it back (no copy when the worker's snapshot is already in the wire dtype)."""
+        if isinstance(self.state_compression, BFloat16State) and tensor.is_floating_point():
+            return tensor.to(torch.bfloat16)
+        return tensor
+
     def get_current_state(self):
         if self.state_provider is None:
             raise RuntimeError("this worker does not share its state yet")
@@ -319,6 +334,9 @@ class _StageStateAverager(DecentralizedAverager):
             # no joins at an averaging boundary: the slice being averaged is about to change
             raise RuntimeError("an averaging round is running; ask again in a moment")
         metadata, tensors = self.state_provider()
+        # hashed here, in a thread of the worker's process beside the compute thread: the newcomer checks the
+        # whole state it assembled from one or more streams against it
+        metadata = {**metadata, DIGEST_KEY: state_digest([self._as_received(t) for t in tensors])}
         return metadata, tensors, [CompressionInfo.from_tensor(t) for t in tensors]
 
 

@@ -9,13 +9,18 @@ same peer comes back or another one serves that epoch's state; a peer that moved
 
 The newcomer holds each part to a deadline of its own (``sender_timeout``), the whole download to a
 deadline from its size (``download_deadline``), reports progress as bytes arrive, and checks what
-arrived against the stage's shapes.
+arrived against the stage's shapes and against the digest of the whole state (``state_digest``) that
+the peer computed from its snapshot and put in the metadata. Two workers of a stage at the same epoch
+hold different weights (SPARTA averages a slice at a time), and one worker's snapshot changes when a
+round lands between two streams: the digest is what tells a newcomer that the parts it continued from
+are not of the state it finished with, so it starts again instead of training on a mix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -41,6 +46,22 @@ class DownloadProgress:
     peer_id: str
     resumed_at: int = 0
     """Bytes this stream did not send again because an earlier one had delivered them (0: from the start)."""
+
+
+DIGEST_KEY = "digest"
+"""Where a served state's metadata carries ``state_digest`` of its tensors."""
+
+
+def state_digest(tensors: Sequence[torch.Tensor]) -> str:
+    """SHA-256 over each tensor's dtype, shape and bytes, as served (the receiver reads them back bit for
+    bit: bfloat16 parts as bfloat16, float32 as float32). hashlib lets go of the GIL while it hashes, so
+    computing it on a stage's worth of weights does not stall the threads beside it."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 class StateDownloadTooSlow(RuntimeError):
@@ -137,9 +158,14 @@ class PartialState:
                 self.resumes += 1
             return True
         if (start.tensor, start.part) == (0, 0):
-            self.metadata, self.tensors, self.parts, self.received = start.metadata, [], [], 0
+            self.restart()
+            self.metadata = start.metadata
             return True
         return False
+
+    def restart(self) -> None:
+        """Forget everything received: the next stream begins at a state's start."""
+        self.metadata, self.tensors, self.parts, self.received = b"", [], [], 0
 
     def add(self, part: runtime_pb2.Tensor) -> None:
         if part.dtype and self.parts:  # a new tensor begins: the previous one is whole
@@ -188,10 +214,17 @@ async def fetch_state(
         except Exception as e:  # this peer dropped out or sent something else: the next one may do
             logger.info("state download from %s stopped at %d bytes: %s", peer, partial.received, repr(e))
             continue
-        if complete and _matches(partial.tensors, shapes):
-            return MSGPackSerializer.loads(partial.metadata), partial.tensors
-        if complete:  # whole but not this stage's weights: nothing of it is worth continuing
-            partial.metadata, partial.tensors, partial.received = b"", [], 0
+        if not complete:
+            continue
+        if not _matches(partial.tensors, shapes):  # whole but not this stage's weights: nothing of it is worth continuing
+            partial.restart()
+        elif (metadata := _verified_metadata(partial)) is None:
+            logger.warning("the stage weights downloaded (last from %s, %d resumed stream(s)) do not match the checksum of the "
+                           "state served: parts of different states, or a peer sent other weights than it announced; "
+                           "downloading them again from the start", peer, partial.resumes)
+            partial.restart()
+        else:
+            return metadata, partial.tensors
     if time.monotonic() - started >= deadline:
         raise StateDownloadTooSlow(f"the stage's weights ({state_bytes / 1e9:.2f} GB) did not arrive within {deadline:.0f}s")
     return None
@@ -226,6 +259,16 @@ async def _from_peer(p2p, stub_of, peer: PeerID, partial: PartialState, state_by
         return False  # a peer that does not share sends nothing
     partial.finish_tensor()
     return True
+
+
+def _verified_metadata(partial: PartialState) -> dict | None:
+    """The state's metadata if the tensors assembled are the state it describes (its digest), else None."""
+    try:
+        metadata = MSGPackSerializer.loads(partial.metadata)
+    except Exception:  # whatever a peer sent as metadata, the answer is "not verified"
+        return None
+    expected = metadata.get(DIGEST_KEY) if isinstance(metadata, dict) else None
+    return metadata if isinstance(expected, str) and expected == state_digest(partial.tensors) else None
 
 
 def _matches(tensors: Sequence[torch.Tensor], shapes: Sequence[torch.Size]) -> bool:

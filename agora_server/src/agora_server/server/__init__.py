@@ -6,6 +6,8 @@
 - ``kept_graphs.py`` KeptGraphs: the graphs of training forwards kept for their backward (bounded, timed out)
 - ``checkpoint.py``  save_checkpoint / load_checkpoint (atomic, read back before it replaces, keeps the previous
                      good file; at most FILES_AT_ONCE checkpoint-sized files per identity)
+- ``checkpoint_writer.py``  CheckpointWriter: periodic checkpoints snapshotted on the compute thread, written on
+                     a thread of their own, one at a time
 - ``handler.py``     StageServicer: rpc_forward, rpc_backward, rpc_info
 - ``announcer.py``   StageAnnouncer: periodic DHT record with expiry
 - ``handler_loop.py``  HandlerLoop: the asyncio loop thread that runs the p2p handlers

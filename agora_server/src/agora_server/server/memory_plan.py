@@ -68,6 +68,9 @@ class HostBytes:
     """SPARTA: the fixed permutations (int32 per parameter) and the averager's buffers."""
     state_sharing: int
     """A float32 copy of the weights while a newcomer downloads them from this worker."""
+    checkpoint: int
+    """The snapshot of the stage's state (float32 weights and optimizer moments) while a periodic checkpoint
+    is written in the background: the compute thread goes on with the live state meanwhile."""
     transient: int
     """The largest tensor's temporaries while stepping and copying the masters to the device."""
     runtime: int = HOST_RUNTIME_BYTES
@@ -212,6 +215,7 @@ def plan_stage(
         optimizer=OPTIMIZER_STATE_BYTES * params if offloaded else 0,
         averaging=(4 * params + 2 * 4 * -(-params // slice_count(averaging.fraction))) if averaging.enabled else 0,
         state_sharing=4 * params if averaging.enabled else 0,
+        checkpoint=checkpoint_bytes(params),
         transient=4 * largest if offloaded else 0,
     )
     max_batch = None

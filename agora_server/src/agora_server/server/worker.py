@@ -1,7 +1,8 @@
 """A worker: one stage served over hivemind, announced in the DHT, reporting progress.
 
 Threads: an asyncio loop for p2p handlers (``handler_loop``), one compute thread (the executor) for
-the model, the announcer, and the caller's thread, which runs ``serve`` until its stop event is set.
+the model, the announcer, a thread per periodic checkpoint being written (``checkpoint_writer``), and
+the caller's thread, which runs ``serve`` until its stop event is set.
 The parts: ``resume`` (which state to start from, the checkpoints), ``averaging_rounds`` (SPARTA),
 ``warmup`` (joining a running stage), ``reporting`` (stats and progress reports), ``partners`` (the
 stage's other workers).
@@ -26,6 +27,7 @@ from agora_server.server.announcer import StageAnnouncer
 from agora_server.server.averaging_rounds import AveragingRounds
 from agora_server.server.backend import StageBackend
 from agora_server.server.checkpoint import checkpoint_path
+from agora_server.server.checkpoint_writer import CheckpointWriter
 from agora_server.server.config import ServerConfig
 from agora_server.server.handler import StageServicer
 from agora_server.server.handler_loop import HandlerLoop
@@ -60,7 +62,8 @@ class StageWorker:
     ):
         """``initial_state``: the stage's weights from elsewhere (the coordinator's checkpoint), used
         when this identity has no checkpoint of its own. ``on_checkpoint(path, epoch)`` is told of
-        every periodic checkpoint (to upload it); it runs on the compute thread, so it must only queue.
+        every periodic checkpoint once it is on disk (to upload it); it runs on the thread that wrote the
+        checkpoint, so it must only queue.
         ``access``: this worker's access in a run with a coordinator; trainers and averaging partners
         must then hold access of their own (the DHT checks records itself, see ``dht_access``)."""
         self.run, self.spec, self.dht, self.events = run, spec, dht, events
@@ -79,6 +82,7 @@ class StageWorker:
         self.peer_id = dht.peer_id.to_base58()
         self.checkpoint = OwnCheckpoint(checkpoint_path(server.checkpoint_dir, run, spec.name, self.peer_id), initial_state,
                                         spec.name, events.emit)
+        self.checkpoint_writer = CheckpointWriter(self.checkpoint, spec.name, events.emit)
         start = self.checkpoint.start
         self.on_checkpoint = on_checkpoint
         # in a run with a coordinator the progress record is signed by this peer's identity: the DHT takes
@@ -164,14 +168,22 @@ class StageWorker:
 
     def _after_epoch(self, epoch: int) -> None:
         every = self.server_config.checkpoint_every
-        if epoch % every == 0 and self.save_checkpoint(next_try=epoch + every) and self.on_checkpoint:
-            self.on_checkpoint(self.checkpoint.path, epoch)
+        if epoch % every == 0:
+            uploaded = self.on_checkpoint
+            self.checkpoint_writer.start(self._checkpoint_state, epoch=epoch, next_try=epoch + every,
+                                         then=(lambda: uploaded(self.checkpoint.path, epoch)) if uploaded else None)
         if self.rounds is not None:
             self.rounds.after_epoch(epoch, contributes=self.warmup.phase is not ServerPhase.CATCHING_UP)
 
-    def save_checkpoint(self, next_try: int | None = None) -> bool:
-        """Write the stage state (call on the compute thread); False if it failed (and was reported)."""
-        return self.checkpoint.save({**self.backend.state_dict(), "online_seconds": self.online_seconds()}, next_try)
+    def _checkpoint_state(self) -> dict:
+        """The live stage state (call on the compute thread)."""
+        return {**self.backend.state_dict(), "online_seconds": self.online_seconds()}
+
+    def _final_checkpoint(self) -> bool:
+        """The last checkpoint, on the compute thread once it serves nothing more: after the periodic write in
+        progress, if any, and straight from the live state (nothing changes it now, so no copy is needed)."""
+        self.checkpoint_writer.wait()
+        return self.checkpoint.save(self._checkpoint_state())
 
     def online_seconds(self) -> float:
         """Time this identity has served, across restarts."""
@@ -227,7 +239,9 @@ class StageWorker:
                 averaging.shutdown()
         self.events.emit(self.stats())  # the final counters, for the last metrics push
         try:
-            self._executor.submit(self.save_checkpoint).result(60)
+            # no deadline: a production stage's state takes minutes to write, and tests and bench/convergence.py
+            # read the checkpoint a stopped worker leaves
+            self._executor.submit(self._final_checkpoint).result()
         except Exception:
             pass  # a worker stopping after a crash may not get to save; the periodic checkpoint remains
         self._executor.shutdown(wait=True, cancel_futures=True)

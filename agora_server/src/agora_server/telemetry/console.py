@@ -89,6 +89,12 @@ def _(event: ev.CheckpointFailed) -> list[str]:
 
 
 @console_lines.register
+def _(event: ev.CheckpointSkipped) -> list[str]:
+    return [f"[SERVER] Checkpoint at step {event.epoch} skipped: the previous one is still being written (the disk is slower "
+            f"than checkpoint_every steps); the next is tried at step {event.next_try}"]
+
+
+@console_lines.register
 def _(event: ev.AveragingRound) -> list[str]:
     if event.ok:
         return [f"[TRAINING] Averaged weight slice {event.slice_index} with {event.group_size - 1} peer(s)"]
@@ -187,7 +193,7 @@ def _(event: ev.CheckpointUploaded) -> list[str]:
 
 @console_lines.register
 def _(event: ev.CheckpointUploadProgress) -> list[str]:
-    rate = event.sent_bytes / max(event.seconds, 1e-6)
+    rate = (event.sent_bytes - event.resumed_at) / max(event.seconds, 1e-6)
     eta = (event.total_bytes - event.sent_bytes) / max(rate, 1.0)
     return [f"[SERVER] Uploading the epoch {event.epoch} checkpoint to the coordinator: {event.sent_bytes / event.total_bytes:.0%} of "
             f"{event.total_bytes / 1e6:,.0f} MB, {rate / 1e6:.1f} MB/s, {eta:.0f}s left"]

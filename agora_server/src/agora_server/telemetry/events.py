@@ -118,6 +118,15 @@ class CheckpointFailed(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSkipped(Event):
+    """A periodic checkpoint fell due while the previous one was still being written."""
+
+    stage: str
+    epoch: int
+    next_try: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AveragingRound(Event):
     stage: str
     epoch: int
@@ -274,7 +283,9 @@ class CheckpointUploadProgress(Event):
     sent_bytes: int
     total_bytes: int
     seconds: float
-    """Since the upload began."""
+    """Since this request of the upload began."""
+    resumed_at: int = 0
+    """Bytes the coordinator already held when this request began (an upload continued after a dropped connection)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
