@@ -16,8 +16,8 @@ allows; /metrics and the dashboard still answer), junk as its stage's checkpoint
 state of the stage's layout holding NaN), many weight downloads opened at once from the worker of its
 stage (a few served, sharing one snapshot), and a worker that refuses every call (banned by the trainer).
 
-Not run here (covered by tests/integration/test_worker_memory_bounds.py): oversize p2p frames and many
-open streams of one peer.
+Not run here (covered by tests/integration/test_worker_memory_bounds.py): oversize p2p frames, and many
+open streams of one peer id or of many.
 
     .venv/bin/python bench/abuse.py --output bench/results/abuse.json
 """
@@ -244,24 +244,30 @@ def many_weight_downloads(dht, config, stage: str, peer: str, count: int):
     from agora_server.wire import stage_key
     from tests.helpers.dishonest_participant import announce, open_state_downloads
 
-    async def downloads(count: int, hold: float) -> int:
-        p2p = await dht.replicate_p2p()
-        try:
-            return await open_state_downloads(p2p, PeerID.from_base58(peer), stage_key(config.run_name, stage), count, hold)
-        finally:
-            await p2p.shutdown()
-
     if not announce(dht, config.run_name, stage, lifetime=600):
         return False, f"could not announce itself on {stage}"
-    # the worker looks the downloader up in the DHT: one download served shows that it is seen as a peer of the stage
-    deadline = time.monotonic() + 60
-    while not asyncio.run(downloads(1, 0)):
-        if time.monotonic() > deadline:
-            return False, f"no download was served within 60 s: the worker did not see the announcement on {stage}"
-    served = asyncio.run(downloads(count, 3.0))
-    return 0 < served <= MAX_CONCURRENT_STATE_DOWNLOADS, (
-        f"{served} of {count} downloads of {stage}'s weights opened at once and held for 3 s were served"
-        f" (limit {MAX_CONCURRENT_STATE_DOWNLOADS}), the others got nothing")
+
+    async def attack():
+        p2p = await dht.replicate_p2p()
+
+        def downloads(count: int, hold: float):
+            return open_state_downloads(p2p, PeerID.from_base58(peer), stage_key(config.run_name, stage), count, hold)
+
+        try:
+            # the worker looks the downloader up in the DHT: one download served shows that it sees a peer of the stage
+            deadline = time.monotonic() + 60
+            while not await downloads(1, 0):
+                if time.monotonic() > deadline:
+                    return False, f"no download was served within 60 s: the worker did not see the announcement on {stage}"
+                await asyncio.sleep(1)
+            served = await downloads(count, 3.0)
+        finally:
+            await p2p.shutdown()
+        return 0 < served <= MAX_CONCURRENT_STATE_DOWNLOADS, (
+            f"{served} of {count} downloads of {stage}'s weights opened at once and held for 3 s were served"
+            f" (limit {MAX_CONCURRENT_STATE_DOWNLOADS}), the others got nothing")
+
+    return asyncio.run(attack())
 
 
 def refusing_worker(swarm, config_path: Path, token: str, key_dir: Path):
