@@ -2,16 +2,22 @@
 during and after, and whether it was refused; prints one JSON object.
 
 The swarm: a coordinator, a seed, one worker per stage of local-tiny and a trainer, on 127.0.0.1.
-The attacker is a stranger: no participant token, no access token. Each attack runs while a thread
-samples the target's resident memory (the process and its children, a p2p daemon included) every
-50 ms. The goal: every attack refused, no target grows by more than 64 MiB, the trainer's completed
-count rises while the attacks run, no process exits.
+Two attackers: a stranger (no participant token, no access token), and a dishonest participant
+("mallory", an account of the coordinator that is no operator) whose nodes are admitted like anyone's
+(tests/helpers/dishonest_participant.py, tests/helpers/refusing_worker.py). Each attack runs while a
+thread samples the target's resident memory (the process and its children, its p2p daemon and
+averager included) every 50 ms. The goal: every attack refused, no target grows by more than
+64 MiB, the trainer's completed count rises while the attacks run, no process exits.
 
-Attacks not run here, and where they are covered instead: forged contributions, junk checkpoints
-and a refusing worker need an admitted participant's keys (tests/coordinator/test_hostile_callers.py,
-tests/integration/test_hostile_workers.py); weight downloads by outsiders
-(tests/integration/test_state_download_access.py); oversize p2p frames and many open streams
-(tests/integration/test_worker_memory_bounds.py).
+The stranger: oversize request bodies to the coordinator (declared, and streamed without a length),
+and unauthenticated streams to a worker (one large, one of many empty parts). The participant: forged
+heartbeats claiming 2^53 samples and tokens under three sessions (credited only what the elapsed time
+allows; /metrics and the dashboard still answer), junk as its stage's checkpoint (random bytes, and a
+state of the stage's layout holding NaN), many weight downloads opened at once from the worker of its
+stage (a few served, sharing one snapshot), and a worker that refuses every call (banned by the trainer).
+
+Not run here (covered by tests/integration/test_worker_memory_bounds.py): oversize p2p frames, and many
+open streams of one peer id or of many.
 
     .venv/bin/python bench/abuse.py --output bench/results/abuse.json
 """
@@ -21,9 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import io
+import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--body-mib", type=int, default=256, help="MiB each oversize body or stream offers (default 256)")
+    parser.add_argument("--downloads", type=int, default=40, help="weight downloads the participant opens at once (default 40)")
     parser.add_argument("--output", type=Path, help="also write the JSON to this file")
     parser.add_argument("--log-dir", type=Path, default=REPO / "logs" / "bench-abuse", help="the swarm's logs")
     return parser.parse_args(argv)
@@ -179,6 +190,133 @@ def worker_stream(swarm, dht, peer, size: int, empty_parts: bool):
     return refusal is not None, refusal.reason if refusal else "no refusal logged within 30 s"
 
 
+# --- an admitted participant ----------------------------------------------------------------------------
+
+
+PAGES = ("/metrics", "/dashboard/snapshot", "/api/contributions", "/api/nodes")
+
+
+def forged_contributions(url: str, node, admitted_at: float):
+    import httpx
+
+    from agora.coordinator.config import ContributionConfig
+    from tests.helpers.dishonest_participant import forge_heartbeats
+
+    sessions = 3
+    claimed = forge_heartbeats(node, sessions)
+    # each heartbeat is credited at most the rate over the time since the one before, plus the slack
+    limits = ContributionConfig()
+    seconds = time.time() - admitted_at + sessions * limits.slack_s
+    bound = (limits.max_samples_per_second * seconds, limits.max_tokens_per_second * seconds)
+    [record] = [r for r in httpx.get(f"{url}/api/contributions", timeout=30).json() if r["peer_id"] == node.identity.peer_id]
+    statuses = {page: httpx.get(f"{url}{page}", timeout=30).status_code for page in PAGES}
+    bounded = record["samples"] <= bound[0] and record["tokens"] <= bound[1]
+    return bounded and set(statuses.values()) == {200}, (
+        f"claimed {claimed:.3g} samples and tokens in {sessions} sessions; credited {record['samples']} samples (bound {bound[0]:.0f})"
+        f" and {record['tokens']} tokens (bound {bound[1]:.0f}); {', '.join(f'{p} {c}' for p, c in statuses.items())}")
+
+
+def junk_checkpoints(url: str, node, config):
+    import httpx
+    import torch
+
+    from agora.coordinator.checkpoint_check import stage_layouts
+    from tests.helpers.dishonest_participant import upload_checkpoint
+
+    layout = stage_layouts(config)[node.stage]
+    poisoned = io.BytesIO()
+    torch.save({"model": {name: torch.full(shape, float("nan"), dtype=dtype) for name, (shape, dtype) in layout.items()},
+                "optimizer": {}, "epoch": 0}, poisoned)
+    junk = {"random bytes": os.urandom(16 * MiB), "NaN weights": poisoned.getvalue()}
+    refusals = {what: upload_checkpoint(node, content) for what, content in junk.items()}
+    current = httpx.get(f"{url}/api/checkpoints/{node.stage}", headers={"Authorization": f"Bearer {node.access.access_token}"}, timeout=60)
+    served = hashlib.sha256(current.content).hexdigest() if current.status_code == 200 else None
+    kept_out = served not in {hashlib.sha256(content).hexdigest() for content in junk.values()}
+    refused = all(refusals.values()) and kept_out
+    said = "; ".join(f"{what}: {reason or 'accepted'}" for what, reason in refusals.items())
+    return refused, f"{node.stage}'s checkpoint upload by its node: {said}; the stage serves {'no junk' if kept_out else 'the junk'}"
+
+
+def many_weight_downloads(dht, config, stage: str, peer: str, count: int):
+    from hivemind.p2p import PeerID
+
+    from agora_server.optim.averaging import MAX_CONCURRENT_STATE_DOWNLOADS
+    from agora_server.wire import stage_key
+    from tests.helpers.dishonest_participant import announce, open_state_downloads
+
+    if not announce(dht, config.run_name, stage, lifetime=600):
+        return False, f"could not announce itself on {stage}"
+
+    async def attack():
+        p2p = await dht.replicate_p2p()
+
+        def downloads(count: int, hold: float):
+            return open_state_downloads(p2p, PeerID.from_base58(peer), stage_key(config.run_name, stage), count, hold)
+
+        try:
+            # the worker looks the downloader up in the DHT: one download served shows that it sees a peer of the stage
+            deadline = time.monotonic() + 60
+            while not await downloads(1, 0):
+                if time.monotonic() > deadline:
+                    return False, f"no download was served within 60 s: the worker did not see the announcement on {stage}"
+                await asyncio.sleep(1)
+            served = await downloads(count, 3.0)
+        finally:
+            await p2p.shutdown()
+        return 0 < served <= MAX_CONCURRENT_STATE_DOWNLOADS, (
+            f"{served} of {count} downloads of {stage}'s weights opened at once and held for 3 s were served"
+            f" (limit {MAX_CONCURRENT_STATE_DOWNLOADS}), the others got nothing")
+
+    return asyncio.run(attack())
+
+
+def refusing_worker(swarm, config_path: Path, token: str, key_dir: Path):
+    from agora_server.telemetry import events as ev
+    from tests.helpers.refusing_worker import refusing_worker as running
+
+    args = ["--config", str(config_path), "--coordinator", swarm.coordinator_url, "--identity_path", str(key_dir / "refusing.key"),
+            "--initial_peers", *swarm.seed_maddrs]
+    seen = swarm.events_sent("trainer")
+    with running(args, token) as worker:
+        ready = worker.wait_ready(120)
+        banned = swarm.wait_for("trainer", ev.WorkerBanned, lambda e: e.peer_id == ready["peer_id"], timeout=180, since=seen)
+    if banned is None:
+        return False, f"the trainer did not ban the {ready['stage']} worker that refused {worker.refused} calls within 180 s"
+    return banned.reason.startswith("refused"), (
+        f"admitted to {ready['stage']}, announced 1e9 tokens/s, refused every call: banned for {banned.seconds:.0f} s"
+        f" ({banned.reason!r}); {worker.refused} calls refused in all")
+
+
+def admitted_participant_attacks(args, swarm, config, config_path: Path, key_dir: Path, attacks: dict) -> None:
+    """Mallory's attacks: one node of hers admitted to a stage forges, uploads junk and downloads;
+    another serves as a worker that refuses every call."""
+    from agora_server.telemetry import events as ev
+    from tests.helpers.dishonest_participant import admit_node, start_dht
+
+    token = swarm.add_participant("mallory")
+    admitted_at = time.time()
+    node = admit_node(config, swarm.coordinator_url, token, key_dir / "node.key")
+    node_dht = None
+    try:
+        coordinator_pid = swarm.process("coordinator").popen.pid
+        attacks["participant_forged_contributions"] = measured(
+            "coordinator", coordinator_pid, lambda: forged_contributions(swarm.coordinator_url, node, admitted_at))
+        attacks["participant_junk_checkpoint"] = measured(
+            "coordinator", coordinator_pid, lambda: junk_checkpoints(swarm.coordinator_url, node, config))
+        target = swarm.worker_name(node.stage, 0)
+        started = swarm.events_of(target, ev.ServerStarted)[0]
+        node_dht = start_dht(node, key_dir / "node.key", [*swarm.seed_maddrs, *started.maddrs])
+        attacks["participant_many_weight_downloads"] = measured(
+            f"{node.stage} worker", swarm.process(target).popen.pid,
+            lambda: many_weight_downloads(node_dht, config, node.stage, started.peer_id, args.downloads))
+    finally:
+        if node_dht is not None:
+            node_dht.shutdown()
+        node.close()
+    attacks["participant_refusing_worker"] = measured(
+        "trainer", swarm.process("trainer").popen.pid, lambda: refusing_worker(swarm, config_path, token, key_dir))
+
+
 def run(args: argparse.Namespace) -> dict:
     import yaml
     from hivemind import DHT
@@ -194,8 +332,11 @@ def run(args: argparse.Namespace) -> dict:
     config_path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     size = args.body_mib * MiB
     result: dict = {"body_mib": args.body_mib, "growth_goal_mib": GROWTH_GOAL // MiB, "attacks": {}}
-    swarm = LocalSwarm(str(config_path), config, steps=10**9, log_dir=log_dir, output=io.StringIO(), coordinator=True)
+    # room beyond the swarm's own workers for the participant's two nodes
+    swarm = LocalSwarm(str(config_path), config, steps=10**9, log_dir=log_dir, output=io.StringIO(), coordinator=True,
+                       coordinator_settings={"queue": {"capacity": len(config.stages) + 2}})
     dht = None
+    key_dir = Path(tempfile.mkdtemp(prefix="agora-abuse-keys-"))
     try:
         swarm.start(timeout=600)
         if swarm.wait_for("trainer", ev.TrainerReport, timeout=300) is None:
@@ -219,17 +360,20 @@ def run(args: argparse.Namespace) -> dict:
                 "body1 worker", worker_pid, lambda: worker_stream(swarm, dht, peer, size, empty_parts=False))
             attacks["worker_unauthenticated_empty_parts"] = measured(
                 "body1 worker", worker_pid, lambda: worker_stream(swarm, dht, peer, size, empty_parts=True))
-        target = completed_before + 1
-        rose = swarm.wait_for("trainer", ev.TrainerReport, lambda e: e.step >= target, timeout=120)
-        result["trainer_completed"] = {"before_attacks": completed_before,
-                                       "after_attacks": max(e.step for e in swarm.events_of("trainer", ev.TrainerReport)),
-                                       "rose": rose is not None}
+        admitted_participant_attacks(args, swarm, config, config_path, key_dir, attacks)
+        after_attacks = max(e.step for e in swarm.events_of("trainer", ev.TrainerReport))
+        # training goes on once the attacks are over, too: one more report
+        later = swarm.wait_for("trainer", ev.TrainerReport, lambda e: e.step > after_attacks, timeout=120)
+        result["trainer_completed"] = {"before_attacks": completed_before, "after_attacks": after_attacks,
+                                       "next_report": later.step if later else None,
+                                       "rose": after_attacks > completed_before and later is not None}
         result["exited"] = [name for name in ("coordinator", "seed", "trainer", *(swarm.worker_name(s.name, 0) for s in config.stages))
                             if swarm.process(name).popen.poll() is not None]
     finally:
         if dht is not None:
             dht.shutdown()
         result["leaked_processes"] = swarm.stop()
+        shutil.rmtree(key_dir, ignore_errors=True)
     attacks = result["attacks"].values()
     result["all_refused"] = all(a["refused"] for a in attacks)
     result["max_growth_mib"] = max((a["grew_mib"] for a in attacks), default=None)

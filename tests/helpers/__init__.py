@@ -8,6 +8,7 @@
 - ``fake_whoami``     Hugging Face's whoami on 127.0.0.1
 - ``admitted_peers``  peers of a run as a coordinator admits them, without the coordinator
 - ``refusing_worker`` a dishonest worker process
+- ``dishonest_participant`` an admitted participant's node that forges, uploads junk and opens many downloads
 - ``standin_device``  a second device on a CPU-only machine
 - ``throttled_proxy`` a TCP proxy with a home link's upload rate
 """

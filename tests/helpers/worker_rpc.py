@@ -10,7 +10,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from agora_server.pipeline.directory import read_stage_records
-from agora_server.tensor_stream import collect
+from agora_server.pipeline.remote import read_answer
 from agora_server.wire import Rpc, handler_name, pack_boundary, unpack_response_error
 
 
@@ -46,5 +46,5 @@ async def send_raw(p2p, peer: str, run: str, stage: str, rpc: Rpc, metadata: byt
             yield runtime_pb2.ExpertRequest(tensors=[part])
 
     stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer), handler_name(run, rpc), messages(), runtime_pb2.ExpertResponse)
-    answer, answer_parts, _ = await collect(stream, 1 << 30)
+    answer, answer_parts, _ = await read_answer(stream, 1 << 30)
     return unpack_response_error(answer), answer_parts

@@ -16,9 +16,9 @@ from hivemind.proto import runtime_pb2
 
 from agora_server.telemetry import events as ev
 from agora_server.tensor_stream import CHUNK_BYTES, serialize
-from agora_server.server.handler import MAX_STREAMS_PER_PEER
+from agora_server.server.handler import MAX_STREAMS_PER_PEER, MAX_UNCHECKED_REQUESTS
 from agora_server.wire import SERVICE_NAME, RequestMeta, Rpc, handler_name
-from tests.helpers.worker_rpc import find_worker, packed, valid_inputs
+from tests.helpers.worker_rpc import find_worker, packed, send_raw, valid_inputs
 
 MiB = 2**20
 GROWTH_LIMIT = 64 * MiB
@@ -173,3 +173,49 @@ def test_one_peer_gets_only_so_many_open_requests(lone_worker):
     assert asyncio.run(attack()) is not None, f"refused over the limit: {refused_over_the_limit()} of 8"
     assert 6 <= refused_over_the_limit() <= 8
     assert swarm.process("body1#0").popen.poll() is None
+
+
+def test_many_peer_ids_get_only_so_many_unchecked_requests_at_once(lone_worker):
+    swarm, dht = lone_worker
+    tokens, values = valid_inputs(swarm.config)
+    per_peer, seen = 24, swarm.events_sent("body1#0")  # under the per-peer limit: only the limit over all peers bites
+    strangers = [DHT(initial_peers=swarm.seed_maddrs, client_mode=True, start=True) for _ in range(3)]
+    over = len(strangers) * per_peer - MAX_UNCHECKED_REQUESTS
+
+    def not_yet_checked(event: ev.RequestRefused) -> bool:
+        return "not yet checked" in event.reason
+
+    async def attack():
+        peer = await find_worker(dht, swarm.config)
+        writers = []
+        for stranger in strangers:
+            p2p = await stranger.replicate_p2p()
+            for _ in range(per_peer):  # each begins a first message of 4 MiB and sends 1 KiB of it
+                _, _reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer),
+                                                                          handler_name(swarm.config.run_name, Rpc.FORWARD))
+                writer.write(P2P.MESSAGE_MARKER + (4 * MiB).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + bytes(1024))
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                writers.append(writer)
+        refused = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: swarm.wait_for("body1#0", ev.RequestRefused, not_yet_checked, timeout=60, since=seen, count=over))
+        for writer in writers:
+            writer.close()
+        # the places free up as the worker sees the streams closed: then a valid request is served again
+        p2p = await dht.replicate_p2p()
+        meta = RequestMeta(run=swarm.config.run_name, stage="body1", rpc=Rpc.FORWARD, microbatch=0).pack()
+        for _ in range(50):
+            error, parts = await send_raw(p2p, peer, swarm.config.run_name, "body1", Rpc.FORWARD, meta, serialize([packed(values, tokens)]))
+            if error is None or "not yet checked" not in error:
+                break
+            await asyncio.sleep(0.2)
+        return refused, error, parts
+
+    try:
+        refused, error, parts = asyncio.run(attack())
+    finally:
+        for stranger in strangers:
+            stranger.shutdown()
+    assert refused is not None, "no request over the limit of unchecked requests was refused"
+    assert len([e for e in swarm.events_of("body1#0", ev.RequestRefused, since=seen) if not_yet_checked(e)]) == over
+    assert error is None and parts, f"the worker did not serve a valid request after the strangers left: {error}"

@@ -6,13 +6,14 @@ import asyncio
 import pytest
 import torch
 from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from agora_server.models import PipelineStage, build_boundary_codec
 from agora_server.pipeline.remote import StageCaller, StageRefused
 from agora_server.telemetry import events as ev
 from agora_server.tensor_stream import serialize
-from agora_server.wire import RequestMeta, Rpc, unpack_boundary
+from agora_server.wire import RequestMeta, Rpc, answer_parts, handler_name, unpack_boundary
 from tests.helpers.worker_rpc import find_worker, packed, send_raw, valid_inputs
 
 
@@ -92,3 +93,43 @@ def test_worker_validates_requests_and_keeps_serving(body_worker):
 
     refusals = asyncio.run(scenario())
     assert len(refusals) == len(malformed_requests(config))
+
+
+def test_the_worker_leaves_closing_the_stream_to_its_caller(body_worker):
+    """A stream the worker closed right after its answer sometimes lost the answer between the p2p daemons
+    (the trainer saw "the connection closed before the worker answered"): the caller closes it instead."""
+    config, dht = body_worker
+
+    async def scenario():
+        peer = await find_worker(dht, config)
+        p2p = await dht.replicate_p2p()
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer), handler_name(config.run_name, Rpc.FORWARD))
+        tokens, values = valid_inputs(config)
+        parts = serialize([packed(values, tokens)])
+        meta = RequestMeta(config.run_name, "body1", Rpc.FORWARD).pack()
+        await P2P.send_protobuf(runtime_pb2.ExpertRequest(uid="body1", tensors=parts[:1], metadata=meta), writer)
+        for part in parts[1:]:
+            await P2P.send_protobuf(runtime_pb2.ExpertRequest(tensors=[part]), writer)
+        await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+        first, _ = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+        declared, received = answer_parts(first.metadata), len(first.tensors)
+        while declared is not None and received < declared:
+            message, _ = await P2P.receive_protobuf(runtime_pb2.ExpertResponse, reader)
+            received += len(message.tensors)
+        try:  # the whole answer is in: nothing more comes, and the stream stays open until this side closes it
+            await asyncio.wait_for(reader.readexactly(1), 2.0)
+            after_answer = "more data"
+        except asyncio.TimeoutError:
+            after_answer = "open"
+        except asyncio.IncompleteReadError:
+            after_answer = "closed by the worker"
+        writer.close()
+        (again,) = await StageCaller(p2p, config.run_name, torch.float32, config.boundary_width).call(
+            peer, "body1", config.stage("body1").kind, Rpc.FORWARD, [packed(values, tokens)], timeout=30)
+        await p2p.shutdown()
+        return declared, received, after_answer, again
+
+    declared, received, after_answer, again = asyncio.run(scenario())
+    assert declared == received == 1, (declared, received)
+    assert after_answer == "open"
+    assert again.shape[:2] == (2, 16), "the worker serves on"

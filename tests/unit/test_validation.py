@@ -164,3 +164,25 @@ def test_a_backward_on_a_kept_graph_carries_the_gradient_alone_and_is_checked_as
         signature(kind).validate(Rpc.BACKWARD, [torch.randn(2, 8, WIDTH + 1)], GraphUse.KEPT)
     with pytest.raises(BadRequest, match="batch size 5"):
         signature(kind).validate(Rpc.BACKWARD, [torch.randn(5, 8, WIDTH)], GraphUse.KEPT)
+
+
+def test_a_stream_that_sends_nothing_is_given_up_after_the_first_message_deadline():
+    import asyncio
+
+    from hivemind.proto import runtime_pb2
+
+    from agora_server.tensor_stream import FirstMessageLate, collect
+
+    async def silent():
+        await asyncio.Event().wait()  # a caller who opened the stream and never writes
+        yield runtime_pb2.ExpertRequest()
+
+    async def prompt():
+        yield runtime_pb2.ExpertRequest(metadata=b"meta", tensors=serialize([torch.ones(3)]))
+
+    checked: list[bytes] = []
+    with pytest.raises(FirstMessageLate):
+        asyncio.run(collect(silent(), 2**20, check_metadata=checked.append, first_within=0.2))
+    assert checked == [], "nothing was read, nothing checked"
+    metadata, parts, _ = asyncio.run(collect(prompt(), 2**20, check_metadata=checked.append, first_within=0.2))
+    assert metadata == b"meta" and checked == [b"meta"] and torch.equal(deserialize(parts)[0], torch.ones(3))

@@ -14,6 +14,7 @@ from agora_server.wire import (
     Rpc,
     ServerPhase,
     StageServerInfo,
+    answer_parts,
     graph_use_error,
     handler_name,
     pack_error,
@@ -45,7 +46,7 @@ def test_records_tolerate_fields_from_newer_peers():
 
 
 def test_response_status_distinguishes_success_refusal_and_a_dropped_stream():
-    assert unpack_response_error(pack_ok()) is None
+    assert unpack_response_error(pack_ok(3)) is None
     assert unpack_response_error(pack_error("refused: bad")) == "refused: bad"
     assert "closed before the worker answered" in unpack_response_error(b"")
     assert "malformed" in unpack_response_error(b"\xc1")
@@ -71,7 +72,15 @@ def test_graph_uses_are_checked_against_the_stage_and_rpc():
 
 
 def test_an_answer_says_how_a_backward_ran():
-    assert unpack_response(pack_ok(BackwardGraph.KEPT)) == ResponseStatus(None, BackwardGraph.KEPT)
-    assert unpack_response(pack_ok()) == ResponseStatus(None, None)
-    assert unpack_response(pack_ok(kept=True)) == ResponseStatus(None, None, kept=True)
+    assert unpack_response(pack_ok(1, BackwardGraph.KEPT)) == ResponseStatus(None, BackwardGraph.KEPT)
+    assert unpack_response(pack_ok(1)) == ResponseStatus(None, None)
+    assert unpack_response(pack_ok(1, kept=True)) == ResponseStatus(None, None, kept=True)
     assert unpack_response(msgpack.packb({"ok": True, "graph": "stolen"})).error.startswith("failed: malformed")
+
+
+def test_an_answer_says_how_many_parts_the_caller_reads_before_it_closes_the_stream():
+    assert answer_parts(pack_ok(3)) == 3
+    assert answer_parts(pack_ok(0)) == 0
+    assert answer_parts(pack_error("refused: bad")) == 0, "a refusal is all there is"
+    assert answer_parts(msgpack.packb({"ok": True})) is None, "an answer that does not say ends with the stream"
+    assert answer_parts(b"") is None and answer_parts(b"\xc1") is None

@@ -271,8 +271,7 @@ class LocalSwarm:
 
         from agora.coordinator.tokens import add_token
 
-        token_file = self.keys_dir / "tokens.txt"
-        self._token = add_token(token_file, "local-participant")
+        self._token = add_token(self._token_file, "local-participant")
         # the coordinator takes its stages from this run config and checks every uploaded checkpoint against it
         run_config_path = self.keys_dir / "run_config.yaml"
         run_config_path.write_text(yaml.safe_dump(self.config.model_dump(mode="json")))
@@ -285,7 +284,7 @@ class LocalSwarm:
             "port": port,
             "run_config": str(run_config_path.resolve()),
             "stages": [{"name": spec.name, "need": max(1, self.workers.get(spec.name, 0))} for spec in self.config.stages],
-            "token_source": str(token_file),
+            "token_source": str(self._token_file),
             "key_path": str(self.keys_dir / "coordinator.key"),
             "queue": {"capacity": max(1, total), "max_active_per_user": max(1, total) + 4},
             "operators": ["local-participant"],  # the local trainer runs under the same token
@@ -308,6 +307,17 @@ class LocalSwarm:
                     said = " | ".join(self.texts_of("coordinator")[-5:]) or "nothing"
                     raise SwarmError(f"the coordinator did not start; its last lines: {said}") from None
                 time.sleep(0.2)
+
+    @property
+    def _token_file(self) -> Path:
+        return self.keys_dir / "tokens.txt"
+
+    def add_participant(self, username: str) -> str:
+        """A token for another account on this swarm's coordinator (it reads its token file on every
+        check): a participant who is no operator, such as ``bench/abuse.py``'s dishonest one."""
+        from agora.coordinator.tokens import add_token
+
+        return add_token(self._token_file, username)
 
     def _wait_for_access(self, worker: SwarmProcess, stage: str, deadline: float) -> None:
         granted = None

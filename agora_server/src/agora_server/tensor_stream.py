@@ -6,6 +6,7 @@ bytes as they come and gives up before decoding anything over its limit.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
@@ -20,6 +21,10 @@ ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16", "int64"})
 
 class PayloadError(ValueError):
     """A payload that cannot be decoded: truncated, oversized, or of an unsupported dtype."""
+
+
+class FirstMessageLate(PayloadError):
+    """A stream whose first message did not arrive in time: nothing more is read from it."""
 
 
 def serialize(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.Tensor]:
@@ -100,18 +105,27 @@ def part_limit(max_bytes: int) -> int:
     return max_bytes // CHUNK_BYTES + _SPARE_PARTS
 
 
-async def collect(messages: AsyncIterator, max_bytes: int,
-                  check_metadata: Callable[[bytes], None] | None = None) -> tuple[bytes, list[runtime_pb2.Tensor], int]:
+async def collect(messages: AsyncIterator, max_bytes: int, check_metadata: Callable[[bytes], None] | None = None,
+                  first_within: float | None = None) -> tuple[bytes, list[runtime_pb2.Tensor], int]:
     """Read a request/response stream: (metadata of the first message, tensor parts, bytes received).
 
     Every message counts with its whole encoded size (empty parts, headers and metadata included), and
     the parts with their number, so what a sender can make the reader hold is bounded by ``max_bytes``
     however it cuts its payload. With ``check_metadata`` the first message must carry the metadata,
-    which is checked (the caller's access, say) before anything more is read."""
+    which is checked (the caller's access, say) before anything more is read. With ``first_within``
+    the first message must arrive within that many seconds (``FirstMessageLate``), so that a caller
+    who opens streams and sends nothing cannot hold the places of requests waiting to be checked."""
     metadata, parts, received = b"", [], 0
     most_parts = part_limit(max_bytes)
+    stream = aiter(messages)
     first = True
-    async for message in messages:
+    while True:
+        try:
+            message = await (asyncio.wait_for(anext(stream), first_within) if first and first_within is not None else anext(stream))
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise FirstMessageLate(f"no first message within {first_within} s") from None
         received += message.ByteSize()
         if received > max_bytes:
             raise PayloadError(f"payload exceeds the limit of {max_bytes} bytes")

@@ -170,10 +170,12 @@ def gradient_to_wire(tensors, wire_dtype: torch.dtype) -> list[torch.Tensor]:
     return [t.to(wire_dtype) if t.is_floating_point() and t.ndim == 3 else t for t in tensors]
 
 
-def pack_ok(graph: BackwardGraph | None = None, kept: bool = False) -> bytes:
-    """``graph``: how a head or body worker ran a backward (None for a forward or the tail's backward);
-    ``kept``: a training forward's graph was kept for its backward."""
-    answer: dict = {"ok": True}
+def pack_ok(parts: int, graph: BackwardGraph | None = None, kept: bool = False) -> bytes:
+    """A successful answer's status, with the number of tensor parts the answer holds (this message's
+    included): the caller reads that many, then closes the stream (see ``answer_parts``). ``graph``: how
+    a head or body worker ran a backward (None for a forward or the tail's backward); ``kept``: a
+    training forward's graph was kept for its backward."""
+    answer: dict = {"ok": True, "parts": parts}
     if graph is not None:
         answer["graph"] = graph.value
     if kept:
@@ -216,6 +218,26 @@ def unpack_response(raw: bytes) -> ResponseStatus:
 def unpack_response_error(raw: bytes) -> str | None:
     """None for a successful answer, else why it failed."""
     return unpack_response(raw).error
+
+
+def answer_parts(raw: bytes) -> int | None:
+    """How many tensor parts an answer whose first message carries ``raw`` holds: what a successful answer
+    declares, none for a refusal or failure; None if it does not say (then the answer ends with the stream).
+
+    The caller, not the worker, closes a stream once the answer is in: a stream closed first by the
+    answering side sometimes lost the answer's last bytes between the two p2p daemons (the answering
+    daemon's close raced a reset of the same stream), which the trainer saw as "the connection closed
+    before the worker answered" about once in a thousand calls, and banned an honest worker for."""
+    try:
+        data = msgpack.unpackb(raw)
+    except Exception:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "error" in data:
+        return 0
+    parts = data.get("parts")
+    return parts if isinstance(parts, int) and parts >= 0 else None
 
 
 class ServerPhase(str, Enum):

@@ -28,6 +28,7 @@ from agora_server.wire import (
     GraphUse,
     RequestMeta,
     Rpc,
+    answer_parts,
     gradient_to_wire,
     handler_name,
     id_slots,
@@ -35,6 +36,26 @@ from agora_server.wire import (
     unpack_boundary,
     unpack_response,
 )
+
+
+async def read_answer(stream: AsyncIterator[runtime_pb2.ExpertResponse], max_bytes: int) -> tuple[bytes, list[runtime_pb2.Tensor], int]:
+    """A worker's answer on ``stream``: (metadata, tensor parts, bytes received), read up to the last part it
+    declares; then this side closes the stream, which the worker waits for (``wire.answer_parts``)."""
+
+    async def through_last_part() -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        expected, received, first = None, 0, True
+        async for message in stream:
+            if first:  # the status travels with the first message
+                expected, first = answer_parts(message.metadata), False
+            received += len(message.tensors)
+            yield message
+            if expected is not None and received >= expected:
+                return
+
+    try:
+        return await collect(through_last_part(), max_bytes)
+    finally:
+        await stream.aclose()
 
 
 class StageRefused(Exception):
@@ -138,7 +159,7 @@ class StageCaller:
         stream = await self.p2p.iterate_protobuf_handler(
             peer, handler_name(self.run, rpc), requests(), runtime_pb2.ExpertResponse
         )
-        metadata, response_parts, received = await collect(stream, self.max_response_bytes)
+        metadata, response_parts, received = await read_answer(stream, self.max_response_bytes)
         self.bytes_received[rpc.value] += received
         return metadata, response_parts
 

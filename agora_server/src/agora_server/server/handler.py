@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import AsyncIterator  # hivemind spots streaming handlers by typing.AsyncIterator hints
 from concurrent.futures import Executor
 
@@ -26,7 +27,7 @@ from agora_server.access import TRAINER, AccessGuard, AccessTokenError
 from agora_server.caller_text import clip
 from agora_server.server.backend import GraphGone, MicroBatchOutOfMemory, StageBackend
 from agora_server.server.kept_graphs import GraphKey
-from agora_server.tensor_stream import PayloadError, collect, deserialize, discard, serialize
+from agora_server.tensor_stream import FirstMessageLate, PayloadError, collect, deserialize, discard, serialize
 from agora_server.server.validation import BadRequest, StageSignature
 from agora_server.telemetry.events import ComputeFailed, Event, RequestRefused
 from agora_server.models.config import StageKind
@@ -34,9 +35,50 @@ from agora_server.wire import GraphUse, RequestMeta, Rpc, gradient_to_wire, grap
 
 logger = logging.getLogger(__name__)
 
+CALLER_CLOSES_WITHIN_S = 5.0
+"""How long a worker keeps a stream open after its answer for the caller to close it (``wire.answer_parts``
+says why the caller closes); a caller that reads to the stream's end waits this long. The stream still
+counts against ``MAX_STREAMS_PER_PEER`` meanwhile."""
+
 MAX_STREAMS_PER_PEER = 32
 """Requests one peer may have open at once on a worker; a trainer keeps at most ``max_in_flight``
 (16 in llama-8b) micro-batches in flight, so this refuses only a peer that opens streams to hold them."""
+
+
+MAX_UNCHECKED_REQUESTS = 64
+"""Requests a worker holds open at once, over all callers, whose first message (and so the caller's
+access) it has not checked yet. Until then each may hold one p2p frame (``p2p_frames.MAX_FRAME_BYTES``,
+8 MiB): a stranger who makes many peer ids gets no more than this many places, 512 MiB at the very most,
+and that only with first frames no honest caller sends (metadata and a 1 MiB tensor chunk). An honest
+request holds its place only until its first message has arrived, and none longer than
+``FIRST_MESSAGE_WITHIN_S``."""
+
+FIRST_MESSAGE_WITHIN_S = 10.0
+"""How long a request's first message (its metadata and at most one 1 MiB tensor chunk) may take to
+arrive: at 1 Mbit/s it takes 8 s. A stream that sends nothing is refused then, and gives its place back."""
+
+
+class _UncheckedRequests:
+    """How many requests are open whose first message has not been checked yet."""
+
+    def __init__(self, most: int):
+        self.most, self.open = most, 0
+
+    @contextlib.contextmanager
+    def place(self) -> Iterator[Callable[[], None]]:
+        """Count one request until the block ends or the function it yields is called (its first message checked)."""
+        self.open += 1
+        held = True
+
+        def checked() -> None:
+            nonlocal held
+            if held:
+                self.open, held = self.open - 1, False
+
+        try:
+            yield checked
+        finally:
+            checked()
 
 
 class StageServicer(ServicerBase):
@@ -58,6 +100,7 @@ class StageServicer(ServicerBase):
         self.bytes_sent: collections.Counter[str] = collections.Counter()
         self.refused: collections.Counter[str] = collections.Counter()
         self._open_streams: collections.Counter[str] = collections.Counter()
+        self._unchecked = _UncheckedRequests(MAX_UNCHECKED_REQUESTS)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         info = {"run": self.run, "stage": self.stage, "kind": self.signature.kind.value, "throughput": self.backend.throughput()}
@@ -77,32 +120,42 @@ class StageServicer(ServicerBase):
 
     async def _serve(self, rpc: Rpc, requests, context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         caller = str(context.remote_id)
+        # each open stream may hold a request's worth of memory: one peer gets only so many at once, and
+        # before its first message is checked a stream may hold a frame: all peer ids together get only so many
         if self._open_streams[caller] >= MAX_STREAMS_PER_PEER:
-            # each open stream may hold a request's worth of memory: one peer gets only so many at once
-            reason = f"more than {MAX_STREAMS_PER_PEER} requests of this peer are open at once"
-            self.refused[rpc.value] += 1
-            self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=caller, reason=reason))
-            yield runtime_pb2.ExpertResponse(metadata=pack_error(f"refused: {reason}"))
+            yield self._refusal(rpc, caller, f"more than {MAX_STREAMS_PER_PEER} requests of this peer are open at once")
+            return
+        if self._unchecked.open >= self._unchecked.most:
+            yield self._refusal(rpc, caller, f"more than {self._unchecked.most} requests not yet checked are open at once")
             return
         self._open_streams[caller] += 1
         try:
-            async for response in self._serve_one(rpc, requests, caller):
-                yield response
+            with self._unchecked.place() as checked:
+                async for response in self._serve_one(rpc, requests, caller, checked):
+                    yield response
         finally:
             self._open_streams[caller] -= 1
             if not self._open_streams[caller]:
                 del self._open_streams[caller]
 
-    async def _serve_one(self, rpc: Rpc, requests, caller: str) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        checked: list[RequestMeta] = []
+    async def _serve_one(self, rpc: Rpc, requests, caller: str, checked: Callable[[], None]) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        metas: list[RequestMeta] = []
+
+        def check_first(metadata: bytes) -> None:
+            checked()  # whatever the check finds: the request no longer counts as unchecked
+            metas.append(self._check_meta(rpc, metadata, caller))
+
         try:
             # who calls, and for what, is checked on the first message: a stranger's stream is refused
             # before its tensors are read, and nobody's is read past the request limit
             metadata, parts, received = await collect(requests, self.signature.limits.max_request_bytes,
-                                                      check_metadata=lambda meta: checked.append(self._check_meta(rpc, meta, caller)))
+                                                      check_metadata=check_first, first_within=FIRST_MESSAGE_WITHIN_S)
             self.bytes_received[rpc.value] += received
-            (meta,) = checked
+            (meta,) = metas
             inputs = self.signature.validate(rpc, deserialize(parts), meta.graph)
+        except FirstMessageLate as e:  # its stream was abandoned mid-read: nothing more to take from it
+            yield self._refusal(rpc, caller, e)
+            return
         except (BadRequest, PayloadError) as e:
             yield self._refusal(rpc, caller, e)
             # read what the caller still sends, holding none of it, so that the refusal reaches it rather
@@ -136,12 +189,16 @@ class StageServicer(ServicerBase):
         parts = serialize(self._to_wire(rpc, outputs, inputs.get("tokens")))
         self.bytes_sent[rpc.value] += sum(len(p.buffer) for p in parts)
         # the status travels first, so even the head's backward (no tensors) gets a definite answer
-        status = pack_ok(kept=how) if rpc is Rpc.FORWARD else pack_ok(graph=how)
+        status = pack_ok(len(parts), kept=how) if rpc is Rpc.FORWARD else pack_ok(len(parts), graph=how)
         yield runtime_pb2.ExpertResponse(tensors=parts[:1], metadata=status)
         for part in parts[1:]:
             yield runtime_pb2.ExpertResponse(tensors=[part])
+        # hivemind closes the stream when this returns: leave that to the caller, who closes it once it has read
+        # the whole answer (this wait is cancelled then). Only after an answer: a refused stream closes at once,
+        # since one kept open has hivemind read ahead what its caller still sends
+        await asyncio.sleep(CALLER_CLOSES_WITHIN_S)
 
-    def _refusal(self, rpc: Rpc, caller: str, error: Exception) -> runtime_pb2.ExpertResponse:
+    def _refusal(self, rpc: Rpc, caller: str, error: Exception | str) -> runtime_pb2.ExpertResponse:
         self.refused[rpc.value] += 1
         reason = clip(str(error))  # it may quote what the caller sent
         self.emit(RequestRefused(stage=self.stage, rpc=rpc.value, caller=caller, reason=reason))
