@@ -16,12 +16,21 @@ from agora_server.wire import stage_key
 from tests.helpers.polling import wait_until
 
 
-def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate(dhts):
-    first, second = dhts
-    # two workers' trackers in one process: each signs its record with its own key, as in two processes
-    a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
-    b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+@contextlib.contextmanager
+def two_workers(dhts) -> Iterator[tuple[SwarmProgress, SwarmProgress]]:
+    """Two workers' progress on body1, one per DHT. Both in one process: each signs its record with its
+    own key, as in two processes."""
+    a = SwarmProgress(dhts[0], "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
+    b = SwarmProgress(dhts[1], "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
     try:
+        yield a, b
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate(dhts):
+    with two_workers(dhts) as (a, b):
         for samples in range(1, 8):  # fast progress: the time estimate to the target is soon over
             a.report(samples)
             b.report(samples)
@@ -32,16 +41,10 @@ def test_an_epoch_ends_on_the_stage_samples_not_on_a_time_estimate(dhts):
         assert wait_until(a.ready, 10.0) and b.ready()
         assert a.advance() == 1 and b.advance() == 1
         assert not a.ready() and not b.ready(), "a new epoch starts with no samples"
-    finally:
-        for progress in (a, b):
-            progress.shutdown()
 
 
 def test_samples_beyond_the_target_count_towards_the_next_epoch(dhts):
-    first, second = dhts
-    a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
-    b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
-    try:
+    with two_workers(dhts) as (a, b):
         # each worker processed 12 before it heard of the other's samples: 24 for a target of 16
         a.report(12)
         b.report(12)
@@ -57,16 +60,10 @@ def test_samples_beyond_the_target_count_towards_the_next_epoch(dhts):
         a.report(4)
         b.report(4)
         assert wait_until(lambda: a.ready() and b.ready(), 10.0)
-    finally:
-        for progress in (a, b):
-            progress.shutdown()
 
 
 def test_an_epoch_settled_by_a_gradient_round_carries_its_exact_overshoot(dhts):
-    first, second = dhts
-    a = SwarmProgress(first, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
-    b = SwarmProgress(second, "run", "body1", target_batch_size=16, refresh_period=0.5, private_key=RSAPrivateKey())
-    try:
+    with two_workers(dhts) as (a, b):
         a.report(8)
         b.report(8)
         assert wait_until(lambda: a.ready() and b.ready(), 10.0)
@@ -75,9 +72,6 @@ def test_an_epoch_settled_by_a_gradient_round_carries_its_exact_overshoot(dhts):
         assert a.advance(epoch_total=22) == 1 and b.advance(epoch_total=22) == 1
         assert (a.counted, b.counted) == (4, 2)
         assert wait_until(lambda: a.tracker.global_progress.samples_accumulated == 6 == b.tracker.global_progress.samples_accumulated, 10.0)
-    finally:
-        for progress in (a, b):
-            progress.shutdown()
 
 
 @contextlib.contextmanager

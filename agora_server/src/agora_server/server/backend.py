@@ -161,11 +161,7 @@ class StageBackend:
 
     def _forward_with_graph(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, KeptGraph]:
         x = self._to_device(inputs)
-        boundary = x.get("boundary")
-        if boundary is not None:
-            boundary.requires_grad_(True)
-        with torch.enable_grad():
-            out = self.stage(x["tokens"], boundary, None)
+        out = self._graph_forward(x)
         graph = KeptGraph(inputs=x, output=out, weights_version=self.weights.version,
                           nbytes=self.graphs.estimate(x["tokens"].numel()))
         return out.detach().cpu(), graph
@@ -212,15 +208,19 @@ class StageBackend:
         boundary = x.get("boundary")
         return ([] if boundary is None else [boundary.grad.cpu()]), x
 
-    def _backward(self, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        x = self._to_device(inputs)
+    def _graph_forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stage's output with its autograd graph, down to the input boundary's gradient."""
         boundary = x.get("boundary")
         if boundary is not None:
             boundary.requires_grad_(True)
         with torch.enable_grad():
-            out = self.stage(x["tokens"], boundary, x.get("labels"))
-            grad_out = x["loss_weights"] if self.kind is StageKind.TAIL else x["grad"]
-            out.backward(grad_out)
+            return self.stage(x["tokens"], boundary, x.get("labels"))
+
+    def _backward(self, inputs: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        x = self._to_device(inputs)
+        out = self._graph_forward(x)
+        out.backward(x["loss_weights"] if self.kind is StageKind.TAIL else x["grad"])
+        boundary = x.get("boundary")
         outputs = [] if boundary is None else [boundary.grad.cpu()]
         if self.kind is StageKind.TAIL:
             outputs.append(out.detach().cpu())
